@@ -1,0 +1,306 @@
+"""FFN activations: one registry, each entry with its forward and its derivative.
+
+Plain activations map the gate pre-activation ``g`` to ``h = f(g)``.
+Gated activations combine the gate and up pre-activations::
+
+    h = a(g) * b(u)          # a, b plain activations (b = identity for GLU variants)
+
+    swiglu = silu(g) * u                  Shazeer 2020, "GLU Variants Improve Transformer"
+    geglu  = gelu(g) * u                  (geglu_tanh: Gemma's tanh approximation)
+    reglu  = relu(g) * u                  ReLUfication target (Mirzadeh et al. 2023)
+    drelu  = relu(g) * relu(u)            TurboSparse (Song et al. 2024), eq. 2
+    relu2glu = relu(g)**2 * u             squared-ReLU gate (ReLU^2 Wins, Zhang et al. 2024)
+
+The ReLU family outputs *exact* zeros, which is what the sparse kernels skip. A threshold
+turns relu into FATReLU (ProSparse, Song et al. 2024): write it after a colon,
+``"fatrelu:0.05"``, ``"reglu:0.05"`` or ``"drelu:0.05"``; the threshold applies to every
+ReLU of the activation.
+
+Names are case-insensitive. Register your own with :func:`register_activation` and
+:func:`register_gated`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+Array = np.ndarray
+
+_SQRT_2 = math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _erf(x: Array) -> Array:
+    """Error function, elementwise, in the dtype of ``x`` (NumPy has no ``erf``).
+
+    W. J. Cody's rational Chebyshev approximations on three ranges, evaluated in float64:
+    max error ~2e-16 against ``math.erf`` (checked in the tests).
+    """
+    x = np.asarray(x)
+    xd = x.astype(np.float64, copy=False)
+    ax = np.abs(xd)
+    out = np.empty_like(xd)
+    # |x| < 0.5: erf(x) = x * P(x^2)/Q(x^2)
+    m1 = ax < 0.5
+    if m1.any():
+        z = xd[m1] ** 2
+        p = ((((1.85777706184603153e-1 * z + 3.16112374387056560e0) * z + 1.13864154151050156e2) * z
+              + 3.77485237685302021e2) * z + 3.20937758913846947e3)
+        q = (((z + 2.36012909523441209e1) * z + 2.44024637934444173e2) * z
+             + 1.28261652607737228e3) * z + 2.84423683343917062e3
+        out[m1] = xd[m1] * p / q
+    # 0.5 <= |x| < 4: erfc via P/Q in |x|
+    m2 = (ax >= 0.5) & (ax < 4.0)
+    if m2.any():
+        y = ax[m2]
+        p = ((((((((2.15311535474403846e-8 * y + 5.64188496988670089e-1) * y + 8.88314979438837594e0) * y
+                  + 6.61191906371416295e1) * y + 2.98635138197400131e2) * y + 8.81952221241769090e2) * y
+               + 1.71204761263407058e3) * y + 2.05107837782607147e3) * y + 1.23033935479799725e3)
+        q = ((((((((y + 1.57449261107098347e1) * y + 1.17693950891312499e2) * y + 5.37181101862009858e2) * y
+                 + 1.62138957456669019e3) * y + 3.29079923573345963e3) * y + 4.36261909014324716e3) * y
+              + 3.43936767414372164e3) * y + 1.23033935480374942e3)
+        erfc = np.exp(-y * y) * p / q
+        out[m2] = np.sign(xd[m2]) * (1.0 - erfc)
+    # |x| >= 4: erfc tiny
+    m3 = ax >= 4.0
+    if m3.any():
+        y = ax[m3]
+        z = 1.0 / (y * y)
+        p = (((((1.63153871373020978e-2 * z + 3.05326634961232344e-1) * z + 3.60344899949804439e-1) * z
+               + 1.25781726111229246e-1) * z + 1.60837851487422766e-2) * z + 6.58749161529837803e-4)
+        q = ((((z + 2.56852019228982242e0) * z + 1.87295284992346725e0) * z + 5.27905102951428412e-1) * z
+             + 6.05183413124413191e-2) * z + 2.33520497626869185e-3
+        r = (1.0 / math.sqrt(math.pi) - z * p / q) / y
+        out[m3] = np.sign(xd[m3]) * (1.0 - np.exp(-y * y) * r)
+    return out.astype(x.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------
+# plain activations: f(x) and f'(x)
+# --------------------------------------------------------------------------------------
+def relu(x: Array) -> Array:
+    return np.maximum(x, 0)
+
+
+def relu_grad(x: Array) -> Array:
+    return (x > 0).astype(x.dtype)  # derivative at exactly 0 taken as 0 (PyTorch's choice)
+
+
+def identity(x: Array) -> Array:
+    return x
+
+
+def identity_grad(x: Array) -> Array:
+    return np.ones_like(x)
+
+
+def silu(x: Array) -> Array:
+    # x * sigmoid(x), written to avoid overflow of exp(-x) for very negative x
+    return x * _sigmoid(x)
+
+
+def _sigmoid(x: Array) -> Array:
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+
+def silu_grad(x: Array) -> Array:
+    s = _sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def gelu(x: Array) -> Array:
+    """Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    return 0.5 * x * (1.0 + _erf(x / _SQRT_2))
+
+
+def gelu_grad(x: Array) -> Array:
+    phi = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return 0.5 * (1.0 + _erf(x / _SQRT_2)) + x * phi
+
+
+def gelu_tanh(x: Array) -> Array:
+    """tanh approximation of GELU (GPT-2, Gemma's ``gelu_pytorch_tanh``)."""
+    return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+
+
+def gelu_tanh_grad(x: Array) -> Array:
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+    t = np.tanh(inner)
+    dinner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner
+
+
+def relu2(x: Array) -> Array:
+    """Squared ReLU (Primer, So et al. 2021; ReLU^2 Wins, Zhang et al. 2024)."""
+    r = np.maximum(x, 0)
+    return r * r
+
+
+def relu2_grad(x: Array) -> Array:
+    return 2 * np.maximum(x, 0)
+
+
+def make_fatrelu(threshold: float):
+    """FATReLU(x) = x if x > threshold else 0 (ProSparse, Song et al. 2024)."""
+    t = float(threshold)
+
+    def fatrelu(x: Array) -> Array:
+        return np.where(x > t, x, 0).astype(x.dtype, copy=False)
+
+    def fatrelu_grad(x: Array) -> Array:
+        return (x > t).astype(x.dtype)
+
+    return fatrelu, fatrelu_grad
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A registry entry.
+
+    ``gated=False``: ``h = gate_fn(g)``. ``gated=True``: ``h = gate_fn(g) * up_fn(u)``.
+    ``exact_zeros`` says whether ``h == 0`` is *decided by the gate alone* for most inputs
+    (the ReLU family); the sparse kernels skip neurons only then (or under a threshold).
+    """
+
+    name: str
+    gated: bool
+    gate_fn: Callable[[Array], Array]
+    gate_grad: Callable[[Array], Array]
+    up_fn: Callable[[Array], Array] = identity
+    up_grad: Callable[[Array], Array] = identity_grad
+    exact_zeros: bool = False
+    gate_kind: str = "other"   # relu | relu2 | silu | gelu | gelu_tanh | identity | other (kernels)
+    up_kind: str = "identity"
+    threshold: float = 0.0     # FATReLU threshold of the ReLUs in this activation
+
+    # -- forward / backward --------------------------------------------------------------
+    def forward(self, g: Array, u: Optional[Array] = None) -> Array:
+        """h from gate pre-activation g (and up pre-activation u when gated); shapes equal."""
+        if not self.gated:
+            return self.gate_fn(g)
+        if u is None:
+            raise ValueError(f"activation {self.name!r} is gated: pass both g and u")
+        return self.gate_fn(g) * self.up_fn(u)
+
+    def backward(self, dh: Array, g: Array, u: Optional[Array] = None):
+        """Given dL/dh, return dL/dg (and dL/du when gated)."""
+        if not self.gated:
+            return dh * self.gate_grad(g), None
+        a, b = self.gate_fn(g), self.up_fn(u)
+        return dh * b * self.gate_grad(g), dh * a * self.up_grad(u)
+
+    def __call__(self, g: Array, u: Optional[Array] = None) -> Array:
+        return self.forward(g, u)
+
+
+_REGISTRY: Dict[str, Activation] = {}
+_PLAIN: Dict[str, tuple] = {}  # name -> (f, df, kind)
+
+
+def register_activation(name: str, f: Callable, df: Callable, *, exact_zeros: bool = False,
+                        overwrite: bool = False) -> Activation:
+    """Register a plain activation ``h = f(g)`` with derivative ``df``.
+
+    >>> import numpy as np
+    >>> act = register_activation("softplus_demo", lambda x: np.logaddexp(0, x),
+    ...                           lambda x: 1 / (1 + np.exp(-x)), overwrite=True)
+    >>> act.gated
+    False
+    """
+    key = name.lower()
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"activation {name!r} is already registered (pass overwrite=True to replace it)")
+    _PLAIN[key] = (f, df, "other")
+    act = Activation(key, False, f, df, exact_zeros=exact_zeros)
+    _REGISTRY[key] = act
+    return act
+
+
+def register_gated(name: str, gate: str, up: str = "identity", *, overwrite: bool = False) -> Activation:
+    """Register a gated activation ``h = gate(g) * up(u)`` from two registered plain names.
+
+    >>> register_gated("silu_relu_demo", "silu", "relu", overwrite=True).name
+    'silu_relu_demo'
+    """
+    key = name.lower()
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"activation {name!r} is already registered (pass overwrite=True to replace it)")
+    for part in (gate, up):
+        if part.lower() not in _PLAIN:
+            raise KeyError(f"unknown plain activation {part!r}; known: {sorted(_PLAIN)}")
+    gf, gd, gk = _PLAIN[gate.lower()]
+    uf, ud, uk = _PLAIN[up.lower()]
+    exact = gk in ("relu", "relu2")
+    act = Activation(key, True, gf, gd, uf, ud, exact_zeros=exact, gate_kind=gk, up_kind=uk)
+    _REGISTRY[key] = act
+    return act
+
+
+def _builtin_plain(name: str, f, df, kind: str, exact: bool) -> None:
+    _PLAIN[name] = (f, df, kind)
+    _REGISTRY[name] = Activation(name, False, f, df, exact_zeros=exact, gate_kind=kind)
+
+
+_builtin_plain("identity", identity, identity_grad, "identity", False)
+_builtin_plain("relu", relu, relu_grad, "relu", True)
+_builtin_plain("relu2", relu2, relu2_grad, "relu2", True)
+_builtin_plain("silu", silu, silu_grad, "silu", False)
+_builtin_plain("gelu", gelu, gelu_grad, "gelu", False)
+_builtin_plain("gelu_tanh", gelu_tanh, gelu_tanh_grad, "gelu_tanh", False)
+_builtin_plain("fatrelu", relu, relu_grad, "relu", True)  # threshold 0 unless "fatrelu:t"
+for _name, _gate, _up in (("swiglu", "silu", "identity"), ("geglu", "gelu", "identity"),
+                          ("geglu_tanh", "gelu_tanh", "identity"), ("reglu", "relu", "identity"),
+                          ("drelu", "relu", "relu"), ("relu2glu", "relu2", "identity")):
+    register_gated(_name, _gate, _up)
+
+# aliases (Hugging Face ``hidden_act`` spellings map here too)
+_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+            "squared_relu": "relu2", "dual_relu": "drelu"}
+
+
+def _with_threshold(act: Activation, t: float) -> Activation:
+    """The same activation with every ReLU replaced by FATReLU(threshold t)."""
+    if act.gate_kind != "relu":
+        raise ValueError(f"a threshold ':{t}' only applies to ReLU-gated activations "
+                         f"(relu, fatrelu, reglu, drelu), not {act.name!r}")
+    f, df = make_fatrelu(t)
+    up_fn, up_grad = (f, df) if act.up_kind == "relu" else (act.up_fn, act.up_grad)
+    return Activation(f"{act.name}:{t:g}", act.gated, f, df, up_fn, up_grad, exact_zeros=True,
+                      gate_kind="relu", up_kind=act.up_kind, threshold=t)
+
+
+def get_activation(name) -> Activation:
+    """Look an activation up by (case-insensitive) name, e.g. ``"SwiGLU"``, ``"drelu:0.05"``.
+
+    Raises ``KeyError`` naming the known activations when the name is unknown.
+    """
+    if isinstance(name, Activation):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be a name (str), got {type(name).__name__}")
+    key = name.strip().lower()
+    threshold = None
+    if ":" in key:
+        key, _, arg = key.partition(":")
+        try:
+            threshold = float(arg)
+        except ValueError:
+            raise ValueError(f"bad threshold in activation {name!r}: {arg!r} is not a number") from None
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold in activation {name!r} must be finite")
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown activation {name!r}; known: {', '.join(list_activations())}")
+    act = _REGISTRY[key]
+    if threshold is not None and threshold != 0.0:
+        return _with_threshold(act, threshold)
+    return act
+
+
+def list_activations(gated: Optional[bool] = None) -> list:
+    """Registered names (optionally only gated or only plain ones), sorted."""
+    return sorted(k for k, a in _REGISTRY.items() if gated is None or a.gated == gated)

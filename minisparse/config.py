@@ -1,0 +1,162 @@
+"""Model configuration: one frozen, validated dataclass and a few named presets.
+
+Follows nanoGPT's ``GPTConfig`` / minGPT's presets: plain data, a comment per field,
+invariants checked on construction so that an impossible model fails *here*, with the
+name of the field and the fix, rather than deep inside a matmul.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional, Tuple
+
+ROUTERS = ("topk_softmax", "softmax_topk", "softmax_topk_norm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Llama/Mistral/Gemma-style decoder.
+
+    Examples
+    --------
+    >>> cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=172, activation="drelu")
+    >>> cfg.head_dim, cfg.n_kv_heads
+    (16, 4)
+    """
+
+    vocab_size: int = 258            # V: tokens; 258 = 256 bytes + BOS + EOS (ByteTokenizer)
+    dim: int = 128                   # D: width of the residual stream
+    n_layers: int = 4                # number of decoder blocks
+    n_heads: int = 4                 # H: query heads
+    n_kv_heads: Optional[int] = None  # K: key/value heads (GQA); None -> n_heads (plain MHA)
+    head_dim: Optional[int] = None   # width of one head; None -> dim // n_heads (Gemma sets it apart)
+    ffn_dim: int = 344               # F: FFN neurons (per expert in MoE layers)
+    activation: str = "swiglu"       # FFN activation, a name from minisparse.activations
+    norm_eps: float = 1e-5           # RMSNorm epsilon
+    norm_offset: bool = False        # Gemma: RMSNorm scales by (1 + w) instead of w
+    embed_scale: bool = False        # Gemma: multiply embeddings by sqrt(dim)
+    rope_theta: float = 10000.0      # rotary embedding base
+    max_seq_len: int = 256           # longest sequence (rotary table and KV cache size)
+    tie_embeddings: bool = True      # LM head shares the token-embedding matrix
+    qkv_bias: bool = False           # Qwen2: biases on the q, k, v projections
+    # --- Mixture-of-Experts (0 experts = every FFN is dense) -----------------------------
+    n_experts: int = 0               # E: experts per MoE layer
+    top_k: int = 2                   # experts each token is sent to
+    router: str = "topk_softmax"     # topk_softmax (Mixtral) | softmax_topk | softmax_topk_norm
+    router_aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight
+    n_shared_experts: int = 0        # always-on experts (Qwen-MoE / DeepSeek-MoE)
+    shared_ffn_dim: Optional[int] = None  # neurons of each shared expert; None -> ffn_dim
+    moe_layers: Optional[Tuple[int, ...]] = None  # which layers are MoE; None -> all (when n_experts > 0)
+    capacity_factor: Optional[float] = None  # None: no token is ever dropped
+
+    def __post_init__(self) -> None:
+        def bad(name: str, msg: str) -> None:
+            raise ValueError(f"ModelConfig.{name}: {msg}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, f"must be a positive int, got {v!r}")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                bad("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                    "choose n_heads dividing dim, or set head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1:
+            bad("n_kv_heads", f"must be a positive int, got {self.n_kv_heads!r}")
+        if self.n_heads % self.n_kv_heads:
+            bad("n_kv_heads", f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+                "(each KV head serves n_heads // n_kv_heads query heads)")
+        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+            bad("head_dim", f"must be an even int >= 2 (rotary embeddings rotate pairs), got {self.head_dim!r}")
+        if not self.norm_eps > 0:
+            bad("norm_eps", f"must be > 0, got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            bad("rope_theta", f"must be > 0, got {self.rope_theta!r}")
+        # activation: resolved through the registry (also accepts parameters like 'fatrelu:0.1')
+        from .activations import get_activation
+        try:
+            get_activation(self.activation)
+        except (KeyError, ValueError) as e:
+            bad("activation", str(e).strip('"'))
+        # MoE
+        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+            bad("n_experts", f"must be an int >= 0 (0 = dense FFN), got {self.n_experts!r}")
+        if self.n_experts > 0:
+            if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
+                bad("top_k", f"must be between 1 and n_experts={self.n_experts}, got {self.top_k!r}")
+        if self.router not in ROUTERS:
+            bad("router", f"unknown router {self.router!r}; choose one of {ROUTERS}")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            bad("router_aux_loss_coef", "loss coefficients must be >= 0")
+        if self.n_shared_experts < 0:
+            bad("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        if self.shared_ffn_dim is None:
+            object.__setattr__(self, "shared_ffn_dim", self.ffn_dim)
+        if self.moe_layers is not None:
+            ml = tuple(int(i) for i in self.moe_layers)
+            for i in ml:
+                if not 0 <= i < self.n_layers:
+                    bad("moe_layers", f"layer {i} out of range 0..{self.n_layers - 1}")
+            if self.n_experts == 0 and ml:
+                bad("moe_layers", "set n_experts > 0 to have MoE layers")
+            object.__setattr__(self, "moe_layers", ml)
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            bad("capacity_factor", f"must be > 0 or None, got {self.capacity_factor!r}")
+
+    # ------------------------------------------------------------------------------------
+    def is_moe_layer(self, layer: int) -> bool:
+        """True when block ``layer`` uses a Mixture-of-Experts FFN."""
+        if self.n_experts == 0:
+            return False
+        return self.moe_layers is None or layer in self.moe_layers
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (round-trips through :meth:`from_dict`)."""
+        d = asdict(self)
+        if d["moe_layers"] is not None:
+            d["moe_layers"] = list(d["moe_layers"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        d = dict(d)
+        if d.get("moe_layers") is not None:
+            d["moe_layers"] = tuple(d["moe_layers"])
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+PRESETS = {
+    # ~0.2M parameters: unit tests and tutorials' quick mode
+    "nano": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=172, max_seq_len=128),
+    # ~0.9M parameters: the demo (trains in a few minutes on 2 CPU cores)
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=344, max_seq_len=256),
+    # ~3.3M parameters: the reference configuration of bench/train_throughput.py
+    "small": dict(dim=256, n_layers=4, n_heads=8, ffn_dim=688, max_seq_len=256),
+    # an 8-expert top-2 MoE at the size of "tiny"
+    "tiny-moe": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=172, max_seq_len=256,
+                     n_experts=8, top_k=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named configuration, with optional field overrides.
+
+    >>> preset("nano", activation="drelu").ffn_dim
+    172
+    """
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[key], **overrides})

@@ -1,0 +1,257 @@
+"""The equations of the decoder, one pure function each, forward and backward side by side.
+
+Every ``*_forward`` returns ``(out, cache)`` where ``cache`` holds exactly what the matching
+``*_backward`` needs; every ``*_backward`` takes ``(dout, cache)`` and returns the gradients
+of the inputs and parameters. No hidden state.
+
+Dimension key: B batch, T time (queries), S time (keys, S >= T with a KV cache), D dim,
+H query heads, K kv heads, Dh head dim, F ffn neurons, V vocab, N = B*T tokens.
+
+Papers: RMSNorm (Zhang & Sennrich 2019); rotary embeddings (Su et al. 2021, RoFormer), in
+the "rotate-half" layout Hugging Face's Llama uses; grouped-query attention (Ainslie et al.
+2023); gated FFNs (Shazeer 2020); dReLU (Song et al. 2024, TurboSparse).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from .activations import Activation
+
+Array = np.ndarray
+
+
+# ======================================================================================
+# token embedding
+# ======================================================================================
+def embedding_forward(table: Array, tokens: Array) -> Array:
+    """table (V, D), tokens (B, T) int -> (B, T, D)."""
+    return table[tokens]                                            # (B, T, D)
+
+
+def embedding_backward(dout: Array, tokens: Array, vocab_size: int) -> Array:
+    """dout (B, T, D) -> d table (V, D); rows of repeated tokens accumulate."""
+    dtable = np.zeros((vocab_size, dout.shape[-1]), dtype=dout.dtype)  # (V, D)
+    np.add.at(dtable, tokens.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    return dtable
+
+
+# ======================================================================================
+# RMSNorm:  y = x / sqrt(mean(x^2) + eps) * w      (Gemma: * (1 + w))
+# ======================================================================================
+def rms_norm_forward(x: Array, w: Array, eps: float, offset: bool = False):
+    """x (..., D), w (D,) -> y (..., D)."""
+    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = x * rstd                                                  # (..., D)
+    scale = (1.0 + w) if offset else w                               # (D,)
+    return xhat * scale, (xhat, rstd, scale)
+
+
+def rms_norm_backward(dy: Array, cache):
+    """dy (..., D) -> dx (..., D), dw (D,)."""
+    xhat, rstd, scale = cache
+    dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)           # (D,)
+    dxhat = dy * scale                                               # (..., D)
+    # d/dx of x*rstd: rstd * (dxhat - xhat * mean(dxhat * xhat))
+    dx = rstd * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+    return dx, dw
+
+
+# ======================================================================================
+# rotary position embeddings (rotate-half layout)
+# ======================================================================================
+def rope_tables(head_dim: int, max_len: int, theta: float, dtype=np.float32):
+    """cos, sin tables, each (max_len, Dh); computed in float64, then cast."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (Dh/2,)
+    freqs = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)            # (L, Dh/2)
+    emb = np.concatenate([freqs, freqs], axis=-1)                                # (L, Dh)
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
+
+
+def _rotate_half(x: Array) -> Array:
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rope_forward(x: Array, cos: Array, sin: Array) -> Array:
+    """x (B, heads, T, Dh), cos/sin (T, Dh) -> rotated x, same shape."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def rope_backward(dout: Array, cos: Array, sin: Array) -> Array:
+    """The rotation is orthogonal: its gradient is the inverse rotation (angle -> -angle)."""
+    return dout * cos - _rotate_half(dout) * sin
+
+
+# ======================================================================================
+# causal self-attention with grouped-query KV heads
+# ======================================================================================
+def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0):
+    """Causal softmax attention.
+
+    q (B, H, T, Dh); k, v (B, K, S, Dh) with K dividing H; query i sits at absolute position
+    ``q_start + i`` and sees keys 0..q_start+i. Returns out (B, H, T, Dh) and a cache.
+    """
+    B, H, T, Dh = q.shape
+    K, S = k.shape[1], k.shape[2]
+    rep = H // K
+    kr = np.repeat(k, rep, axis=1) if rep > 1 else k                 # (B, H, S, Dh)
+    vr = np.repeat(v, rep, axis=1) if rep > 1 else v                 # (B, H, S, Dh)
+    scale = 1.0 / math.sqrt(Dh)
+    scores = (q @ kr.transpose(0, 1, 3, 2)) * scale                  # (B, H, T, S)
+    qpos = q_start + np.arange(T)[:, None]                           # (T, 1)
+    mask = np.arange(S)[None, :] > qpos                              # (T, S) True = hidden
+    scores = np.where(mask, -np.inf, scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)             # subtract max: exp never overflows
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)                               # (B, H, T, S)
+    out = p @ vr                                                     # (B, H, T, Dh)
+    return out, (q, kr, vr, p, scale, rep)
+
+
+def attention_core_backward(dout: Array, cache):
+    """dout (B, H, T, Dh) -> dq (B, H, T, Dh), dk, dv (B, K, S, Dh)."""
+    q, kr, vr, p, scale, rep = cache
+    dvr = p.transpose(0, 1, 3, 2) @ dout                             # (B, H, S, Dh)
+    dp = dout @ vr.transpose(0, 1, 3, 2)                             # (B, H, T, S)
+    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))           # softmax backward
+    ds *= scale
+    dq = ds @ kr                                                     # (B, H, T, Dh)
+    dkr = ds.transpose(0, 1, 3, 2) @ q                               # (B, H, S, Dh)
+    if rep > 1:                                                      # sum the query heads sharing a KV head
+        B, H, S, Dh = dkr.shape
+        dkr = dkr.reshape(B, H // rep, rep, S, Dh).sum(axis=2)
+        dvr = dvr.reshape(B, H // rep, rep, S, Dh).sum(axis=2)
+    return dq, dkr, dvr
+
+
+def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
+                      cos: Array, sin: Array, n_heads: int, n_kv_heads: int,
+                      bq: Optional[Array] = None, bk: Optional[Array] = None,
+                      bv: Optional[Array] = None, kv_cache=None, start_pos: int = 0):
+    """Multi-head attention block (projections, rotary, causal attention, output).
+
+    x (B, T, D); wq (D, H*Dh); wk, wv (D, K*Dh); wo (H*Dh, D); cos/sin (T, Dh) for the
+    positions start_pos..start_pos+T-1. With ``kv_cache=(k_buf, v_buf)`` of shape
+    (B, K, L, Dh) the new keys/values are written at start_pos and attention runs over all
+    cached positions. Returns y (B, T, D) and a cache for the backward.
+    """
+    B, T, D = x.shape
+    Dh = wq.shape[1] // n_heads
+    q = x @ wq                                                       # (B, T, H*Dh)
+    k = x @ wk                                                       # (B, T, K*Dh)
+    v = x @ wv                                                       # (B, T, K*Dh)
+    if bq is not None:
+        q = q + bq
+        k = k + bk
+        v = v + bv
+    q = q.reshape(B, T, n_heads, Dh).transpose(0, 2, 1, 3)           # (B, H, T, Dh)
+    k = k.reshape(B, T, n_kv_heads, Dh).transpose(0, 2, 1, 3)        # (B, K, T, Dh)
+    v = v.reshape(B, T, n_kv_heads, Dh).transpose(0, 2, 1, 3)        # (B, K, T, Dh)
+    q = rope_forward(q, cos, sin)
+    k = rope_forward(k, cos, sin)
+    if kv_cache is not None:
+        k_buf, v_buf = kv_cache
+        k_buf[:, :, start_pos:start_pos + T] = k
+        v_buf[:, :, start_pos:start_pos + T] = v
+        k = k_buf[:, :, :start_pos + T]                              # (B, K, S, Dh)
+        v = v_buf[:, :, :start_pos + T]
+    o, core_cache = attention_core_forward(q, k, v, q_start=start_pos)  # (B, H, T, Dh)
+    o = o.transpose(0, 2, 1, 3).reshape(B, T, n_heads * Dh)          # (B, T, H*Dh)
+    y = o @ wo                                                       # (B, T, D)
+    return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads)
+
+
+def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Array):
+    """dy (B, T, D) -> dx (B, T, D) and a dict of parameter gradients."""
+    x, o, core_cache, cos, sin, H, K = cache
+    B, T, D = x.shape
+    Dh = wq.shape[1] // H
+    g = {}
+    g["wo"] = o.reshape(-1, H * Dh).T @ dy.reshape(-1, D)            # (H*Dh, D)
+    do = (dy @ wo.T).reshape(B, T, H, Dh).transpose(0, 2, 1, 3)      # (B, H, T, Dh)
+    dq, dk, dv = attention_core_backward(do, core_cache)
+    dq = rope_backward(dq, cos, sin)
+    dk = rope_backward(dk, cos, sin)
+    dq = dq.transpose(0, 2, 1, 3).reshape(B * T, H * Dh)             # (N, H*Dh)
+    dk = dk.transpose(0, 2, 1, 3).reshape(B * T, K * Dh)             # (N, K*Dh)
+    dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * Dh)             # (N, K*Dh)
+    x2 = x.reshape(-1, D)                                            # (N, D)
+    g["wq"], g["wk"], g["wv"] = x2.T @ dq, x2.T @ dk, x2.T @ dv
+    g["bq"], g["bk"], g["bv"] = dq.sum(0), dk.sum(0), dv.sum(0)
+    dx = dq @ wq.T + dk @ wk.T + dv @ wv.T                           # (N, D)
+    return dx.reshape(B, T, D), g
+
+
+# ======================================================================================
+# gated FFN, neuron-major weights
+#   y = down(act(gate(x), up(x)))   e.g. down(relu(x Wg^T) * relu(x Wu^T))  # dReLU, TurboSparse eq. 2
+# ======================================================================================
+def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
+                act: Activation, hook=None):
+    """Feed-forward block on tokens x (N, D).
+
+    w_gate, w_up, w_down are all (F, D): row f holds neuron f's weights (contiguous, so a
+    sparse kernel can read only the rows of active neurons). Plain activations use no
+    ``w_up``. ``hook(h)`` may observe or replace the intermediate activation h (N, F).
+    Returns y (N, D) and a cache.
+    """
+    g = x @ w_gate.T                                                 # (N, F)
+    u = x @ w_up.T if act.gated else None                            # (N, F)
+    h = act.forward(g, u)                                            # (N, F)
+    if hook is not None:
+        h2 = hook(h)
+        if h2 is not None:
+            h = h2
+    y = h @ w_down                                                   # (N, D)
+    return y, (x, g, u, h)
+
+
+def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down: Array,
+                 act: Activation, l1: float = 0.0):
+    """dy (N, D) -> dx (N, D), dw_gate, dw_up (or None), dw_down, each (F, D).
+
+    ``l1`` adds the gradient of ``l1 * mean(|h|)`` (ProSparse's activation penalty).
+    """
+    x, g, u, h = cache
+    dw_down = h.T @ dy                                               # (F, D)
+    dh = dy @ w_down.T                                               # (N, F)
+    if l1:
+        dh = dh + (l1 / h.size) * np.sign(h)
+    dg, du = act.backward(dh, g, u)                                  # (N, F) each
+    dw_gate = dg.T @ x                                               # (F, D)
+    dx = dg @ w_gate                                                 # (N, D)
+    dw_up = None
+    if act.gated:
+        dw_up = du.T @ x                                             # (F, D)
+        dx += du @ w_up
+    return dx, dw_gate, dw_up, dw_down
+
+
+# ======================================================================================
+# cross-entropy over the vocabulary
+# ======================================================================================
+def cross_entropy_forward(logits: Array, targets: Array, ignore_index: int = -1):
+    """logits (N, V), targets (N,) int -> mean loss over targets != ignore_index."""
+    valid = targets != ignore_index                                   # (N,)
+    n = int(valid.sum())
+    if n == 0:
+        raise ValueError("cross_entropy: every target is ignore_index; nothing to average")
+    m = logits.max(axis=-1, keepdims=True)                           # (N, 1) for a stable logsumexp
+    z = logits - m
+    lse = np.log(np.exp(z).sum(axis=-1))                             # (N,)
+    t = np.where(valid, targets, 0)
+    nll = lse - z[np.arange(len(t)), t]                              # (N,)
+    loss = float((nll * valid).sum() / n)
+    return loss, (z, lse, t, valid, n)
+
+
+def cross_entropy_backward(cache) -> Array:
+    """-> dlogits (N, V) = (softmax - onehot) / n on valid rows, 0 elsewhere."""
+    z, lse, t, valid, n = cache
+    p = np.exp(z - lse[:, None])                                     # (N, V)
+    p[np.arange(len(t)), t] -= 1.0
+    p *= (valid / n)[:, None].astype(p.dtype)
+    return p

@@ -1,0 +1,377 @@
+"""The decoder: parameters as a flat dict of named arrays, forward, loss and gradients, KV cache.
+
+Architecture (Llama 2 / Mistral / Gemma family, Touvron et al. 2023):
+
+    x = embed(tokens)                       (* sqrt(D) for Gemma)
+    for each block:
+        x = x + attention(rms_norm(x))      rotary embeddings, causal mask, GQA
+        x = x + ffn(rms_norm(x))            gated FFN (any registry activation) or MoE
+    logits = rms_norm(x) @ W_out^T          W_out = tok_embeddings when tied
+
+Parameter names (shapes; D dim, V vocab, H heads, K kv heads, Dh head dim, F ffn, E experts):
+
+    tok_embeddings                       (V, D)
+    layers.{i}.attention_norm            (D,)
+    layers.{i}.attention.wq              (D, H*Dh)    projections are (in, out): y = x @ w
+    layers.{i}.attention.wk, .wv         (D, K*Dh)
+    layers.{i}.attention.wo              (H*Dh, D)
+    layers.{i}.attention.bq/.bk/.bv      (H*Dh,) / (K*Dh,)   only with qkv_bias (Qwen2)
+    layers.{i}.ffn_norm                  (D,)
+    layers.{i}.feed_forward.w_gate       (F, D)       FFN weights are neuron-major: row f = neuron f
+    layers.{i}.feed_forward.w_up         (F, D)       (gated activations only)
+    layers.{i}.feed_forward.w_down       (F, D)
+    layers.{i}.feed_forward.router, .experts.*, .shared.*   MoE layers (see minisparse.moe)
+    norm                                 (D,)
+    output                               (V, D)       absent when tie_embeddings
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from . import layers as L
+from .activations import get_activation
+from .config import ModelConfig
+
+Array = np.ndarray
+# ffn_hook(layer, expert, h) -> None | new h      (expert is None for a dense FFN)
+FFNHook = Callable[[int, Optional[int], Array], Optional[Array]]
+
+
+class KVCache:
+    """Keys and values of past positions, per layer: (B, K, max_len, Dh) buffers.
+
+    ``pos`` is the number of positions already written; a forward pass with a cache
+    writes its T new positions at ``pos`` and advances it.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int = 1, dtype=np.float32,
+                 max_len: Optional[int] = None):
+        self.max_len = int(max_len or config.max_seq_len)
+        shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+        self.k = [np.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [np.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.batch_size = batch_size
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+class Transformer:
+    """A decoder-only transformer in NumPy.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    seed : int
+        Seed of the initialisation (normal(0, 0.02); output projections scaled by
+        1/sqrt(2 n_layers), as in GPT-2).
+    dtype : float32 (default) or float64.
+    backend : None or a kernel backend name ("numpy", "numba", "cupy")
+        When set, inference (not training) runs each FFN through
+        :func:`minisparse.sparse_ffn` with that backend, skipping inactive neurons.
+
+    Examples
+    --------
+    >>> import numpy as np, minisparse as ms
+    >>> model = ms.Transformer(ms.preset("nano", activation="drelu"), seed=0)
+    >>> model(np.array([[1, 2, 3]])).shape
+    (1, 3, 258)
+    """
+
+    def __init__(self, config: ModelConfig, seed: int = 0, dtype=np.float32,
+                 backend: Optional[str] = None, params: Optional[Dict[str, Array]] = None):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.dtype = _check_dtype(dtype)
+        self.act = get_activation(config.activation)
+        self.params: Dict[str, Array] = params if params is not None else self.init_params(config, seed, self.dtype)
+        if params is not None:
+            self._check_params()
+            self.dtype = next(iter(self.params.values())).dtype
+        self.backend = backend
+        self.ffn_stats: list = []           # per-FFN stats of the last inference forward (sparse backends)
+        self.last_aux: dict = {}            # auxiliary losses / router stats of the last forward
+        self._rope = L.rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, self.dtype)
+
+    # ------------------------------------------------------------------------------------
+    # parameters
+    # ------------------------------------------------------------------------------------
+    @staticmethod
+    def param_shapes(config: ModelConfig) -> Dict[str, tuple]:
+        """Name -> shape of every parameter, in a fixed order."""
+        c = config
+        D, Dh, H, K, F, V = c.dim, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size
+        act = get_activation(c.activation)
+        shapes = {"tok_embeddings": (V, D)}
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            shapes[p + "attention_norm"] = (D,)
+            shapes[p + "attention.wq"] = (D, H * Dh)
+            shapes[p + "attention.wk"] = (D, K * Dh)
+            shapes[p + "attention.wv"] = (D, K * Dh)
+            shapes[p + "attention.wo"] = (H * Dh, D)
+            if c.qkv_bias:
+                shapes[p + "attention.bq"] = (H * Dh,)
+                shapes[p + "attention.bk"] = (K * Dh,)
+                shapes[p + "attention.bv"] = (K * Dh,)
+            shapes[p + "ffn_norm"] = (D,)
+            if c.is_moe_layer(i):
+                from .moe import moe_param_shapes
+                shapes.update(moe_param_shapes(c, p + "feed_forward."))
+            else:
+                shapes[p + "feed_forward.w_gate"] = (F, D)
+                if act.gated:
+                    shapes[p + "feed_forward.w_up"] = (F, D)
+                shapes[p + "feed_forward.w_down"] = (F, D)
+        shapes["norm"] = (D,)
+        if not c.tie_embeddings:
+            shapes["output"] = (V, D)
+        return shapes
+
+    @classmethod
+    def init_params(cls, config: ModelConfig, seed: int = 0, dtype=np.float32) -> Dict[str, Array]:
+        rng = np.random.default_rng(seed)
+        std = 0.02
+        out_std = std / math.sqrt(2 * config.n_layers)
+        params = {}
+        for name, shape in cls.param_shapes(config).items():
+            if name.endswith("norm"):
+                w = np.zeros(shape) if config.norm_offset else np.ones(shape)
+            elif name.split(".")[-1] in ("bq", "bk", "bv"):
+                w = np.zeros(shape)
+            elif name.endswith("wo") or name.endswith("w_down"):
+                w = rng.normal(0.0, out_std, shape)
+            else:
+                w = rng.normal(0.0, std, shape)
+            params[name] = w.astype(dtype)
+        return params
+
+    def _check_params(self) -> None:
+        want = self.param_shapes(self.config)
+        missing = sorted(set(want) - set(self.params))
+        extra = sorted(set(self.params) - set(want))
+        if missing or extra:
+            raise ValueError(f"parameters do not match the config: missing {missing}, unexpected {extra}")
+        for name, shape in want.items():
+            if tuple(self.params[name].shape) != tuple(shape):
+                raise ValueError(f"parameter {name!r}: expected shape {shape}, found {self.params[name].shape}")
+        dts = {a.dtype for a in self.params.values()}
+        if len(dts) != 1:
+            raise ValueError(f"parameters mix dtypes {sorted(map(str, dts))}; cast them to one")
+        _check_dtype(dts.pop())
+
+    def num_parameters(self) -> int:
+        """Total number of scalars in ``params``."""
+        return int(sum(a.size for a in self.params.values()))
+
+    def astype(self, dtype) -> "Transformer":
+        """A copy of the model with parameters cast to ``dtype``."""
+        dt = _check_dtype(dtype)
+        return Transformer(self.config, dtype=dt, backend=self.backend,
+                           params={k: v.astype(dt) for k, v in self.params.items()})
+
+    # ------------------------------------------------------------------------------------
+    # input checks
+    # ------------------------------------------------------------------------------------
+    def _check_tokens(self, tokens, name: str = "tokens", start: int = 0) -> Array:
+        t = np.asarray(tokens)
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be an integer array, got dtype {t.dtype} "
+                            "(token ids are ints; did you pass embeddings or floats?)")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must have shape (batch, time), got shape {t.shape}; "
+                             "for one sequence use tokens[None, :]")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} is empty (time dimension 0)")
+        if t.size and (t.min() < 0 or t.max() >= self.config.vocab_size):
+            bad = t[(t < 0) | (t >= self.config.vocab_size)][0]
+            raise ValueError(f"{name} contains id {int(bad)} outside [0, vocab_size={self.config.vocab_size})")
+        if start + t.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + t.shape[1]} positions exceeds max_seq_len="
+                             f"{self.config.max_seq_len}; shorten it or raise max_seq_len in the config")
+        return t
+
+    # ------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------
+    def forward(self, tokens, *, cache: Optional[KVCache] = None, ffn_hook: Optional[FFNHook] = None) -> Array:
+        """Logits (B, T, V) for int tokens (B, T).
+
+        With ``cache`` (a :class:`KVCache`), ``tokens`` are the next T positions after the
+        ``cache.pos`` already seen (incremental decoding). ``ffn_hook(layer, expert, h)``
+        sees every FFN's intermediate activation h (N, F) and may return a replacement.
+        """
+        start = cache.pos if cache is not None else 0
+        tokens = self._check_tokens(tokens, start=start)
+        if cache is not None and cache.batch_size != tokens.shape[0]:
+            raise ValueError(f"cache was made for batch {cache.batch_size}, tokens have batch {tokens.shape[0]}")
+        logits, _ = self._forward(tokens, cache=cache, ffn_hook=ffn_hook, train=False)
+        if cache is not None:
+            cache.pos += tokens.shape[1]
+        return logits
+
+    __call__ = forward
+
+    def _ffn(self, i: int, x2: Array, hook, train: bool):
+        """FFN of block i on tokens x2 (N, D) -> y (N, D), cache (training only)."""
+        c, p = self.config, self.params
+        pre = f"layers.{i}.feed_forward."
+        if c.is_moe_layer(i):
+            from .moe import moe_forward
+            y, cache, aux = moe_forward(x2, p, pre, c, self.act, layer=i, hook=hook,
+                                        backend=None if train else self.backend)
+            for k, v in aux.items():
+                self.last_aux.setdefault(k, []).append(v)
+            return y, ("moe", cache)
+        wg, wu, wd = p[pre + "w_gate"], p.get(pre + "w_up"), p[pre + "w_down"]
+        if self.backend is not None and not train and hook is None:
+            from .kernels import sparse_ffn
+            stats: dict = {}
+            y = sparse_ffn(x2, wg, wu, wd, self.act, backend=self.backend, stats=stats)
+            self.ffn_stats.append(dict(layer=i, **stats))
+            return y, None
+        h_hook = (lambda h: hook(i, None, h)) if hook is not None else None
+        y, cache = L.ffn_forward(x2, wg, wu, wd, self.act, hook=h_hook)
+        return y, ("dense", cache)
+
+    def _forward(self, tokens: Array, cache: Optional[KVCache], ffn_hook, train: bool):
+        c, p = self.config, self.params
+        B, T = tokens.shape
+        D = c.dim
+        start = cache.pos if cache is not None else 0
+        cos, sin = self._rope[0][start:start + T], self._rope[1][start:start + T]  # (T, Dh)
+        self.ffn_stats = []
+        self.last_aux = {}
+        x = L.embedding_forward(p["tok_embeddings"], tokens)                # (B, T, D)
+        if c.embed_scale:
+            x = x * np.asarray(math.sqrt(D), dtype=x.dtype)
+        caches = []
+        for i in range(c.n_layers):
+            pre = f"layers.{i}."
+            hn, c_n1 = L.rms_norm_forward(x, p[pre + "attention_norm"], c.norm_eps, c.norm_offset)
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            a, c_att = L.attention_forward(
+                hn, p[pre + "attention.wq"], p[pre + "attention.wk"], p[pre + "attention.wv"],
+                p[pre + "attention.wo"], cos, sin, c.n_heads, c.n_kv_heads,
+                p.get(pre + "attention.bq"), p.get(pre + "attention.bk"), p.get(pre + "attention.bv"),
+                kv_cache=kv, start_pos=start)                               # (B, T, D)
+            x = x + a
+            hn2, c_n2 = L.rms_norm_forward(x, p[pre + "ffn_norm"], c.norm_eps, c.norm_offset)
+            f, c_ffn = self._ffn(i, hn2.reshape(B * T, D), ffn_hook, train)  # (N, D)
+            x = x + f.reshape(B, T, D)
+            if train:
+                caches.append((c_n1, c_att, c_n2, c_ffn))
+        xf, c_nf = L.rms_norm_forward(x, p["norm"], c.norm_eps, c.norm_offset)  # (B, T, D)
+        w_out = p["tok_embeddings"] if c.tie_embeddings else p["output"]        # (V, D)
+        logits = xf @ w_out.T                                                   # (B, T, V)
+        return logits, ((caches, xf, c_nf, tokens) if train else None)
+
+    # ------------------------------------------------------------------------------------
+    # loss and gradients (hand-written backward)
+    # ------------------------------------------------------------------------------------
+    def loss(self, tokens, targets=None) -> float:
+        """Mean next-token cross-entropy (no gradients). See :meth:`loss_and_grads`."""
+        inputs, targets = self._inputs_targets(tokens, targets)
+        logits, _ = self._forward(inputs, None, None, train=False)
+        loss, _ = L.cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return loss
+
+    def _inputs_targets(self, tokens, targets):
+        if targets is None:
+            t = np.asarray(tokens)
+            if t.ndim != 2 or t.shape[1] < 2:
+                raise ValueError(f"without targets, tokens must be (batch, time>=2) and are shifted by one; "
+                                 f"got shape {t.shape}")
+            inputs, targets = t[:, :-1], t[:, 1:]
+        else:
+            inputs = tokens
+        inputs = self._check_tokens(inputs)
+        targets = np.asarray(targets)
+        if targets.shape != inputs.shape:
+            raise ValueError(f"targets shape {targets.shape} must equal tokens shape {inputs.shape}")
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
+        if ((targets < -1) | (targets >= self.config.vocab_size)).any():
+            raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
+        return inputs, targets
+
+    def loss_and_grads(self, tokens, targets=None, *, l1: float = 0.0):
+        """Cross-entropy loss and the gradient of every parameter.
+
+        tokens (B, T) int. With ``targets=None`` the model predicts tokens[:, 1:] from
+        tokens[:, :-1]; otherwise targets (B, T) (-1 = ignored). MoE auxiliary losses are
+        added with their coefficients; ``l1`` adds ``l1 * mean|h|`` per dense FFN layer
+        (ProSparse's activation penalty). Returns ``(loss, grads)``, grads keyed like params.
+        """
+        c, p = self.config, self.params
+        inputs, targets = self._inputs_targets(tokens, targets)
+        B, T = inputs.shape
+        D, V = c.dim, c.vocab_size
+        logits, (caches, xf, c_nf, toks) = self._forward(inputs, None, None, train=True)
+        loss, ce_cache = L.cross_entropy_forward(logits.reshape(-1, V), targets.reshape(-1))
+        self.last_aux["ce_loss"] = loss
+        total = loss
+        for key in ("aux_loss",):
+            if key in self.last_aux:
+                total += float(np.sum(self.last_aux[key]))
+        if l1:
+            for (_, _, _, (kind, fc)) in caches:
+                if kind == "dense":
+                    total += l1 * float(np.abs(fc[3]).mean())
+        grads: Dict[str, Array] = {}
+
+        dlogits = L.cross_entropy_backward(ce_cache).reshape(B, T, V)  # (B, T, V)
+        w_out = p["tok_embeddings"] if c.tie_embeddings else p["output"]
+        dw_out = dlogits.reshape(-1, V).T @ xf.reshape(-1, D)                  # (V, D)
+        dxf = dlogits @ w_out                                                  # (B, T, D)
+        dx, grads["norm"] = L.rms_norm_backward(dxf, c_nf)
+        for i in reversed(range(c.n_layers)):
+            pre = f"layers.{i}."
+            c_n1, c_att, c_n2, (kind, c_ffn) = caches[i]
+            # FFN residual branch
+            df = dx.reshape(B * T, D)
+            if kind == "moe":
+                from .moe import moe_backward
+                dhn2, g_moe = moe_backward(df, c_ffn, p, pre + "feed_forward.", c, self.act)
+                grads.update(g_moe)
+            else:
+                q = pre + "feed_forward."
+                dhn2, dwg, dwu, dwd = L.ffn_backward(df, c_ffn, p[q + "w_gate"], p.get(q + "w_up"),
+                                                     p[q + "w_down"], self.act, l1=l1)
+                grads[q + "w_gate"], grads[q + "w_down"] = dwg, dwd
+                if dwu is not None:
+                    grads[q + "w_up"] = dwu
+            dxn, grads[pre + "ffn_norm"] = L.rms_norm_backward(dhn2.reshape(B, T, D), c_n2)
+            dx = dx + dxn
+            # attention residual branch
+            dhn, g_att = L.attention_backward(dx, c_att, p[pre + "attention.wq"], p[pre + "attention.wk"],
+                                              p[pre + "attention.wv"], p[pre + "attention.wo"])
+            for k in ("wq", "wk", "wv", "wo"):
+                grads[pre + "attention." + k] = g_att[k]
+            if c.qkv_bias:
+                for k in ("bq", "bk", "bv"):
+                    grads[pre + "attention." + k] = g_att[k]
+            dxn, grads[pre + "attention_norm"] = L.rms_norm_backward(dhn, c_n1)
+            dx = dx + dxn
+        if c.embed_scale:
+            dx = dx * np.asarray(math.sqrt(D), dtype=dx.dtype)
+        demb = L.embedding_backward(dx, toks, V)
+        if c.tie_embeddings:
+            grads["tok_embeddings"] = demb + dw_out
+        else:
+            grads["tok_embeddings"] = demb
+            grads["output"] = dw_out
+        grads = {k: grads[k].astype(p[k].dtype, copy=False) for k in p}
+        return total, grads
