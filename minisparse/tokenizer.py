@@ -10,8 +10,10 @@ from typing import Iterable, List, Union
 
 
 class ByteTokenizer:
-    """256 byte tokens + BOS + EOS.
+    """256 byte tokens + BOS + EOS: every UTF-8 byte is its own token.
 
+    Examples
+    --------
     >>> tok = ByteTokenizer()
     >>> tok.encode("hi")
     [256, 104, 105]
@@ -50,7 +52,7 @@ class HFTokenizer:
         except ImportError:
             raise ImportError("reading tokenizer.json needs the 'tokenizers' package: "
                               "pip install 'minisparse[hf]'") from None
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
@@ -86,7 +88,7 @@ def load_tokenizer(path=None):
     """``ByteTokenizer()`` when ``path`` is None or has no tokenizer.json, else :class:`HFTokenizer`."""
     if path is None:
         return ByteTokenizer()
-    p = Path(path)
+    p = Path(path).expanduser()
     if (p.is_dir() and (p / "tokenizer.json").is_file()) or (p.is_file() and p.name.endswith(".json")):
         return HFTokenizer(p)
     return ByteTokenizer()
