@@ -16,6 +16,19 @@ ROUTERS = ("topk_softmax", "softmax_topk", "softmax_topk_norm")
 class ModelConfig:
     """Hyper-parameters of a Llama/Mistral/Gemma-style decoder.
 
+    A frozen dataclass: plain data, one comment per field (see the source below),
+    invariants checked on construction so that an impossible model fails here, with the
+    name of the field and the fix, rather than deep inside a matmul (nanoGPT's
+    ``GPTConfig``). ``n_kv_heads``, ``head_dim`` and ``shared_ffn_dim`` default to
+    ``n_heads``, ``dim // n_heads`` and ``ffn_dim``. The MoE fields (``n_experts`` > 0,
+    ``top_k``, ``router``, ...) are described in :mod:`minisparse.moe`.
+
+    Raises
+    ------
+    ValueError
+        On an impossible configuration, e.g. ``n_heads`` not dividing ``dim``,
+        ``n_kv_heads`` not dividing ``n_heads``, an unknown activation, ``top_k > n_experts``.
+
     Examples
     --------
     >>> cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=172, activation="drelu")
@@ -89,12 +102,18 @@ class ModelConfig:
                 bad("top_k", f"must be between 1 and n_experts={self.n_experts}, got {self.top_k!r}")
         if self.router not in ROUTERS:
             bad("router", f"unknown router {self.router!r}; choose one of {ROUTERS}")
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            bad("router_aux_loss_coef", "loss coefficients must be >= 0")
-        if self.n_shared_experts < 0:
-            bad("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                bad(name, f"loss coefficients must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            bad("n_shared_experts", f"must be an int >= 0, got {self.n_shared_experts!r}")
+        if self.n_shared_experts > 0 and self.n_experts == 0:
+            bad("n_shared_experts", "shared experts belong to MoE layers; set n_experts > 0 "
+                "(or n_shared_experts=0 for a dense model)")
         if self.shared_ffn_dim is None:
             object.__setattr__(self, "shared_ffn_dim", self.ffn_dim)
+        if not isinstance(self.shared_ffn_dim, int) or self.shared_ffn_dim < 1:
+            bad("shared_ffn_dim", f"must be a positive int or None (= ffn_dim), got {self.shared_ffn_dim!r}")
         if self.moe_layers is not None:
             ml = tuple(int(i) for i in self.moe_layers)
             for i in ml:
@@ -153,8 +172,26 @@ PRESETS = {
 def preset(name: str, **overrides) -> ModelConfig:
     """A named configuration, with optional field overrides.
 
+    Parameters
+    ----------
+    name : str
+        One of :data:`PRESETS` (case-insensitive): ``"nano"`` (~0.1M parameters; tests and
+        the tutorials), ``"tiny"`` (the demo), ``"small"`` (the training benchmark),
+        ``"tiny-moe"`` (8 experts, top-2).
+    **overrides
+        Any :class:`ModelConfig` field, e.g. ``activation="drelu"``, ``n_experts=4``.
+
+    Returns
+    -------
+    ModelConfig
+        Validated; an impossible combination raises ``ValueError`` naming the field.
+
+    Examples
+    --------
     >>> preset("nano", activation="drelu").ffn_dim
     172
+    >>> preset("nano", n_experts=4, top_k=2).is_moe_layer(0)
+    True
     """
     key = name.lower()
     if key not in PRESETS:
