@@ -1,0 +1,140 @@
+"""``minisparse bench``: a quick sparse-vs-dense FFN timing on the backends usable here.
+
+    minisparse bench                                   # dim 1024, ffn 3584, 90% sparse, fp32
+    minisparse bench --dim 4096 --ffn-dim 14336        # a Mistral-7B layer
+    minisparse bench --backend numba --sparsity 0.5 --tokens 4
+    minisparse bench --quick                           # tiny, a second or two
+
+Every backend is first checked against the dense float64 FFN, then timed (median of
+``--repeats``), with the dense NumPy (BLAS) FFN as the baseline and the ideal speed-up
+(dense bytes / bytes that must be read). The full benchmark is ``bench/ffn_sparse.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def register(subparsers) -> None:
+    """Add the ``bench`` subcommand to the ``minisparse`` command line."""
+    p = subparsers.add_parser("bench", help="time a sparse FFN against the dense one on each backend",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--backend", action="append", default=None,
+                   help="backend to time (repeatable; default: every usable one)")
+    p.add_argument("--dim", type=int, default=1024, help="model dim D (default 1024)")
+    p.add_argument("--ffn-dim", type=int, default=3584, help="FFN neurons F (default 3584)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="fraction of inactive neurons (default 0.9)")
+    p.add_argument("--tokens", type=int, default=1, help="tokens per call T (default 1: decoding)")
+    p.add_argument("--activation", default="drelu", help="a ReLU-family activation (default drelu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"],
+                   help="weights' dtype (float16: cupy and numpy only)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats, median reported (default 7)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (dim 128, ffn 384)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+
+def _median_time(f, repeats: int) -> float:
+    f()
+    t0 = time.perf_counter()
+    f()
+    n = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-7)))      # >= ~20 ms per measurement
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        ts.append((time.perf_counter() - t0) / n)
+    return float(np.median(ts))
+
+
+def run_bench(dim=1024, ffn_dim=3584, sparsity=0.9, tokens=1, activation="drelu", dtype="float32",
+              backends=None, repeats=7, sync=None) -> list:
+    """Validate, then time dense NumPy vs each backend (gate-derived and given active set).
+
+    Returns a list of row dicts (method, time_s, speedup, ideal, rel_err, path).
+    """
+    from ..activations import get_activation
+    from . import backends as usable
+    from . import get_backend, sparse_ffn
+    from .testing import dense_ffn, make_ffn
+
+    act = get_activation(activation)
+    if not act.exact_zeros:
+        raise ValueError(f"bench needs a ReLU-family activation (exact zeros), got {activation!r}")
+    if backends:
+        names = list(backends)
+        for n in names:
+            get_backend(n)                   # unusable -> ImportError with the install command
+    else:                                    # every usable backend that takes this dtype
+        names = [n for n in usable() if np.dtype(dtype) in [np.dtype(d) for d in get_backend(n).WEIGHT_DTYPES]]
+    p = make_ffn(dim, ffn_dim, tokens=tokens, sparsity=sparsity, activation=activation, dtype=np.dtype(dtype))
+    x, wg, wu, wd, idx = p["x"], p["w_gate"], p["w_up"], p["w_down"], p["active"]
+    ref = dense_ffn(x, wg, wu, wd, activation)                        # (T, D) float64 truth
+    tol = 3e-2 if dtype == "float16" else 1e-4
+
+    xn, wgn, wun, wdn = (None if a is None else a.astype(np.float32) if a.dtype == np.float16 else a
+                         for a in (x, wg, wu, wd))
+
+    def dense():
+        g = xn @ wgn.T                                                # (T, F)
+        u = xn @ wun.T if act.gated else None                         # (T, F)
+        return act.forward(g, u) @ wdn                                # (T, D)
+
+    rows = []
+    t_dense = _median_time(dense, repeats)
+    F, D, A = ffn_dim, dim, idx.size
+    rows.append(dict(method="numpy dense (BLAS)", time_s=t_dense, speedup=1.0, ideal=1.0, path="dense",
+                     rel_err=float(np.linalg.norm(dense() - ref) / max(np.linalg.norm(ref), 1e-300))))
+    n_mats = 3 if act.gated else 2
+    for name in names:
+        args = (x, wg, wu, wd, act)
+        xs = args
+        if name == "cupy":
+            import cupy as cp
+            xs = tuple(cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+            mask = cp.asarray(np.isin(np.arange(F), idx))
+        else:
+            mask = idx
+        for mode, kw, ideal in (("skip", {}, n_mats / (1 + (n_mats - 1) * A / F)),
+                                ("given active", {"active": mask}, F / max(A, 1))):
+            st: dict = {}
+            y = sparse_ffn(*xs, backend=name, stats=st, **kw)
+            y = y.get() if hasattr(y, "get") else y
+            err = float(np.linalg.norm(np.asarray(y, np.float64) - ref) / max(np.linalg.norm(ref), 1e-300))
+            if not err <= tol:
+                raise RuntimeError(f"backend {name} ({mode}) disagrees with the dense FFN: relative error {err:.3g}")
+
+            def f(xs=xs, name=name, kw=kw):
+                out = sparse_ffn(*xs, backend=name, **kw)
+                if sync is not None or name == "cupy":
+                    import cupy as cp
+                    cp.cuda.get_current_stream().synchronize()
+                return out
+            t = _median_time(f, repeats)
+            rows.append(dict(method=f"{name} {mode}", time_s=t, speedup=t_dense / t, ideal=ideal,
+                             path=st.get("path", ""), rel_err=err))
+    return rows
+
+
+def cmd_bench(args) -> int:
+    if args.quick:
+        args.dim, args.ffn_dim, args.repeats = 128, 384, 3
+    rows = run_bench(args.dim, args.ffn_dim, args.sparsity, args.tokens, args.activation, args.dtype,
+                     args.backend, args.repeats)
+    print(f"FFN {args.activation}: dim {args.dim}, ffn {args.ffn_dim}, {args.tokens} token(s), "
+          f"{args.sparsity:.0%} sparse, {args.dtype}")
+    print(f"{'method':<24} {'time':>11} {'speed-up':>9} {'ideal':>7} {'path':>7} {'rel err':>9}")
+    for r in rows:
+        t = r["time_s"]
+        ts = f"{t * 1e3:.3f} ms" if t >= 1e-3 else f"{t * 1e6:.1f} us"
+        print(f"{r['method']:<24} {ts:>11} {r['speedup']:>8.2f}x {r['ideal']:>6.2f}x {r['path']:>7} "
+              f"{r['rel_err']:>9.1e}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows), fh, indent=1)
+    return 0

@@ -1,0 +1,340 @@
+"""CPU neuron skipping with Numba: read only the rows of W_up and W_down of active neurons.
+
+Batch-1 decoding is memory bound (the time is the bytes of weights read), so the kernels
+are organised around passes over memory:
+
+1. **gate pass** (``_gate_pass``): stream W_gate row by row (rows split over threads,
+   ``prange``), ``g = x . w_gate[f]`` for every token, ``a = act_gate(g)``, and mark f
+   active when ``|a| > threshold`` for any token (the union over tokens).
+2. **up/down pass** (``_up_down_pass``): the active list is cut into chunks, one per
+   thread-task; each task reads ``w_up[f]`` and ``w_down[f]`` of its neurons only and
+   accumulates ``h_tf * w_down[f]`` into its *own* partial output (T, D): no two threads
+   write the same memory, so there are no races and no atomics. The partials are summed.
+3. with ``active`` given (a predictor), one fused pass (``_predicted_pass``) reads
+   ``w_gate[f]``, ``w_up[f]`` and ``w_down[f]`` of the chosen neurons only.
+
+With several tokens the union of active neurons can be large; when skipping would be
+slower than BLAS on every row, the up and down projections run dense through NumPy
+(``stats["path"] == "dense"``); the result is the same function either way.
+
+Ideal speed-up at batch 1 with a fraction ``a`` of neurons active: ``3 / (1 + 2a)`` without
+a predictor (the gate stays dense), ``1 / a`` with one (GUIDE.md, "The ideal speed-up").
+
+Dimension keys: T tokens, D model dim, F ffn neurons, A active neurons, C chunks.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..activations import Activation
+from .numpy_ import keep_mask
+
+NAME = "numba"
+WEIGHT_DTYPES = (np.float32, np.float64)
+
+try:  # the optional dependency, imported when the backend is asked for
+    import numba
+    from numba import njit, prange
+except ImportError as _e:  # pragma: no cover - exercised through the registry tests
+    numba = None
+    _IMPORT_ERROR = _e
+
+    def check_usable() -> None:
+        raise ImportError(f"numba is not installed ({_IMPORT_ERROR})")
+else:
+    def check_usable() -> None:
+        """Numba imported: usable."""
+
+# activation codes shared with the kernels (and with sparse_ffn.cu)
+GATE_KINDS = {"relu": 0, "relu2": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "identity": 5}
+UP_KINDS = {"identity": 5, "relu": 0}
+
+# reassociation lets LLVM vectorise the dot products; no 'nnan'/'ninf', so NaN and inf
+# still propagate as in the reference
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+# skipping is slower than dense BLAS once the union of active neurons over T tokens
+# exceeds this fraction (measured with bench/ffn_sparse.py on 2 cores; see bench/README.md)
+_DENSE_ABOVE = ((1, 0.70), (4, 0.55), (16, 0.35), (64, 0.2))
+_BLAS_GATE_FROM_T = 8          # from this many tokens, the gate is one BLAS GEMM
+_PARALLEL_FROM = 1 << 20       # weights (x tokens) a pass must stream before threads are used
+
+
+def activation_codes(act: Activation, backend: str = NAME):
+    """(gate code, up code, FATReLU threshold) of an activation for the compiled kernels."""
+    if act.gate_kind not in GATE_KINDS:
+        raise ValueError(f"backend {backend!r} has no compiled kernel for activation {act.name!r} "
+                         f"(gate kind {act.gate_kind!r}); it supports gate functions {sorted(GATE_KINDS)}. "
+                         "Use backend='numpy' for custom activations.")
+    if act.gated and act.up_kind not in UP_KINDS:
+        raise ValueError(f"backend {backend!r}: unsupported up function {act.up_kind!r} in {act.name!r}")
+    return GATE_KINDS[act.gate_kind], UP_KINDS.get(act.up_kind, 5), float(act.threshold)
+
+
+def _dense_above(T: int) -> float:
+    for t, frac in _DENSE_ABOVE:
+        if T <= t:
+            return frac
+    return 0.1
+
+
+if numba is not None:
+    # ----------------------------------------------------------------------------------
+    # scalar activation (float64 inside; cast back when stored)
+    # ----------------------------------------------------------------------------------
+    @njit(cache=True, inline="always")
+    def _act(v, kind, thr):
+        v = float(v)
+        if kind == 0:                                   # relu / FATReLU: v if v > thr else 0
+            # NaN: np.maximum (relu) propagates it, np.where (FATReLU) gives 0; mirror both
+            return v if (v > thr or (thr == 0.0 and v != v)) else 0.0
+        elif kind == 1:                                 # relu^2 (NaN propagates)
+            r = 0.0 if v <= 0.0 else v
+            return r * r
+        elif kind == 2:                                 # silu = v * sigmoid(v)
+            if v >= 0.0:
+                return v / (1.0 + math.exp(-v))
+            e = math.exp(v)
+            return v * e / (1.0 + e)
+        elif kind == 3:                                 # exact gelu
+            return 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
+        elif kind == 4:                                 # tanh-approximate gelu
+            return 0.5 * v * (1.0 + math.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+        return v                                        # identity
+
+    @njit(cache=True, fastmath=_FASTMATH, inline="always")
+    def _dot(a, b, zero):
+        s = zero
+        for d in range(a.shape[0]):
+            s += a[d] * b[d]
+        return s
+
+    # ----------------------------------------------------------------------------------
+    # row kernels (inlined into the parallel and the serial drivers below)
+    # ----------------------------------------------------------------------------------
+    @njit(cache=True, fastmath=_FASTMATH, inline="always")
+    def _gate_rows(x, wg, lo, hi, kind, act_thr, skip_thr, a_out, any_out, zero):
+        """Rows lo..hi of W_gate: a (T, F) and the union mask (F,)."""
+        T = x.shape[0]
+        for f in range(lo, hi):
+            row = wg[f]                                                 # (D,)
+            hit = False
+            for t in range(T):
+                a = _act(_dot(x[t], row, zero), kind, act_thr)
+                a_out[t, f] = a
+                if not (abs(a) <= skip_thr):                            # NaN counts as active
+                    hit = True
+            any_out[f] = hit
+
+    @njit(cache=True, fastmath=_FASTMATH, inline="always")
+    def _up_down_rows(x, a_all, wu, wd, idx, lo, hi, gated, up_kind, act_thr, skip_thr, p, hv, zero):
+        """Active slots lo..hi: p (T, D) += h_tf * w_down[f], reading w_up[f], w_down[f] only."""
+        T, D = x.shape
+        for t in range(T):
+            for d in range(D):
+                p[t, d] = zero
+        for j in range(lo, hi):
+            f = idx[j]
+            for t in range(T):
+                a = a_all[t, f]
+                if abs(a) <= skip_thr:                                  # this token skips neuron f
+                    continue
+                if gated:
+                    hv[0] = a * _act(_dot(x[t], wu[f], zero), up_kind, act_thr)
+                else:
+                    hv[0] = a
+                h = hv[0]                                               # in the array dtype
+                pt = p[t]
+                row = wd[f]
+                for d in range(D):                                      # axpy: p[t] += h * w_down[f]
+                    pt[d] += h * row[d]
+
+    @njit(cache=True, fastmath=_FASTMATH, inline="always")
+    def _predicted_rows(x, wg, wu, wd, idx, lo, hi, gate_kind, gated, up_kind, act_thr, skip_thr, p, hv, zero):
+        """Chosen neurons lo..hi: gate, up and down of those rows only."""
+        T, D = x.shape
+        for t in range(T):
+            for d in range(D):
+                p[t, d] = zero
+        for j in range(lo, hi):
+            f = idx[j]
+            for t in range(T):
+                a = _act(_dot(x[t], wg[f], zero), gate_kind, act_thr)
+                if abs(a) <= skip_thr:
+                    continue
+                if gated:
+                    hv[0] = a * _act(_dot(x[t], wu[f], zero), up_kind, act_thr)
+                else:
+                    hv[0] = a
+                h = hv[0]
+                pt = p[t]
+                row = wd[f]
+                for d in range(D):
+                    pt[d] += h * row[d]
+
+    # ----------------------------------------------------------------------------------
+    # 1. gate: stream W_gate once, rows split into C contiguous chunks over the threads
+    # ----------------------------------------------------------------------------------
+    @njit(parallel=True, cache=True, fastmath=_FASTMATH)
+    def _gate_pass(x, wg, kind, act_thr, skip_thr, a_out, any_out, zero, C):
+        F = wg.shape[0]
+        for c in prange(C):
+            _gate_rows(x, wg, c * F // C, (c + 1) * F // C, kind, act_thr, skip_thr, a_out, any_out, zero)
+
+    @njit(cache=True, fastmath=_FASTMATH)
+    def _gate_pass_serial(x, wg, kind, act_thr, skip_thr, a_out, any_out, zero, C):
+        _gate_rows(x, wg, 0, wg.shape[0], kind, act_thr, skip_thr, a_out, any_out, zero)
+
+    @njit(cache=True, fastmath=_FASTMATH)
+    def _act_pass(g, kind, act_thr, skip_thr, a_out, any_out):
+        """Activation and union mask from a precomputed gate g (T, F) (BLAS gate path)."""
+        T, F = g.shape
+        for f in range(F):
+            hit = False
+            for t in range(T):
+                a = _act(g[t, f], kind, act_thr)
+                a_out[t, f] = a
+                if not (abs(a) <= skip_thr):
+                    hit = True
+            any_out[f] = hit
+
+    # ----------------------------------------------------------------------------------
+    # 2. up and down for the active rows; each task its own partial output (no races)
+    # ----------------------------------------------------------------------------------
+    @njit(parallel=True, cache=True, fastmath=_FASTMATH)
+    def _up_down_pass(x, a_all, wu, wd, idx, gated, up_kind, act_thr, skip_thr, part, zero):
+        C = part.shape[0]
+        n = idx.shape[0]
+        for c in prange(C):
+            hv = np.empty(1, dtype=part.dtype)                          # h cast to the array dtype
+            _up_down_rows(x, a_all, wu, wd, idx, c * n // C, (c + 1) * n // C, gated, up_kind, act_thr,
+                          skip_thr, part[c], hv, zero)
+
+    @njit(cache=True, fastmath=_FASTMATH)
+    def _up_down_pass_serial(x, a_all, wu, wd, idx, gated, up_kind, act_thr, skip_thr, part, zero):
+        hv = np.empty(1, dtype=part.dtype)
+        _up_down_rows(x, a_all, wu, wd, idx, 0, idx.shape[0], gated, up_kind, act_thr, skip_thr, part[0], hv, zero)
+
+    # ----------------------------------------------------------------------------------
+    # 3. predicted neurons: gate, up and down of the chosen rows only, one fused pass
+    # ----------------------------------------------------------------------------------
+    @njit(parallel=True, cache=True, fastmath=_FASTMATH)
+    def _predicted_pass(x, wg, wu, wd, idx, gate_kind, gated, up_kind, act_thr, skip_thr, part, zero):
+        C = part.shape[0]
+        n = idx.shape[0]
+        for c in prange(C):
+            hv = np.empty(1, dtype=part.dtype)
+            _predicted_rows(x, wg, wu, wd, idx, c * n // C, (c + 1) * n // C, gate_kind, gated, up_kind,
+                            act_thr, skip_thr, part[c], hv, zero)
+
+    @njit(cache=True, fastmath=_FASTMATH)
+    def _predicted_pass_serial(x, wg, wu, wd, idx, gate_kind, gated, up_kind, act_thr, skip_thr, part, zero):
+        hv = np.empty(1, dtype=part.dtype)
+        _predicted_rows(x, wg, wu, wd, idx, 0, idx.shape[0], gate_kind, gated, up_kind, act_thr, skip_thr,
+                        part[0], hv, zero)
+
+    @njit(cache=True, fastmath=_FASTMATH)
+    def _sum_parts(part, out):
+        C, T, D = part.shape
+        for t in range(T):
+            for d in range(D):
+                s = part[0, t, d]
+                for c in range(1, C):
+                    s += part[c, t, d]
+                out[t, d] = s
+
+
+def _n_chunks(n_rows: int, parallel: bool) -> int:
+    """Tasks of a pass: one per thread and a few more (so that a thread descheduled by
+    other processes on a busy machine delays less of the work); 1 when serial."""
+    if not parallel:
+        return 1
+    return max(1, min(4 * numba.get_num_threads(), n_rows))
+
+
+def _c(a):
+    return np.ascontiguousarray(a)
+
+
+def ffn(x, w_gate, w_up, w_down, act: Activation, *, active=None, threshold=None, stats=None):
+    """Numba FFN on x (T, D) -> y (T, D); same function as :func:`numpy_.ffn`."""
+    if stats is None:
+        stats = {}
+    if act.gate_kind not in GATE_KINDS or (act.gated and act.up_kind not in UP_KINDS):
+        # a custom activation: no compiled kernel knows its formula, so the FFN is computed
+        # with BLAS and the activation's own NumPy functions (same result; said in stats)
+        from .numpy_ import ffn as reference_ffn
+        y = reference_ffn(x, w_gate, w_up, w_down, act, active=active, threshold=threshold, stats=stats)
+        stats["kernel"] = f"blas+numpy (no compiled kernel for activation {act.name!r})"
+        return y
+    gk, uk, act_thr = activation_codes(act)
+    x, w_gate, w_down = _c(x), _c(w_gate), _c(w_down)
+    w_up = _c(w_up) if w_up is not None else w_gate                    # placeholder when plain
+    T, D = x.shape
+    F = w_gate.shape[0]
+    dt = x.dtype
+    zero = dt.type(0)
+    skip = 0.0 if threshold is None else float(threshold)
+    gated = bool(act.gated)
+    # threads pay off only when a pass streams enough bytes to hide the fork/join
+    parallel = F * D * T >= _PARALLEL_FROM and numba.get_num_threads() > 1
+
+    if active is not None:                                            # predictor: fused pass over chosen rows
+        idx = np.ascontiguousarray(active, dtype=np.int64)            # (A,)
+        par = parallel and idx.size * D * T * 3 >= _PARALLEL_FROM
+        part = np.empty((_n_chunks(idx.size, par), T, D), dtype=dt)   # (C, T, D)
+        (_predicted_pass if par else _predicted_pass_serial)(x, w_gate, w_up, w_down, idx, gk, gated, uk,
+                                                             act_thr, skip, part, zero)
+        if part.shape[0] == 1:
+            y = part[0]
+        else:
+            y = np.empty((T, D), dtype=dt)
+            _sum_parts(part, y)
+        stats.update(path="sparse", n_active=int(idx.size), gate="numba", threads=part.shape[0] > 1)
+        return y
+
+    if not act.exact_zeros and threshold is None:                     # nothing to skip: BLAS
+        g = x @ w_gate.T                                              # (T, F)
+        u = x @ w_up.T if gated else None                             # (T, F)
+        stats.update(path="dense", n_active=F, gate="blas")
+        return act.forward(g, u) @ w_down                             # (T, D)
+
+    # 1. gate (numba GEMV for few tokens, BLAS GEMM for many) + union of active neurons
+    a_all = np.empty((T, F), dtype=dt)                                # (T, F)
+    hit = np.empty(F, dtype=np.bool_)                                 # (F,)
+    if T >= _BLAS_GATE_FROM_T:
+        _act_pass(_c(x @ w_gate.T), gk, act_thr, skip, a_all, hit)
+        gate_how = "blas"
+    else:
+        (_gate_pass if parallel else _gate_pass_serial)(x, w_gate, gk, act_thr, skip, a_all, hit, zero,
+                                                        _n_chunks(F, parallel))
+        gate_how = "numba"
+    idx = np.flatnonzero(hit)                                         # (A,) union over tokens
+    n = int(idx.size)
+    stats.update(n_active=n, gate=gate_how)
+
+    if n > _dense_above(T) * F:
+        # 2'. most rows are needed by some token: dense BLAS for up and down is faster
+        m = keep_mask(a_all, threshold)                               # (T, F)
+        if gated:
+            u = x @ w_up.T                                            # (T, F)
+            h = np.where(m, a_all * act.up_fn(u), 0).astype(dt, copy=False)  # (T, F)
+        else:
+            h = np.where(m, a_all, 0).astype(dt, copy=False)          # (T, F)
+        stats["path"] = "dense"
+        return h @ w_down                                             # (T, D)
+
+    # 2. up and down for the active rows only
+    par = parallel and n * D * T * 2 >= _PARALLEL_FROM
+    part = np.empty((_n_chunks(n, par), T, D), dtype=dt)              # (C, T, D)
+    (_up_down_pass if par else _up_down_pass_serial)(x, a_all, w_up, w_down, idx.astype(np.int64), gated, uk,
+                                                     act_thr, skip, part, zero)
+    if part.shape[0] == 1:
+        y = part[0]                                                   # (T, D)
+    else:
+        y = np.empty((T, D), dtype=dt)                                # (T, D)
+        _sum_parts(part, y)
+    stats.update(path="sparse", threads=par)
+    return y
