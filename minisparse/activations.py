@@ -82,32 +82,52 @@ def _erf(x: Array) -> Array:
 # plain activations: f(x) and f'(x)
 # --------------------------------------------------------------------------------------
 def relu(x: Array) -> Array:
+    """ReLU, ``max(x, 0)``: exactly 0 for every x <= 0, elementwise, same shape and dtype."""
     return np.maximum(x, 0)
 
 
 def relu_grad(x: Array) -> Array:
+    """d relu / dx = 1 where x > 0, else 0 (at exactly 0: 0, PyTorch's choice)."""
     return (x > 0).astype(x.dtype)  # derivative at exactly 0 taken as 0 (PyTorch's choice)
 
 
 def identity(x: Array) -> Array:
+    """f(x) = x (the "up" branch of GLU variants)."""
     return x
 
 
 def identity_grad(x: Array) -> Array:
+    """d identity / dx = 1."""
     return np.ones_like(x)
 
 
 def silu(x: Array) -> Array:
+    """SiLU / swish, ``x * sigmoid(x)`` (the gate of SwiGLU): small but non-zero for x < 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(silu(np.float64(-1.0)))   # -1 * sigmoid(-1)
+    -0.2689414213699951
+    """
     # x * sigmoid(x), written to avoid overflow of exp(-x) for very negative x
     return x * _sigmoid(x)
 
 
 def _sigmoid(x: Array) -> Array:
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+    # 1 / (1 + exp(-x)): for very negative x, exp(-x) overflows to inf and the result is
+    # 0, the right limit (the overflow warning is silenced). Four passes over x, no
+    # np.where: this is on the training hot path of SwiGLU (forward and backward).
+    with np.errstate(over="ignore"):
+        e = np.exp(-x)
+    e += 1
+    if not isinstance(e, np.ndarray):     # a NumPy scalar in, a scalar out (no out= buffer)
+        return np.reciprocal(e)
+    return np.reciprocal(e, out=e)
 
 
 def silu_grad(x: Array) -> Array:
+    """d silu / dx = s (1 + x (1 - s)), s = sigmoid(x)."""
     s = _sigmoid(x)
     return s * (1 + x * (1 - s))
 
@@ -118,6 +138,7 @@ def gelu(x: Array) -> Array:
 
 
 def gelu_grad(x: Array) -> Array:
+    """d gelu / dx = Phi(x) + x phi(x) (phi the standard normal density)."""
     phi = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     return 0.5 * (1.0 + _erf(x / _SQRT_2)) + x * phi
 
@@ -128,6 +149,7 @@ def gelu_tanh(x: Array) -> Array:
 
 
 def gelu_tanh_grad(x: Array) -> Array:
+    """Derivative of :func:`gelu_tanh`."""
     inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
     t = np.tanh(inner)
     dinner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
@@ -141,11 +163,24 @@ def relu2(x: Array) -> Array:
 
 
 def relu2_grad(x: Array) -> Array:
+    """d relu(x)^2 / dx = 2 max(x, 0)."""
     return 2 * np.maximum(x, 0)
 
 
 def make_fatrelu(threshold: float):
-    """FATReLU(x) = x if x > threshold else 0 (ProSparse, Song et al. 2024)."""
+    """FATReLU(x) = x if x > threshold else 0 (ProSparse, Song et al. 2024).
+
+    Returns the pair ``(f, df)``: the function and its derivative (1 above the threshold,
+    0 below). Registry names with a threshold, ``"fatrelu:0.05"``, ``"drelu:0.05"``, build
+    activations from it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f, df = make_fatrelu(0.1)
+    >>> f(np.array([-1.0, 0.05, 0.5]))
+    array([0. , 0. , 0.5])
+    """
     t = float(threshold)
 
     def fatrelu(x: Array) -> Array:
@@ -159,11 +194,37 @@ def make_fatrelu(threshold: float):
 
 @dataclass(frozen=True)
 class Activation:
-    """A registry entry.
+    """A registry entry: an FFN activation with its forward and its derivative.
 
-    ``gated=False``: ``h = gate_fn(g)``. ``gated=True``: ``h = gate_fn(g) * up_fn(u)``.
+    ``gated=False``: ``h = gate_fn(g)``. ``gated=True``: ``h = gate_fn(g) * up_fn(u)``,
+    where ``g = x @ w_gate.T`` and ``u = x @ w_up.T`` are (N, F) pre-activations.
     ``exact_zeros`` says whether ``h == 0`` is *decided by the gate alone* for most inputs
     (the ReLU family); the sparse kernels skip neurons only then (or under a threshold).
+
+    Attributes
+    ----------
+    name : str
+        Registry name, lower case (with ``":t"`` for a FATReLU threshold t).
+    gated : bool
+        Whether the activation takes an up projection too.
+    gate_fn, gate_grad, up_fn, up_grad : callable
+        Elementwise functions and derivatives of the two branches.
+    exact_zeros : bool
+        True for the ReLU family (relu, relu2, fatrelu, reglu, drelu, relu2glu).
+    gate_kind, up_kind : str
+        What the kernels compile: ``"relu"``, ``"relu2"``, ``"silu"``, ``"gelu"``,
+        ``"gelu_tanh"``, ``"identity"`` or ``"other"``; ``up_kind`` is ``"relu"`` for dReLU.
+    threshold : float
+        FATReLU threshold of the ReLUs (0 = plain ReLU).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> act = get_activation("drelu")
+    >>> act(np.array([1.0, -1.0, 2.0]), np.array([3.0, 5.0, -1.0]))    # relu(g) * relu(u)
+    array([3., 0., 0.])
+    >>> act.gated, act.exact_zeros, act.gate_kind, act.up_kind
+    (True, True, 'relu', 'relu')
     """
 
     name: str
@@ -179,7 +240,10 @@ class Activation:
 
     # -- forward / backward --------------------------------------------------------------
     def forward(self, g: Array, u: Optional[Array] = None) -> Array:
-        """h from gate pre-activation g (and up pre-activation u when gated); shapes equal."""
+        """h from the gate pre-activation g (and the up pre-activation u when gated).
+
+        g, u : (..., F) float arrays of the same shape; returns h of that shape and dtype.
+        """
         if not self.gated:
             return self.gate_fn(g)
         if u is None:
@@ -187,7 +251,10 @@ class Activation:
         return self.gate_fn(g) * self.up_fn(u)
 
     def backward(self, dh: Array, g: Array, u: Optional[Array] = None):
-        """Given dL/dh, return dL/dg (and dL/du when gated)."""
+        """Given dL/dh, return ``(dL/dg, dL/du)`` (``dL/du`` is None when not gated).
+
+        dh, g, u : (..., F) arrays of one shape (g, u: the forward's inputs).
+        """
         if not self.gated:
             return dh * self.gate_grad(g), None
         a, b = self.gate_fn(g), self.up_fn(u)
@@ -205,6 +272,25 @@ def register_activation(name: str, f: Callable, df: Callable, *, exact_zeros: bo
                         overwrite: bool = False) -> Activation:
     """Register a plain activation ``h = f(g)`` with derivative ``df``.
 
+    Parameters
+    ----------
+    name : str
+        Case-insensitive; then usable in ``ModelConfig(activation=name)`` and as a part
+        of :func:`register_gated`.
+    f, df : callable
+        Elementwise function and its derivative (array in, array of the same shape out).
+    exact_zeros : bool
+        Declare that f outputs exact zeros (the kernels only skip neurons of activations
+        whose gate kind they know, so a custom one is computed densely anyway).
+    overwrite : bool
+        Replace an existing entry of that name.
+
+    Returns
+    -------
+    Activation
+
+    Examples
+    --------
     >>> import numpy as np
     >>> act = register_activation("softplus_demo", lambda x: np.logaddexp(0, x),
     ...                           lambda x: 1 / (1 + np.exp(-x)), overwrite=True)
@@ -223,6 +309,24 @@ def register_activation(name: str, f: Callable, df: Callable, *, exact_zeros: bo
 def register_gated(name: str, gate: str, up: str = "identity", *, overwrite: bool = False) -> Activation:
     """Register a gated activation ``h = gate(g) * up(u)`` from two registered plain names.
 
+    dReLU is ``register_gated("drelu", "relu", "relu")`` (TurboSparse, Song et al. 2024);
+    SwiGLU is ``register_gated("swiglu", "silu")`` (Shazeer 2020).
+
+    Parameters
+    ----------
+    name : str
+        Case-insensitive name of the new activation.
+    gate, up : str
+        Registered plain activations applied to the gate and the up pre-activation.
+    overwrite : bool
+        Replace an existing entry of that name.
+
+    Returns
+    -------
+    Activation
+
+    Examples
+    --------
     >>> register_gated("silu_relu_demo", "silu", "relu", overwrite=True).name
     'silu_relu_demo'
     """
@@ -276,7 +380,31 @@ def _with_threshold(act: Activation, t: float) -> Activation:
 def get_activation(name) -> Activation:
     """Look an activation up by (case-insensitive) name, e.g. ``"SwiGLU"``, ``"drelu:0.05"``.
 
-    Raises ``KeyError`` naming the known activations when the name is unknown.
+    Parameters
+    ----------
+    name : str or Activation
+        A registry name, a Hugging Face ``hidden_act`` alias (``"gelu_pytorch_tanh"``,
+        ``"swish"``...), optionally with a FATReLU threshold after a colon
+        (``"reglu:0.05"``: every ReLU becomes ``x if x > 0.05 else 0``; ProSparse).
+        An :class:`Activation` is returned as it is.
+
+    Returns
+    -------
+    Activation
+
+    Raises
+    ------
+    KeyError
+        The name is unknown (the message lists the known ones).
+    ValueError
+        A threshold is malformed or given to a non-ReLU activation.
+
+    Examples
+    --------
+    >>> get_activation("SwiGLU").name
+    'swiglu'
+    >>> get_activation("drelu:0.05").threshold
+    0.05
     """
     if isinstance(name, Activation):
         return name
@@ -302,5 +430,11 @@ def get_activation(name) -> Activation:
 
 
 def list_activations(gated: Optional[bool] = None) -> list:
-    """Registered names (optionally only gated or only plain ones), sorted."""
+    """Registered names (optionally only gated or only plain ones), sorted.
+
+    Examples
+    --------
+    >>> "drelu" in list_activations(gated=True), "relu" in list_activations(gated=False)
+    (True, True)
+    """
     return sorted(k for k, a in _REGISTRY.items() if gated is None or a.gated == gated)

@@ -17,7 +17,25 @@ def sample_next(logits, temperature: float = 1.0, top_k: Optional[int] = None,
 
     temperature 0 is greedy (argmax; ties go to the lowest id). top_k keeps the k largest
     logits; top_p keeps the smallest set of tokens whose probability sums to >= top_p
-    (Holtzman et al. 2020).
+    (nucleus sampling, Holtzman et al. 2020).
+
+    Parameters
+    ----------
+    logits : (V,) float array
+    temperature : float >= 0
+    top_k : int >= 1, optional
+    top_p : float in (0, 1], optional
+    rng : numpy.random.Generator, optional
+
+    Returns
+    -------
+    int, the token id.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sample_next(np.array([0.1, 2.0, 0.3]), temperature=0)
+    1
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 1:
@@ -91,10 +109,38 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int = 64, temperatu
              eos_id: Optional[int] = None) -> List[int]:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids``; returns the new ids.
 
-    temperature 0 is greedy. ``callback(token_id)`` is called as each token is produced
-    (streaming); :func:`stream` gives the same tokens as an iterator. ``backend`` runs the
-    decode FFNs through that sparse-kernel backend. Stops early at ``eos_id``.
+    The prompt is run once (prefill) into a :class:`~minisparse.model.KVCache`, then one
+    token at a time is sampled and fed back.
 
+    Parameters
+    ----------
+    model : Transformer
+    prompt_ids : 1-D sequence of int
+        At least one token (e.g. the tokenizer's BOS, 256 for the byte tokenizer).
+    max_new_tokens : int
+        Prompt plus new tokens must fit in ``max_seq_len``.
+    temperature : float
+        0 is greedy; otherwise logits are divided by it before sampling.
+    top_k, top_p : optional
+        Keep the k most likely tokens / the smallest nucleus of probability >= top_p.
+    seed : int, optional
+        Seed of the sampler (same seed, same tokens).
+    callback : callable, optional
+        ``callback(token_id)`` is called as each token is produced (streaming);
+        :func:`stream` gives the same tokens as an iterator.
+    backend : str, optional
+        Run the FFNs through that sparse-kernel backend (``"numpy"``, ``"numba"``,
+        ``"cupy"``) for this call; greedy output equals the dense model's for ReLU-family
+        activations.
+    eos_id : int, optional
+        Stop after producing this token.
+
+    Returns
+    -------
+    list of int, the new token ids (without the prompt).
+
+    Examples
+    --------
     >>> import minisparse as ms
     >>> m = ms.Transformer(ms.preset("nano"), seed=0)
     >>> len(ms.generate(m, [256], max_new_tokens=5, temperature=0))

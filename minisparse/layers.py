@@ -88,43 +88,75 @@ def rope_backward(dout: Array, cos: Array, sin: Array) -> Array:
 # ======================================================================================
 # causal self-attention with grouped-query KV heads
 # ======================================================================================
-def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0):
-    """Causal softmax attention.
+def causal_mask_bias(T: int, S: int, q_start: int = 0, dtype=np.float32) -> Array:
+    """(T, S) additive mask: 0 where query i (at position q_start + i) may see key j, -inf after."""
+    hidden = np.arange(S)[None, :] > q_start + np.arange(T)[:, None]  # (T, S) True = hidden
+    return np.where(hidden, -np.inf, 0.0).astype(dtype)
+
+
+QUERY_BLOCK = 64  # queries per block in attention: later blocks need more keys, early ones fewer
+
+
+def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block: int = QUERY_BLOCK):
+    """Causal softmax attention, softmax(q k^T / sqrt(Dh) + mask) v.
 
     q (B, H, T, Dh); k, v (B, K, S, Dh) with K dividing H; query i sits at absolute position
     ``q_start + i`` and sees keys 0..q_start+i. Returns out (B, H, T, Dh) and a cache.
+
+    Two savings, same result:
+
+    * Grouped-query attention without copying k and v: the rep = H/K query heads that
+      share a KV head are stacked along time, so one matmul per KV head serves all of them
+      (query head h uses KV head h // rep, as ``np.repeat(k, rep, axis=1)`` would give).
+    * Causality: queries are taken ``block`` at a time, and a block only computes scores
+      against the keys its last query can see (about half the work of the full T x S).
     """
     B, H, T, Dh = q.shape
     K, S = k.shape[1], k.shape[2]
     rep = H // K
-    kr = np.repeat(k, rep, axis=1) if rep > 1 else k                 # (B, H, S, Dh)
-    vr = np.repeat(v, rep, axis=1) if rep > 1 else v                 # (B, H, S, Dh)
     scale = 1.0 / math.sqrt(Dh)
-    scores = (q @ kr.transpose(0, 1, 3, 2)) * scale                  # (B, H, T, S)
-    qpos = q_start + np.arange(T)[:, None]                           # (T, 1)
-    mask = np.arange(S)[None, :] > qpos                              # (T, S) True = hidden
-    scores = np.where(mask, -np.inf, scores)
-    scores = scores - scores.max(axis=-1, keepdims=True)             # subtract max: exp never overflows
-    p = np.exp(scores)
-    p /= p.sum(axis=-1, keepdims=True)                               # (B, H, T, S)
-    out = p @ vr                                                     # (B, H, T, Dh)
-    return out, (q, kr, vr, p, scale, rep)
+    qs = q * np.asarray(scale, q.dtype)                               # (B, H, T, Dh) scaled queries
+    out = np.empty_like(q)                                            # (B, H, T, Dh)
+    blocks = []
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        Tb, s1 = t1 - t0, min(S, q_start + t1)                        # s1: keys the block can see
+        qb = qs[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)              # (B, K, rep*Tb, Dh)
+        kb, vb = k[:, :, :s1], v[:, :, :s1]                           # (B, K, s1, Dh)
+        scores = qb @ kb.transpose(0, 1, 3, 2)                        # (B, K, rep*Tb, s1), a new C array,
+        # so the reshape below is a view and the mask lands in `scores`
+        scores.reshape(B, K, rep, Tb, s1)[...] += causal_mask_bias(Tb, s1, q_start + t0, q.dtype)
+        scores -= scores.max(axis=-1, keepdims=True)                  # subtract max: exp never overflows
+        p = np.exp(scores, out=scores)                                # (B, K, rep*Tb, s1), in place
+        p /= p.sum(axis=-1, keepdims=True)
+        ob = p @ vb                                                   # (B, K, rep*Tb, Dh)
+        out[:, :, t0:t1] = ob.reshape(B, H, Tb, Dh)
+        blocks.append((t0, t1, s1, qb, p, ob))
+    return out, (k, v, scale, blocks)
 
 
 def attention_core_backward(dout: Array, cache):
     """dout (B, H, T, Dh) -> dq (B, H, T, Dh), dk, dv (B, K, S, Dh)."""
-    q, kr, vr, p, scale, rep = cache
-    dvr = p.transpose(0, 1, 3, 2) @ dout                             # (B, H, S, Dh)
-    dp = dout @ vr.transpose(0, 1, 3, 2)                             # (B, H, T, S)
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))           # softmax backward
-    ds *= scale
-    dq = ds @ kr                                                     # (B, H, T, Dh)
-    dkr = ds.transpose(0, 1, 3, 2) @ q                               # (B, H, S, Dh)
-    if rep > 1:                                                      # sum the query heads sharing a KV head
-        B, H, S, Dh = dkr.shape
-        dkr = dkr.reshape(B, H // rep, rep, S, Dh).sum(axis=2)
-        dvr = dvr.reshape(B, H // rep, rep, S, Dh).sum(axis=2)
-    return dq, dkr, dvr
+    k, v, scale, blocks = cache
+    B, H, T, Dh = dout.shape
+    K = k.shape[1]
+    rep = H // K
+    dq = np.empty_like(dout)                                          # (B, H, T, Dh)
+    dk = np.zeros_like(k)                                             # (B, K, S, Dh)
+    dv = np.zeros_like(v)                                             # (B, K, S, Dh)
+    for t0, t1, s1, qb, p, ob in blocks:
+        Tb = t1 - t0
+        do = dout[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)            # (B, K, rep*Tb, Dh)
+        dv[:, :, :s1] += p.transpose(0, 1, 3, 2) @ do                 # (B, K, s1, Dh): sums the rep heads
+        dp = do @ v[:, :, :s1].transpose(0, 1, 3, 2)                  # (B, K, rep*Tb, s1)
+        # softmax backward: ds = p * (dp - sum_j dp_j p_j), and sum_j dp_j p_j = do . ob
+        # (FlashAttention's identity): a dot over Dh instead of a pass over s1
+        dp -= np.sum(do * ob, axis=-1, keepdims=True)
+        ds = np.multiply(dp, p, out=dp)                               # (B, K, rep*Tb, s1), in place
+        dqb = (ds @ k[:, :, :s1]) * np.asarray(scale, k.dtype)        # (B, K, rep*Tb, Dh)
+        dq[:, :, t0:t1] = dqb.reshape(B, H, Tb, Dh)
+        dk[:, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb                # (B, K, s1, Dh)
+    return dq, dk, dv
 
 
 def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
@@ -196,10 +228,10 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
     w_gate, w_up, w_down are all (F, D): row f holds neuron f's weights (contiguous, so a
     sparse kernel can read only the rows of active neurons). Plain activations use no
     ``w_up``. ``hook(h)`` may observe or replace the intermediate activation h (N, F).
-    Returns y (N, D) and a cache.
+    Returns y (N, D) and a cache ``(x, g, u, h)``.
     """
-    g = x @ w_gate.T                                                 # (N, F)
-    u = x @ w_up.T if act.gated else None                            # (N, F)
+    g = x @ w_gate.T                                                 # (N, F) gate pre-activation
+    u = x @ w_up.T if act.gated else None                            # (N, F) up pre-activation
     h = act.forward(g, u)                                            # (N, F)
     if hook is not None:
         h2 = hook(h)
@@ -219,8 +251,18 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     dw_down = h.T @ dy                                               # (F, D)
     dh = dy @ w_down.T                                               # (N, F)
     if l1:
-        dh = dh + (l1 / h.size) * np.sign(h)
-    dg, du = act.backward(dh, g, u)                                  # (N, F) each
+        dh += np.asarray(l1 / h.size, dh.dtype) * np.sign(h)
+    # = act.backward(dh, g, u), written out to skip work when the up factor is the identity
+    if act.gated:
+        b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
+        dg = dh * b                                                  # (N, F)
+        dg *= act.gate_grad(g)                                       # dL/dg = dh * up(u) * gate'(g)
+        du = np.multiply(dh, act.gate_fn(g), out=dh)                 # (N, F), in place of dh
+        if act.up_kind != "identity":
+            du *= act.up_grad(u)                                     # dL/du = dh * gate(g) * up'(u)
+    else:
+        dg = np.multiply(dh, act.gate_grad(g), out=dh)               # (N, F) dL/dg = dh * f'(g)
+        du = None
     dw_gate = dg.T @ x                                               # (F, D)
     dx = dg @ w_gate                                                 # (N, D)
     dw_up = None

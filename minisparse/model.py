@@ -45,6 +45,26 @@ class KVCache:
 
     ``pos`` is the number of positions already written; a forward pass with a cache
     writes its T new positions at ``pos`` and advances it.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Gives the number of layers, KV heads K and head width Dh.
+    batch_size : int
+        B, the batch of the forward passes that will use the cache.
+    dtype : float32 or float64
+        Should match the model's dtype.
+    max_len : int, optional
+        Positions to allocate (default ``config.max_seq_len``).
+
+    Examples
+    --------
+    >>> import numpy as np, minisparse as ms
+    >>> model = ms.Transformer(ms.preset("nano"), seed=0)
+    >>> cache = KVCache(model.config)
+    >>> _ = model(np.array([[256, 104]]), cache=cache)       # prefill two positions
+    >>> model(np.array([[105]]), cache=cache).shape, cache.pos   # then one at a time
+    ((1, 1, 258), 3)
     """
 
     def __init__(self, config: ModelConfig, batch_size: int = 1, dtype=np.float32,
@@ -68,7 +88,11 @@ def _check_dtype(dtype) -> np.dtype:
 
 
 class Transformer:
-    """A decoder-only transformer in NumPy.
+    """A decoder-only transformer in NumPy (Llama 2 / Mistral / Gemma / Qwen2 / Mixtral family).
+
+    ``model.params`` is a flat dict of named arrays (names and shapes in the module
+    docstring above; FFN weights neuron-major, (F, D) each). ``model(tokens)`` runs the
+    forward pass; ``model.loss_and_grads(tokens)`` the hand-written backward.
 
     Parameters
     ----------
@@ -79,7 +103,23 @@ class Transformer:
     dtype : float32 (default) or float64.
     backend : None or a kernel backend name ("numpy", "numba", "cupy")
         When set, inference (not training) runs each FFN through
-        :func:`minisparse.sparse_ffn` with that backend, skipping inactive neurons.
+        :func:`minisparse.sparse_ffn` with that backend, skipping inactive neurons;
+        per-layer statistics of the last forward are then in ``model.ffn_stats``.
+    params : dict of str to ndarray, optional
+        Use these arrays (checked against the config's names and shapes) instead of a
+        fresh initialisation.
+
+    Attributes
+    ----------
+    params : dict of str to ndarray
+        The parameters, float32 or float64.
+    config : ModelConfig
+    act : Activation
+        The FFN activation of the config.
+    ffn_stats : list of dict
+        With a backend: per-FFN statistics of the last inference forward.
+    last_aux : dict of str to list
+        MoE layers: auxiliary losses and router statistics of the last forward.
 
     Examples
     --------
@@ -209,9 +249,39 @@ class Transformer:
     def forward(self, tokens, *, cache: Optional[KVCache] = None, ffn_hook: Optional[FFNHook] = None) -> Array:
         """Logits (B, T, V) for int tokens (B, T).
 
-        With ``cache`` (a :class:`KVCache`), ``tokens`` are the next T positions after the
-        ``cache.pos`` already seen (incremental decoding). ``ffn_hook(layer, expert, h)``
-        sees every FFN's intermediate activation h (N, F) and may return a replacement.
+        Parameters
+        ----------
+        tokens : (B, T) int array
+            Token ids in ``[0, vocab_size)``; one sequence is ``tokens[None, :]``.
+        cache : KVCache, optional
+            ``tokens`` are then the next T positions after the ``cache.pos`` already seen
+            (incremental decoding); the cache is advanced by T.
+        ffn_hook : callable, optional
+            ``ffn_hook(layer, expert, h)`` sees every FFN's intermediate activation
+            h (N, F), N = B*T (``expert`` is None for a dense FFN, the expert index in
+            MoE layers) and may return a replacement array of the same shape. Used by the
+            sparsity recorder and the sparsification rules; the logits are unchanged when
+            it returns None.
+
+        Returns
+        -------
+        (B, T, V) float array, the model's dtype.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Tokens that are not integers, not 2-D, out of the vocabulary, or longer than
+            ``max_seq_len``.
+
+        Examples
+        --------
+        >>> import numpy as np, minisparse as ms
+        >>> model = ms.Transformer(ms.preset("nano", activation="drelu"), seed=0)
+        >>> zeros = []
+        >>> logits = model(np.array([[256, 100, 101, 102]]),
+        ...                ffn_hook=lambda layer, expert, h: zeros.append(float((h == 0).mean())))
+        >>> logits.shape, len(zeros)
+        ((1, 4, 258), 2)
         """
         start = cache.pos if cache is not None else 0
         tokens = self._check_tokens(tokens, start=start)
@@ -308,12 +378,34 @@ class Transformer:
         return inputs, targets
 
     def loss_and_grads(self, tokens, targets=None, *, l1: float = 0.0):
-        """Cross-entropy loss and the gradient of every parameter.
+        """Cross-entropy loss and the gradient of every parameter (hand-written backward).
 
-        tokens (B, T) int. With ``targets=None`` the model predicts tokens[:, 1:] from
-        tokens[:, :-1]; otherwise targets (B, T) (-1 = ignored). MoE auxiliary losses are
-        added with their coefficients; ``l1`` adds ``l1 * mean|h|`` per dense FFN layer
-        (ProSparse's activation penalty). Returns ``(loss, grads)``, grads keyed like params.
+        Parameters
+        ----------
+        tokens : (B, T) int array
+            With ``targets=None`` the model predicts ``tokens[:, 1:]`` from
+            ``tokens[:, :-1]``.
+        targets : (B, T) int array, optional
+            Next-token targets for ``tokens`` (-1 = ignored).
+        l1 : float
+            Adds ``l1 * mean|h|`` per dense FFN layer (ProSparse's activation penalty,
+            Song et al. 2024).
+
+        Returns
+        -------
+        loss : float
+            Mean cross-entropy (nats per token) plus the MoE auxiliary losses with their
+            coefficients and the L1 penalty.
+        grads : dict of str to ndarray
+            Keyed exactly like ``params``, same shapes and dtype.
+
+        Examples
+        --------
+        >>> import numpy as np, minisparse as ms
+        >>> model = ms.Transformer(ms.preset("nano"), seed=0, dtype=np.float64)
+        >>> loss, grads = model.loss_and_grads(np.array([[256, 100, 101, 102, 103]]))
+        >>> sorted(grads) == sorted(model.params), round(loss, 1)   # about ln(258) = 5.55
+        (True, 5.6)
         """
         c, p = self.config, self.params
         inputs, targets = self._inputs_targets(tokens, targets)

@@ -1,0 +1,269 @@
+"""Training throughput of the NumPy reference against the same model trained with PyTorch (CPU).
+
+Reference configuration (issue 3): dim 256, 4 layers, 8 heads, ffn 688, seq 256, batch 16,
+for swiglu and drelu. One training step = forward + hand-written backward + global-norm
+clipping + AdamW, in minisparse; forward + autograd + clip_grad_norm_ + torch.optim.AdamW
+in PyTorch, on a model written here in torch with the same architecture and the same
+initial weights (copied from the minisparse model).
+
+Before timing, both implementations are run in float64 on the same weights and batch and
+their losses and every gradient are compared (the hand-written backward against autograd).
+
+Reported: tokens/s of each, the ratio minisparse / PyTorch (target >= 0.7), and the share
+of this machine's float32 matmul rate (an n x n x n sgemm, measured in the same run) that
+training reaches, counting FLOPs as 6 * parameters * tokens + attention
+(12 * layers * B * H * T^2 * Dh: QK^T and PV, forward and backward, unmasked as computed).
+
+    python bench/train_throughput.py            # full: 8 timed steps per implementation
+    python bench/train_throughput.py --quick    # 2 timed steps, for a smoke test
+
+Writes bench/results/train_throughput.json (or train_throughput_quick.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import minisparse as ms
+from minisparse.train import AdamW, clip_grads, keep_freed_memory, set_blas_threads
+
+HERE = Path(__file__).resolve().parent
+REF = dict(dim=256, n_layers=4, n_heads=8, ffn_dim=688, max_seq_len=256)
+SEQ, BATCH = 256, 16
+LR, WD, BETAS, EPS, CLIP = 1e-3, 0.1, (0.9, 0.95), 1e-8, 1.0
+
+
+# --------------------------------------------------------------------------------------
+# the same model in PyTorch
+# --------------------------------------------------------------------------------------
+def torch_model(model: ms.Transformer, dtype):
+    """Leaf tensors copied from a minisparse model, and a loss function over them."""
+    import torch
+    import torch.nn.functional as F
+
+    c = model.config
+    P = {k: torch.tensor(np.array(v), dtype=dtype, requires_grad=True) for k, v in model.params.items()}
+    cos, sin = (torch.tensor(np.array(t), dtype=dtype) for t in
+                ms.layers.rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, np.float64))
+    H, K, Dh = c.n_heads, c.n_kv_heads, c.head_dim
+    gate = {"swiglu": F.silu, "drelu": F.relu, "reglu": F.relu}[c.activation]
+    up = {"swiglu": lambda u: u, "drelu": F.relu, "reglu": lambda u: u}[c.activation]
+
+    def rms(x, w):
+        scale = (1 + w) if c.norm_offset else w
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps) * scale
+
+    def rope(x, T):
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos[:T] + rot * sin[:T]
+
+    def loss_fn(x_ids, y_ids):
+        B, T = x_ids.shape
+        x = P["tok_embeddings"][x_ids]                                       # (B, T, D)
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            hn = rms(x, P[p + "attention_norm"])
+            q = (hn @ P[p + "attention.wq"]).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+            k = (hn @ P[p + "attention.wk"]).view(B, T, K, Dh).transpose(1, 2)
+            v = (hn @ P[p + "attention.wv"]).view(B, T, K, Dh).transpose(1, 2)
+            q, k = rope(q, T), rope(k, T)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=(K != H))
+            x = x + o.transpose(1, 2).reshape(B, T, H * Dh) @ P[p + "attention.wo"]
+            hn = rms(x, P[p + "ffn_norm"])
+            f = p + "feed_forward."
+            h = gate(hn @ P[f + "w_gate"].T) * up(hn @ P[f + "w_up"].T)          # (B, T, F)
+            x = x + h @ P[f + "w_down"]
+        w_out = P["tok_embeddings"] if c.tie_embeddings else P["output"]
+        logits = rms(x, P["norm"]) @ w_out.T                                  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_ids.reshape(-1))
+
+    return P, loss_fn
+
+
+def validate(act: str, x, y) -> dict:
+    """float64: minisparse's loss and hand-written gradients against torch autograd."""
+    import torch
+    model = ms.Transformer(ms.ModelConfig(activation=act, **REF), seed=0, dtype=np.float64)
+    loss, grads = model.loss_and_grads(x, y)
+    P, loss_fn = torch_model(model, torch.float64)
+    tl = loss_fn(torch.tensor(x), torch.tensor(y))
+    tl.backward()
+    worst = max(float(np.max(np.abs(grads[k] - P[k].grad.numpy())) / (np.max(np.abs(P[k].grad.numpy())) + 1e-30))
+                for k in grads)
+    dl = abs(loss - tl.item())
+    ok = dl < 1e-9 and worst < 1e-7
+    if not ok:
+        raise SystemExit(f"validation failed for {act}: |loss diff| {dl:.2e}, worst relative grad diff {worst:.2e}")
+    return {"loss_abs_diff": dl, "worst_grad_rel_diff": worst}
+
+
+# --------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------
+def time_steps(step, n_warmup: int, n_steps: int):
+    """Wall-clock seconds of n_steps calls after n_warmup untimed ones."""
+    for _ in range(n_warmup):
+        step()
+    times = []
+    for _ in range(n_steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def minisparse_step_fn(act, x, y):
+    model = ms.Transformer(ms.ModelConfig(activation=act, **REF), seed=0, dtype=np.float32)
+    opt = AdamW(model.params, LR, BETAS, EPS, WD)
+
+    def step():
+        loss, grads = model.loss_and_grads(x, y)
+        clip_grads(grads, CLIP)
+        opt.step(model.params, grads, LR)
+        return loss
+    return model, step
+
+
+def torch_step_fn(act, x, y):
+    import torch
+    model = ms.Transformer(ms.ModelConfig(activation=act, **REF), seed=0, dtype=np.float32)
+    P, loss_fn = torch_model(model, torch.float32)
+    decay = [p for p in P.values() if p.ndim >= 2]
+    no_decay = [p for p in P.values() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS, eps=EPS)
+    tx, ty = torch.tensor(x), torch.tensor(y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(tx, ty)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(P.values()), CLIP)
+        opt.step()
+        return loss.item()
+    return step
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """Best float32 GFLOP/s of an n x n x n NumPy matmul (the machine's BLAS sgemm)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = min(time_steps(lambda: a @ b, 0, reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def train_flops(model: ms.Transformer, tokens: int, B: int, T: int) -> float:
+    c = model.config
+    attn = 12 * c.n_layers * B * c.n_heads * T * T * c.head_dim
+    return 6 * model.num_parameters() * tokens + attn
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 timed steps per implementation")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per implementation (default 8)")
+    ap.add_argument("--activations", default="swiglu,drelu")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/train_throughput[_quick].json)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for both NumPy's OpenBLAS and PyTorch (default: all cores)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="do not apply minisparse.train.keep_freed_memory (which train() applies)")
+    args = ap.parse_args(argv)
+    # what minisparse.train.train() does for its runs; process-wide, so PyTorch gets it too
+    malloc_tuned = False if args.default_malloc else keep_freed_memory()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    n_steps = args.steps or (2 if args.quick else 8)
+    acts = args.activations.split(",")
+    threads = args.threads or os.cpu_count() or 1
+    blas_set = set_blas_threads(threads)
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+        print("torch is not installed: timing minisparse alone (pip install torch for the comparison)")
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (BATCH, SEQ + 1))
+    x, y = data[:, :-1], data[:, 1:]
+    tokens = BATCH * SEQ
+
+    peak = matmul_rate()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{load_start[0] if load_start else float('nan'):.1f}; float32 matmul (2048^3, NumPy BLAS): "
+          f"{peak:.1f} GFLOP/s; glibc keeps freed memory: {malloc_tuned}; threads: {threads} "
+          f"(OpenBLAS set: {blas_set})")
+    rows, checks = [], {}
+    for act in acts:
+        if torch is not None:
+            checks[act] = validate(act, x[:2, :64], y[:2, :64])
+            print(f"validated {act}: loss diff {checks[act]['loss_abs_diff']:.1e}, worst grad rel diff "
+                  f"{checks[act]['worst_grad_rel_diff']:.1e} (float64, minisparse vs torch autograd)")
+        model, step = minisparse_step_fn(act, x, y)
+        flops = train_flops(model, tokens, BATCH, SEQ)
+        impls = [("minisparse", step)]
+        if torch is not None:
+            impls.append(("pytorch", torch_step_fn(act, x, y)))
+        for _, fn in impls:                      # warm-up
+            fn()
+        wall = {name: [] for name, _ in impls}
+        cpu = {name: [] for name, _ in impls}
+        for _ in range(n_steps):                 # interleaved: both see the same machine load
+            for name, fn in impls:
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+        res = {}
+        for name, _ in impls:
+            med = float(np.median(wall[name]))
+            res[name] = dict(impl=name, activation=act, step_s_median=med, step_s_best=min(wall[name]),
+                             cpu_s_median=float(np.median(cpu[name])), tokens_per_s=tokens / med,
+                             gflops=flops / med / 1e9, fraction_of_matmul_peak=flops / med / 1e9 / peak,
+                             times=wall[name], cpu_times=cpu[name])
+        if "pytorch" in res:
+            res["minisparse"]["ratio_vs_pytorch"] = res["pytorch"]["step_s_median"] / res["minisparse"]["step_s_median"]
+            res["minisparse"]["cpu_ratio_vs_pytorch"] = res["pytorch"]["cpu_s_median"] / res["minisparse"]["cpu_s_median"]
+        rows += list(res.values())
+
+    print(f"\n{'impl':<11} {'act':<7} {'ms/step':>9} {'cpu ms':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7} "
+          f"{'vs torch':>9} {'(cpu)':>6}")
+    for r in rows:
+        ratio = f"{r['ratio_vs_pytorch']:.2f}x" if "ratio_vs_pytorch" in r else ""
+        cratio = f"{r['cpu_ratio_vs_pytorch']:.2f}x" if "cpu_ratio_vs_pytorch" in r else ""
+        print(f"{r['impl']:<11} {r['activation']:<7} {r['step_s_median'] * 1e3:9.0f} {r['cpu_s_median'] * 1e3:8.0f} "
+              f"{r['tokens_per_s']:9.0f} {r['gflops']:8.1f} {r['fraction_of_matmul_peak'] * 100:6.1f}% {ratio:>9} "
+              f"{cratio:>6}")
+    m = ms.Transformer(ms.ModelConfig(**REF), seed=0)
+    out = Path(args.out) if args.out else HERE / "results" / f"train_throughput{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    out.write_text(json.dumps({
+        "config": {**REF, "seq_len": SEQ, "batch_size": BATCH, "parameters": m.num_parameters()},
+        "tokens_per_step": tokens, "flops_per_step": {a: train_flops(m, tokens, BATCH, SEQ) for a in acts},
+        "matmul_gflops_float32": peak, "results": rows, "validation": checks,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    "python": sys.version.split()[0], "numpy": np.__version__,
+                    "torch": getattr(torch, "__version__", None),
+                    "torch_threads": torch.get_num_threads() if torch is not None else None,
+                    "load_average_at_start": load_start, "load_average_at_end": load,
+                    "malloc_keeps_freed_memory": malloc_tuned, "threads": threads,
+                    "openblas_threads_set": blas_set},
+        "timed_steps": n_steps,
+    }, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""The ``minisparse`` command: ``demo``, ``train``, ``generate`` (+ subcommands of other modules).
+
+    minisparse demo                       train a small dReLU model on the Python stdlib (~3 min)
+    minisparse demo --quick               the same in ~20 s (a nano model, few steps)
+    minisparse train --data my.txt --activation drelu --steps 500 --out runs/mine
+    minisparse train --resume runs/mine/checkpoint.safetensors --steps 800
+    minisparse generate --model runs/mine --prompt "def "
+
+``minisparse.sparsity.cli`` (profile, relufy) and ``minisparse.kernels.cli`` (bench) add
+their own subcommands through ``register(subparsers)``: each adds a parser to
+``subparsers`` and sets ``func`` with ``parser.set_defaults(func=handler)``; ``main`` calls
+``handler(args)`` and uses its return value (None = 0) as the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+PLUGINS = ("minisparse.sparsity.cli", "minisparse.kernels.cli")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: printed without a traceback."""
+
+
+# --------------------------------------------------------------------------------------
+# argument types: say what was wrong
+# --------------------------------------------------------------------------------------
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not (v > 0 and np.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not (v >= 0 and np.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def _unit_float(s: str) -> float:
+    v = _positive_float(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s}")
+    return v
+
+
+# --------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------
+def sparsity_table(fractions: List[float]) -> str:
+    """Per-layer exact-zero fraction of the FFN activations, with a bar."""
+    lines = ["layer  zeros in h (FFN activations)"]
+    for i, f in enumerate(fractions):
+        bar = "#" * int(round(f * 40))
+        lines.append(f"{i:>5}  {f * 100:5.1f}%  {bar}")
+    lines.append(f" mean  {float(np.mean(fractions)) * 100:5.1f}%")
+    return "\n".join(lines)
+
+
+def _stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: float,
+                 top_k: Optional[int], top_p: Optional[float], seed: Optional[int],
+                 backend: Optional[str] = None, out=None) -> str:
+    """Generate after ``prompt``, printing text as it is produced; returns the new text."""
+    from .generate import stream
+    out = out or sys.stdout
+    ids = tok.encode(prompt, bos=True)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens and the tokenizer has no BOS; give a --prompt")
+    room = model.config.max_seq_len - len(ids)
+    if room < 1:
+        raise UserError(f"the prompt is {len(ids)} tokens long but the model's max_seq_len is "
+                        f"{model.config.max_seq_len}; shorten the prompt")
+    if max_new_tokens > room:
+        print(f"(max-new-tokens lowered from {max_new_tokens} to {room}: max_seq_len is "
+              f"{model.config.max_seq_len})", file=sys.stderr)
+        max_new_tokens = room
+    new: List[int] = []
+    shown = 0
+    for t in stream(model, ids, max_new_tokens, temperature, top_k, top_p, seed, backend,
+                    eos_id=getattr(tok, "eos_id", None)):
+        new.append(t)
+        text = tok.decode(new)
+        stable = text[:-1] if text.endswith("\ufffd") else text   # wait for the rest of a UTF-8 char
+        if len(stable) > shown:
+            out.write(stable[shown:])
+            out.flush()
+            shown = len(stable)
+    text = tok.decode(new)
+    out.write(text[shown:] + "\n")
+    out.flush()
+    return text
+
+
+def _print_header(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 60 - len(title)))
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+DEMO = dict(preset="tiny", activation="drelu", max_bytes=2_000_000, steps=800, batch_size=16,
+            seq_len=128, lr=3e-3, warmup=30, eval_every=200, eval_batches=8,
+            sparsity_batches=4, sample_tokens=200, prompt="def ")
+DEMO_QUICK = dict(preset="nano", activation="drelu", max_bytes=300_000, steps=150, batch_size=8,
+                  seq_len=64, lr=3e-3, warmup=10, eval_every=50, eval_batches=2,
+                  sparsity_batches=2, sample_tokens=60, prompt="def ")
+
+
+def _threads(args) -> str:
+    """Apply --threads (default: auto) to NumPy's OpenBLAS; returns a line for the header."""
+    from .train import auto_threads, set_blas_threads
+    n = args.threads if args.threads is not None else auto_threads()
+    ok = set_blas_threads(n)
+    why = ""
+    if args.threads is None and n < (os.cpu_count() or 1):
+        why = f" (other work keeps cores busy: load average {os.getloadavg()[0]:.1f}; --threads overrides)"
+    return f"{n}{why}" if ok else f"BLAS default (could not set {n}; use OPENBLAS_NUM_THREADS)"
+
+
+def cmd_demo(args) -> int:
+    from .config import preset
+    from .data import load_corpus
+    from .model import Transformer
+    from .tokenizer import ByteTokenizer
+    from .train import TrainConfig, ffn_zero_fraction, train
+
+    t_start = time.perf_counter()
+    threads = _threads(args)
+    d = dict(DEMO_QUICK if args.quick else DEMO)
+    if args.steps is not None:
+        d["steps"] = args.steps
+    out = Path(args.out)
+    corpus = load_corpus(None, max_bytes=d["max_bytes"], seed=0)
+    cfg = preset(d["preset"], activation=d["activation"])
+    model = Transformer(cfg, seed=args.seed)
+    print(f"minisparse demo{' (quick)' if args.quick else ''}: a {d['activation']} transformer learns "
+          "Python from the standard library on this machine")
+    print(f"corpus : {corpus.n_docs} files of {corpus.name} ({corpus.n_bytes / 1e6:.2f} MB; "
+          f"{len(corpus.train):,} train / {len(corpus.val):,} val byte tokens)")
+    print(f"model  : preset {d['preset']!r}, {cfg.n_layers} layers, dim {cfg.dim}, ffn {cfg.ffn_dim}, "
+          f"{model.num_parameters():,} parameters, activation {cfg.activation}")
+    tcfg = TrainConfig(steps=d["steps"], batch_size=d["batch_size"], seq_len=d["seq_len"], lr=d["lr"],
+                       warmup=min(d["warmup"], d["steps"]), eval_every=d["eval_every"],
+                       eval_batches=d["eval_batches"], seed=args.seed, out_dir=str(out),
+                       progress=not args.no_progress)
+    print(f"train  : {tcfg.steps} steps x {tcfg.batch_size} x {tcfg.seq_len} tokens, AdamW lr {tcfg.lr}, "
+          f"warmup {tcfg.warmup} + cosine; BLAS threads: {threads}")
+    result = train(model, corpus, tcfg)
+    t_train = time.perf_counter() - t_start
+
+    _print_header("validation")
+    first = result.history[0]["loss"]
+    print(f"loss {first:.3f} -> validation loss {result.final_val_loss:.3f} nats/byte "
+          f"({result.final_val_loss / np.log(2):.2f} bits/byte; uniform guess: {np.log(256):.2f} nats)")
+    _print_header("FFN sparsity (exact zeros of h on validation text)")
+    fr = ffn_zero_fraction(model, corpus, batch_size=d["batch_size"], seq_len=d["seq_len"],
+                           n_batches=d["sparsity_batches"])
+    print(sparsity_table(fr))
+    _print_header(f"sample (prompt {d['prompt']!r}, temperature 0.8, top-k 40)")
+    sys.stdout.write(d["prompt"])
+    sample = _stream_text(model, ByteTokenizer(), d["prompt"], d["sample_tokens"], 0.8, 40, None, args.seed)
+    wall = time.perf_counter() - t_start
+    summary = {"val_loss": result.final_val_loss, "first_loss": first, "ffn_zero_fraction": fr,
+               "mean_ffn_zero_fraction": float(np.mean(fr)), "steps": tcfg.steps,
+               "train_seconds": t_train, "wall_seconds": wall, "quick": bool(args.quick),
+               "model_config": cfg.to_dict(), "train_config": tcfg.to_dict(), "sample": d["prompt"] + sample}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "sample.txt").write_text(d["prompt"] + sample + "\n")
+    _print_header("outputs")
+    for name in ("checkpoint.safetensors", "metrics.jsonl", "loss.png", "summary.json", "sample.txt"):
+        if (out / name).exists():
+            print(f"  {out / name}")
+    print(f"done in {wall:.0f} s. Next: minisparse generate --model {out} --prompt 'import '")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------
+_ARCH_FLAGS = {"dim": "dim", "layers": "n_layers", "heads": "n_heads", "kv_heads": "n_kv_heads",
+               "ffn_dim": "ffn_dim", "activation": "activation", "experts": "n_experts", "top_k": "top_k"}
+_TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr",
+                "warmup": "warmup", "seed": "seed", "l1": "l1", "eval_every": "eval_every",
+                "grad_accum": "grad_accum", "weight_decay": "weight_decay", "save_every": "save_every",
+                "grad_clip": "grad_clip"}
+
+
+def _model_config_from_args(args):
+    from .config import PRESETS, preset
+    name = args.preset or "tiny"
+    if name.lower() not in PRESETS:
+        raise UserError(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
+    over = {field: getattr(args, flag) for flag, field in _ARCH_FLAGS.items() if getattr(args, flag) is not None}
+    if args.kv_heads is None and args.heads is not None:
+        base_kv = PRESETS[name.lower()].get("n_kv_heads")
+        if base_kv is not None and args.heads % base_kv:
+            over["n_kv_heads"] = args.heads          # the preset's KV heads do not divide: plain MHA
+    seq_len = args.seq_len or 128
+    over["max_seq_len"] = max(PRESETS[name.lower()].get("max_seq_len", 256), seq_len)
+    try:
+        return preset(name, **over)
+    except (ValueError, KeyError) as e:
+        raise UserError(str(e).strip('"')) from None
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import load_training_state
+    from .data import load_corpus
+    from .model import Transformer
+    from .train import TrainConfig, ffn_zero_fraction, train
+
+    threads = _threads(args)
+    dtype = {"float32": np.float32, "float64": np.float64}[args.dtype or "float32"]
+    given_train = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
+                   if getattr(args, flag) is not None}
+    if args.resume:
+        arch = [f"--{k.replace('_', '-')}" for k in list(_ARCH_FLAGS) + ["preset", "dtype"]
+                if getattr(args, k) is not None]
+        if arch:
+            raise UserError(f"{', '.join(arch)} cannot be combined with --resume: the model comes from the "
+                            "checkpoint")
+        state = load_training_state(args.resume)
+        saved = state.extra.get("train_config")
+        if saved is None:
+            raise UserError(f"{args.resume} holds no training config; it cannot be resumed")
+        tc = {**saved, **given_train}
+        out = args.out or str(Path(state.path).parent)
+        src = state.extra.get("corpus") or {}
+        if args.data is None and src.get("path"):          # the run's own corpus, read the same way
+            args.data = src["path"]
+            for key in ("max_bytes", "val_fraction"):
+                if getattr(args, key) is None and src.get(key) is not None:
+                    setattr(args, key, src[key])
+        model = state.model
+        start = state.step or 0
+    else:
+        cfg = _model_config_from_args(args)
+        model = Transformer(cfg, seed=args.seed or 0, dtype=dtype)
+        tc = dict(given_train)
+        out = args.out or "runs/train"
+        start = 0
+    tc.update(out_dir=out, progress=not args.no_progress)
+    try:
+        tcfg = TrainConfig.from_dict(tc) if args.resume else TrainConfig(**tc)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    corpus = load_corpus(args.data, max_bytes=args.max_bytes if args.max_bytes is not None else 2_000_000,
+                         val_fraction=args.val_fraction if args.val_fraction is not None else 0.1)
+    c = model.config
+    print(f"corpus : {corpus.name}: {corpus.n_docs} document(s), {corpus.n_bytes:,} bytes "
+          f"({len(corpus.train):,} train / {len(corpus.val):,} val tokens)")
+    print(f"model  : {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads} kv, ffn {c.ffn_dim}, "
+          f"{c.activation}" + (f", {c.n_experts} experts top-{c.top_k}" if c.n_experts else "")
+          + f", {model.num_parameters():,} parameters, {model.dtype}")
+    print(f"train  : steps {start}..{tcfg.steps}, {tcfg.batch_size} x {tcfg.seq_len} tokens"
+          f"{f' x {tcfg.grad_accum} accumulated' if tcfg.grad_accum > 1 else ''}, lr {tcfg.lr}, out {out}, "
+          f"BLAS threads: {threads}")
+    result = train(model, corpus, tcfg, resume=args.resume)
+    print(f"validation loss {result.final_val_loss:.4f} nats/token")
+    fr = ffn_zero_fraction(model, corpus, batch_size=min(8, tcfg.batch_size), seq_len=tcfg.seq_len, n_batches=2)
+    print(sparsity_table(fr))
+    for name in ("checkpoint.safetensors", "metrics.jsonl", "loss.png"):
+        if (Path(out) / name).exists():
+            print(f"wrote {Path(out) / name}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------
+def _is_hf_folder(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def load_any(path: str):
+    """(model, tokenizer) from a minisparse checkpoint or a Hugging Face folder."""
+    from .checkpoint import FILENAME, load
+    from .tokenizer import ByteTokenizer, load_tokenizer
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"--model {path!r} does not exist; pass a checkpoint file, a training output "
+                        "folder, or a Hugging Face model folder")
+    if p.is_file() or (p / FILENAME).is_file():
+        return load(p), ByteTokenizer()
+    if _is_hf_folder(p):
+        from .hf import load_hf
+        return load_hf(p), load_tokenizer(p)
+    raise UserError(f"{path!r} holds neither {FILENAME} (minisparse) nor config.json + *.safetensors "
+                    "(Hugging Face)")
+
+
+def cmd_generate(args) -> int:
+    model, tok = load_any(args.model)
+    sys.stdout.write(args.prompt)                   # the continuation streams after it
+    _stream_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                 args.top_p, args.seed, backend=args.backend)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# the parser
+# --------------------------------------------------------------------------------------
+def _register_plugins(sub, names=None) -> List[str]:
+    """Call ``register(sub)`` of each module that exists; a module that is missing is skipped,
+    an error *inside* one (including a missing dependency it imports) propagates."""
+    added = []
+    for name in PLUGINS if names is None else names:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            missing = e.name or ""
+            if missing and (name == missing or name.startswith(missing + ".")):
+                continue
+            raise
+        mod.register(sub)
+        added.append(name)
+    return added
+
+
+THREADS_HELP = ("BLAS threads for the matmuls (default: the cores the load average says are free; "
+                "on busy cores more threads only wait for each other)")
+
+
+def build_parser(plugins=None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="minisparse",
+        description="Activation-sparse (dReLU, ReLUfication) and Mixture-of-Experts transformers in NumPy.")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"minisparse {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train a small dReLU model on the Python stdlib (~3 min on 2 cores)",
+                       description="Train a tiny dReLU transformer on the Python standard library's "
+                                   "sources, then print its validation loss, per-layer FFN sparsity "
+                                   "and a sample.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a ~20 s version (nano model, 60 steps)")
+    p.add_argument("--steps", type=_positive_int, help="override the number of training steps")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of init, batches and sampling")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model on a text file or folder (or the stdlib)",
+                       description="Train a minisparse model. Architecture: --preset plus overrides. "
+                                   "Outputs go to --out: checkpoint.safetensors, metrics.jsonl, loss.png.")
+    g = p.add_argument_group("model (ignored with --resume)")
+    g.add_argument("--preset", help="base configuration: nano, tiny (default), small, tiny-moe")
+    g.add_argument("--dim", type=_positive_int, help="residual width D")
+    g.add_argument("--layers", type=_positive_int, help="number of blocks")
+    g.add_argument("--heads", type=_positive_int, help="query heads")
+    g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA)")
+    g.add_argument("--ffn-dim", type=_positive_int, help="FFN neurons F (per expert)")
+    g.add_argument("--activation", help="FFN activation: swiglu, drelu, reglu, relu, drelu:0.05, ...")
+    g.add_argument("--experts", type=_nonneg_int, help="experts per MoE layer (0 = dense)")
+    g.add_argument("--top-k", type=_positive_int, help="experts per token (MoE)")
+    g.add_argument("--dtype", choices=("float32", "float64"), help="parameter dtype (default float32)")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=_positive_int, help="optimizer steps (default 300)")
+    g.add_argument("--batch-size", type=_positive_int, help="sequences per step (default 16)")
+    g.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default 128)")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate (default 3e-3)")
+    g.add_argument("--warmup", type=_nonneg_int, help="warmup steps (default 30)")
+    g.add_argument("--weight-decay", type=_nonneg_float, help="AdamW weight decay (default 0.1)")
+    g.add_argument("--grad-clip", type=_nonneg_float, help="global gradient-norm clip, 0 = off (default 1)")
+    g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (default 1)")
+    g.add_argument("--l1", type=_nonneg_float, help="ProSparse activation penalty l1*mean|h| (default 0)")
+    g.add_argument("--eval-every", type=_nonneg_int, help="validate every N steps (default 100)")
+    g.add_argument("--save-every", type=_nonneg_int, help="checkpoint every N steps (default: at the end)")
+    g.add_argument("--seed", type=_nonneg_int, help="seed of init and batches (default 0)")
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data", help="text file or folder of text files (default: the Python stdlib)")
+    g.add_argument("--max-bytes", type=_positive_int, help="read at most this many bytes (default 2000000)")
+    g.add_argument("--val-fraction", type=float, help="share held out for validation (default 0.1)")
+    g.add_argument("--out", help="output folder (default runs/train; with --resume, the checkpoint's)")
+    g.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a trained model",
+                       description="Stream text from a minisparse checkpoint (file or folder) or a "
+                                   "Hugging Face model folder (config.json + *.safetensors).")
+    p.add_argument("--model", required=True, help="checkpoint file, training folder, or HF folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a file)")
+    p.add_argument("--max-new-tokens", type=_nonneg_int, default=200)
+    p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_unit_float, default=None)
+    p.add_argument("--seed", type=_nonneg_int, default=None)
+    p.add_argument("--backend", default=None, help="sparse FFN backend for decoding (numpy, numba, cupy)")
+    p.set_defaults(func=cmd_generate)
+
+    _register_plugins(sub, plugins)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``minisparse`` console script; returns the exit status."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except UserError as e:
+        print(f"minisparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, ImportError, FloatingPointError) as e:
+        if os.environ.get("MINISPARSE_DEBUG"):
+            raise
+        print(f"minisparse {args.command}: error: {e}\n(set MINISPARSE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0 if rc is None else int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

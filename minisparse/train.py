@@ -1,0 +1,624 @@
+"""Training: AdamW, the learning-rate schedule, gradient clipping and accumulation, the loop.
+
+* AdamW: Adam (Kingma & Ba 2015) with decoupled weight decay (Loshchilov & Hutter 2019),
+  written with PyTorch's ``torch.optim.AdamW`` update order so both give the same numbers.
+  Norm weights and biases (1-D parameters) are not decayed.
+* Schedule: linear warmup, then cosine decay to ``lr * min_lr_ratio`` (as in nanoGPT).
+* Global-norm gradient clipping (Pascanu et al. 2013) and gradient accumulation.
+* ``l1``: ProSparse's activation penalty ``l1 * mean|h|`` per FFN (Song et al. 2024).
+
+Exact resume: the model, the optimizer moments, the step and the state of the batch
+generator are checkpointed, so training k steps, saving, loading and training on to N
+gives the same losses, step for step, as training N steps in one go.
+
+Dimension key: B batch, T time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .data import Corpus
+from .model import Transformer
+
+Array = np.ndarray
+
+
+# ======================================================================================
+# memory allocator
+# ======================================================================================
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
+
+    Why: every NumPy operation of a training step allocates a fresh result, often tens of
+    MB. By default glibc serves such blocks with ``mmap`` and unmaps them when freed, so
+    the next step's allocation faults every page back in (zero-filled by the kernel): we
+    measured that at ~30% of a step. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``
+    (the same as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment)
+    makes freed blocks reusable; the process keeps its peak memory. Process-wide, done
+    once, by :func:`train`; set ``MINISPARSE_KEEP_MALLOC=1`` to leave the allocator alone.
+    Returns True when the settings were applied (Linux with glibc), False otherwise.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if os.environ.get("MINISPARSE_KEEP_MALLOC") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):      # not glibc (musl, ...): nothing to do
+        return False
+    _MALLOC_TUNED = ok
+    return ok
+
+
+_BLAS_SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_",
+                 "scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the number of threads of the OpenBLAS that NumPy loaded (what threadpoolctl does).
+
+    Why: on a machine whose cores are busy with other work, OpenBLAS's threads wait for
+    each other and a 2-thread matmul can be several times *slower* than a 1-thread one.
+    Returns True when an OpenBLAS was found and set, False otherwise (other BLAS
+    libraries, or not Linux: use the ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS``
+    environment variables before starting Python instead).
+    """
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    import numpy  # noqa: F401  (its BLAS must be loaded)
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return False
+    import ctypes
+    done = False
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(int(n)))
+                done = True
+                break
+    return done
+
+
+def auto_threads() -> int:
+    """The cores that the load average says are free (at least 1): all of them on an idle
+    machine, fewer when other processes keep some busy."""
+    n = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return n
+    return max(1, min(n, int(round(n - load))))
+
+
+# ======================================================================================
+# configuration
+# ======================================================================================
+@dataclass
+class TrainConfig:
+    """How to train (the model's shape lives in :class:`~minisparse.config.ModelConfig`).
+
+    >>> TrainConfig(steps=10, warmup=2).tokens_per_step
+    2048
+    """
+
+    steps: int = 300                 # optimizer steps
+    batch_size: int = 16             # sequences per micro-batch
+    seq_len: int = 128               # tokens per sequence
+    lr: float = 3e-3                 # peak learning rate
+    min_lr_ratio: float = 0.1        # the cosine decays to lr * min_lr_ratio
+    warmup: int = 30                 # linear-warmup steps
+    weight_decay: float = 0.1        # AdamW decoupled weight decay (not on norms and biases)
+    betas: Tuple[float, float] = (0.9, 0.95)  # Adam moment decay rates
+    eps: float = 1e-8                # Adam epsilon
+    grad_clip: float = 1.0           # global gradient-norm clip (0 = off)
+    grad_accum: int = 1              # micro-batches per optimizer step
+    eval_every: int = 100            # validate every this many steps (0 = only at the end)
+    eval_batches: int = 8            # validation batches per evaluation
+    seed: int = 0                    # seed of the batch sampler
+    l1: float = 0.0                  # ProSparse activation penalty l1 * mean|h| per FFN
+    log_every: int = 10              # plain-text progress line every this many steps (no tqdm)
+    progress: bool = True            # show a progress bar (tqdm) or plain lines
+    out_dir: Optional[str] = None    # where to write checkpoint, metrics.jsonl, loss curve
+    save_every: int = 0              # also checkpoint every this many steps (0 = only at the end)
+
+    def __post_init__(self) -> None:
+        def bad(name, msg):
+            raise ValueError(f"TrainConfig.{name}: {msg}")
+
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                bad(name, f"must be a positive int, got {v!r}")
+        for name in ("warmup", "eval_every", "log_every", "save_every", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                bad(name, f"must be an int >= 0, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", f"must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad("betas", f"must be two numbers in [0, 1), got {self.betas!r}")
+        if not self.eps > 0:
+            bad("eps", f"must be > 0, got {self.eps!r}")
+        if self.grad_clip < 0:
+            bad("grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip!r}")
+        if self.l1 < 0:
+            bad("l1", f"must be >= 0, got {self.l1!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of (0-based) ``step``: linear warmup to ``cfg.lr``, then cosine decay.
+
+    step < warmup: lr * (step + 1) / warmup; afterwards
+    lr * (r + (1 - r) * (1 + cos(pi * progress)) / 2), r = min_lr_ratio, progress going
+    from 0 at the end of warmup to 1 at the last step.
+
+    >>> cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    >>> lr_at(0, cfg), lr_at(9, cfg), round(lr_at(99, cfg), 6)
+    (0.1, 1.0, 0.1)
+    """
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_steps = max(1, cfg.steps - cfg.warmup - 1)
+    progress = min(1.0, (step - cfg.warmup) / decay_steps)
+    r = cfg.min_lr_ratio
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ======================================================================================
+# AdamW
+# ======================================================================================
+def decays(name: str, shape) -> bool:
+    """Weight decay applies to matrices only: not to norm weights, biases (1-D)."""
+    return len(shape) >= 2
+
+
+class AdamW:
+    """AdamW with decoupled weight decay, in place on a dict of NumPy arrays.
+
+    For each parameter p with gradient g, at step t (1-based)::
+
+        p <- p * (1 - lr * wd)                  (matrices only)
+        m <- b1 m + (1 - b1) g
+        v <- b2 v + (1 - b2) g^2
+        p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    which is ``torch.optim.AdamW``'s update. Moments are kept in the parameters' dtype.
+
+    >>> import numpy as np
+    >>> p = {"w": np.ones((2, 2))}
+    >>> opt = AdamW(p, lr=0.1)
+    >>> opt.step(p, {"w": np.ones((2, 2))}, lr=0.1)
+    >>> round(float(p["w"][0, 0]), 6)  # 1 * (1 - 0.1*0.1) - 0.1 / (1 + eps)
+    0.89
+    """
+
+    def __init__(self, params: Dict[str, Array], lr: float = 3e-3, betas=(0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.1):
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.t = 0
+        self.exp_avg = {k: np.zeros_like(v) for k, v in params.items()}
+        self.exp_avg_sq = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, params: Dict[str, Array], grads: Dict[str, Array], lr: Optional[float] = None) -> None:
+        """Update every parameter in place (lr: this step's learning rate)."""
+        lr = self.lr if lr is None else float(lr)
+        missing = sorted(set(params) - set(grads))
+        if missing:
+            raise KeyError(f"AdamW.step: no gradient for parameter(s) {missing[:5]}")
+        self.t += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.t                     # bias corrections
+        bc2 = 1.0 - b2 ** self.t
+        step_size = lr / bc1
+        sqrt_bc2 = math.sqrt(bc2)
+        for name, p in params.items():
+            g = grads[name]
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            if self.weight_decay and decays(name, p.shape):
+                p *= 1.0 - lr * self.weight_decay
+            m *= b1
+            m += (1.0 - b1) * g                      # m <- b1 m + (1 - b1) g
+            v *= b2
+            v += (1.0 - b2) * (g * g)                # v <- b2 v + (1 - b2) g^2
+            denom = np.sqrt(v) / sqrt_bc2
+            denom += self.eps                        # sqrt(v_hat) + eps
+            p -= step_size * (m / denom)
+
+    def state_dict(self) -> dict:
+        """Scalars and moment arrays (copied)."""
+        return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay,
+                "exp_avg": {k: v.copy() for k, v in self.exp_avg.items()},
+                "exp_avg_sq": {k: v.copy() for k, v in self.exp_avg_sq.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            have, got = set(getattr(self, key)), set(state[key])
+            if have != got:
+                raise ValueError(f"optimizer state does not match the parameters: missing "
+                                 f"{sorted(have - got)[:5]}, unexpected {sorted(got - have)[:5]}")
+            for k, v in state[key].items():
+                if v.shape != getattr(self, key)[k].shape:
+                    raise ValueError(f"optimizer state {key}[{k!r}] has shape {v.shape}, "
+                                     f"parameter has {getattr(self, key)[k].shape}")
+            setattr(self, key, {k: np.array(v, dtype=getattr(self, key)[k].dtype) for k, v in state[key].items()})
+        self.t = int(state["t"])
+        self.lr = float(state.get("lr", self.lr))
+        self.betas = tuple(state.get("betas", self.betas))
+        self.eps = float(state.get("eps", self.eps))
+        self.weight_decay = float(state.get("weight_decay", self.weight_decay))
+
+
+def global_norm(grads: Dict[str, Array]) -> float:
+    """sqrt(sum of squares of every gradient), accumulated in float64."""
+    total = 0.0
+    for g in grads.values():
+        g64 = g.ravel().astype(np.float64, copy=False)
+        total += float(g64 @ g64)
+    return math.sqrt(total)
+
+
+def clip_grads(grads: Dict[str, Array], max_norm: float) -> float:
+    """Scale every gradient by min(1, max_norm / norm) in place; returns the norm before."""
+    norm = global_norm(grads)
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= np.asarray(scale, dtype=g.dtype)
+    return norm
+
+
+def accumulate_grads(model: Transformer, batches, l1: float = 0.0):
+    """Mean loss, mean gradients and mean cross-entropy over micro-batches [(x, y), ...].
+
+    With equal-size micro-batches this equals the loss and gradient of their concatenation.
+    ``loss`` includes the MoE auxiliary losses and the l1 penalty; ``ce`` is the
+    cross-entropy alone.
+    """
+    total, ce, acc = 0.0, 0.0, None
+    for x, y in batches:
+        loss, grads = model.loss_and_grads(x, y, l1=l1)
+        total += loss
+        ce += model.last_aux.get("ce_loss", loss)
+        if acc is None:
+            acc = grads
+        else:
+            for k, g in grads.items():
+                acc[k] += g
+    n = len(batches)
+    if n > 1:
+        for g in acc.values():
+            g /= np.asarray(n, dtype=g.dtype)
+    return total / n, acc, ce / n
+
+
+# ======================================================================================
+# evaluation
+# ======================================================================================
+def evaluate(model: Transformer, corpus: Corpus, batch_size: int = 16, seq_len: int = 128,
+             n_batches: int = 8, seed: int = 1234, ffn_hook=None, split: str = "val") -> float:
+    """Mean cross-entropy (nats per token) on ``n_batches`` fixed batches of a split.
+
+    The batches depend on ``seed`` only, so two calls (or two models) see the same text.
+    ``ffn_hook`` is passed to the model (to evaluate a sparsification rule, say).
+    """
+    from . import layers as L
+    rng = np.random.default_rng(seed)
+    seq_len = min(seq_len, model.config.max_seq_len)
+    losses = []
+    for _ in range(n_batches):
+        x, y = corpus.get_batch(split, batch_size, seq_len, rng)
+        logits = model(x, ffn_hook=ffn_hook)                               # (B, T, V)
+        loss, _ = L.cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        losses.append(loss)
+    return float(np.mean(losses))
+
+
+def ffn_zero_fraction(model: Transformer, corpus: Corpus, batch_size: int = 8, seq_len: int = 128,
+                      n_batches: int = 4, seed: int = 1234, split: str = "val") -> List[float]:
+    """Per-layer fraction of FFN activations h that are exactly zero, on validation batches.
+
+    Measured with the model's ``ffn_hook`` (for MoE layers, over every expert's h). For the
+    ReLU family this is the sparsity the neuron-skipping kernels exploit.
+    """
+    zeros = np.zeros(model.config.n_layers)
+    total = np.zeros(model.config.n_layers)
+
+    def hook(layer, expert, h):
+        zeros[layer] += np.count_nonzero(h == 0)
+        total[layer] += h.size
+
+    evaluate(model, corpus, batch_size, seq_len, n_batches, seed, ffn_hook=hook, split=split)
+    return [float(z / t) if t else float("nan") for z, t in zip(zeros, total)]
+
+
+# ======================================================================================
+# records: progress, metrics.jsonl, loss curve
+# ======================================================================================
+class _Progress:
+    """A tqdm bar when tqdm is installed, otherwise a plain line every ``log_every`` steps."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: int):
+        self.enabled, self.log_every, self.bar = enabled, max(1, log_every), None
+        self.total = total
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
+                                dynamic_ncols=True, leave=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
+                    "lr": f"{rec['lr']:.2e}"}
+            if "val_loss" in rec:
+                post["val"] = f"{rec['val_loss']:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        elif (rec["step"] + 1) % self.log_every == 0 or rec["step"] + 1 == self.total or "val_loss" in rec:
+            line = (f"step {rec['step'] + 1:>5}/{self.total}  loss {rec['loss']:.4f}  "
+                    f"lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tok/s")
+            if "val_loss" in rec:
+                line += f"  val {rec['val_loss']:.4f}"
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_metrics(path, history: List[dict]) -> None:
+    """One JSON object per line."""
+    with open(path, "w") as f:
+        for rec in history:
+            f.write(json.dumps(rec) + "\n")
+
+
+def read_metrics(path) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(history: List[dict], path, title: str = "training loss") -> Optional[Path]:
+    """Loss (and validation loss) against step, as a PNG. Returns None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] + 1 for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(steps, [r["loss"] for r in history], lw=1, label="train")
+    ev = [r for r in history if "val_loss" in r]
+    if ev:
+        ax.plot([r["step"] + 1 for r in ev], [r["val_loss"] for r in ev], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+# ======================================================================================
+# the loop
+# ======================================================================================
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    model: Transformer
+    history: List[dict] = field(default_factory=list)   # one record per step (this run)
+    final_val_loss: float = float("nan")
+    optimizer: Optional[AdamW] = None
+    checkpoint: Optional[Path] = None
+
+
+# TrainConfig fields that change the numbers of a run (steps excluded: extending a run is fine,
+# though it reshapes the cosine schedule)
+_RUN_DEFINING = ("batch_size", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "eps",
+                 "grad_clip", "grad_accum", "seed", "l1")
+
+
+def _check_resume(model: Transformer, state) -> None:
+    if state.model.config != model.config:
+        raise ValueError(f"cannot resume from {state.path}: the checkpoint's config "
+                         f"{state.model.config} differs from the model's {model.config}")
+    if state.model.dtype != model.dtype:
+        raise ValueError(f"cannot resume from {state.path}: checkpoint dtype {state.model.dtype}, "
+                         f"model dtype {model.dtype}")
+
+
+def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None, *,
+          resume: Optional[str] = None, callback: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+    """Train ``model`` in place on ``corpus``.
+
+    Parameters
+    ----------
+    model : Transformer (float32 or float64)
+    corpus : Corpus
+    cfg : TrainConfig
+    resume : path of a checkpoint written by a run with the same model config
+        Loads weights, optimizer moments, step and batch-generator state, then continues.
+    callback : callable(step, record), optional
+        Called after every step with the step's record.
+
+    Returns
+    -------
+    TrainResult
+        ``.history``: per-step dicts (step, loss, ce_loss, lr, grad_norm, tokens,
+        tokens_per_s, time_s, and val_loss on evaluation steps); ``.final_val_loss``;
+        ``.model`` (the same object, trained).
+
+    With ``cfg.out_dir`` set, writes ``checkpoint.safetensors`` (at the end and every
+    ``save_every`` steps), ``metrics.jsonl`` and ``loss.png`` (with matplotlib) there.
+
+    Speed: calls :func:`keep_freed_memory` (a process-wide glibc setting; see there).
+
+    Examples
+    --------
+    >>> import minisparse as ms
+    >>> from minisparse.data import corpus_from_text
+    >>> m = ms.Transformer(ms.preset("nano", activation="drelu"), seed=0)
+    >>> c = corpus_from_text("def f(x):\\n    return x + 1\\n" * 200)
+    >>> r = train(m, c, TrainConfig(steps=5, batch_size=2, seq_len=32, warmup=1, progress=False))
+    >>> len(r.history)
+    5
+    """
+    cfg = cfg or TrainConfig()
+    if not isinstance(model, Transformer):
+        raise TypeError(f"train() takes a minisparse Transformer, got {type(model).__name__}")
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
+                         f"{model.config.max_seq_len}; lower seq_len or build the model with a larger max_seq_len")
+    corpus.check_seq_len(cfg.seq_len, "train")
+    if cfg.eval_batches and len(corpus.val) < cfg.seq_len + 1:
+        corpus.check_seq_len(cfg.seq_len, "val")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
+
+    opt = AdamW(model.params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)              # the batch sampler: its state is checkpointed
+    start, past = 0, []
+    if resume is not None:
+        from .checkpoint import load_training_state
+        state = load_training_state(resume)
+        _check_resume(model, state)
+        for k, v in state.model.params.items():
+            model.params[k][...] = v
+        if state.optimizer is None:
+            raise ValueError(f"cannot resume from {state.path}: it holds no optimizer state "
+                             "(it was saved for inference)")
+        opt.load_state_dict(state.optimizer)
+        if "rng_state" not in state.extra:
+            raise ValueError(f"cannot resume from {state.path}: no batch-generator state recorded")
+        rng.bit_generator.state = state.extra["rng_state"]
+        start = int(state.step or 0)
+        saved = state.extra.get("train_config") or {}
+        changed = sorted(k for k in _RUN_DEFINING if k in saved and saved[k] != cfg.to_dict()[k])
+        if changed:
+            import warnings
+            warnings.warn(f"resuming {state.path} with a different {', '.join(changed)} than the saved run: "
+                          "the continuation will not be the run an uninterrupted training would give",
+                          stacklevel=2)
+        if start > cfg.steps:
+            raise ValueError(f"the checkpoint is at step {start}, beyond cfg.steps={cfg.steps}; "
+                             "raise steps to continue training")
+        if out_dir is not None and (out_dir / "metrics.jsonl").is_file():
+            past = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["step"] < start]
+
+    def save_ckpt(step_done: int) -> Optional[Path]:
+        if out_dir is None:
+            return None
+        from .checkpoint import save
+        extra = {"train_config": cfg.to_dict(), "rng_state": rng.bit_generator.state,
+                 "corpus": {"name": corpus.name, **(corpus.source or {})}}
+        return save(model, out_dir / "checkpoint.safetensors", optimizer=opt, step=step_done, extra=extra)
+
+    history: List[dict] = []
+    metrics_f = None
+    if out_dir is not None:
+        write_metrics(out_dir / "metrics.jsonl", past)
+        metrics_f = open(out_dir / "metrics.jsonl", "a")
+    bar = _Progress(cfg.steps, start, cfg.progress, cfg.log_every)
+    ckpt = None
+    val_loss = float("nan")
+    t_run = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            batches = [corpus.get_batch("train", cfg.batch_size, cfg.seq_len, rng) for _ in range(cfg.grad_accum)]
+            loss, grads, ce = accumulate_grads(model, batches, cfg.l1)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate "
+                                         f"(lr={cfg.lr}) or raise warmup")
+            gnorm = clip_grads(grads, cfg.grad_clip)
+            opt.step(model.params, grads, lr)
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": float(loss), "ce_loss": float(ce), "lr": lr, "grad_norm": gnorm,
+                   "tokens": (step + 1) * cfg.tokens_per_step, "tokens_per_s": cfg.tokens_per_step / dt,
+                   "time_s": time.perf_counter() - t_run}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                rec["val_loss"] = evaluate(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+            if step + 1 == cfg.steps:
+                val_loss = evaluate(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+                rec["val_loss"] = val_loss
+            history.append(rec)
+            if metrics_f is not None:
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+            bar.update(rec)
+            if callback is not None:
+                callback(step, rec)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save_ckpt(step + 1)
+    finally:
+        bar.close()
+        if metrics_f is not None:
+            metrics_f.close()
+    if start == cfg.steps:                       # resumed a finished run: just evaluate
+        val_loss = evaluate(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    if out_dir is not None:
+        ckpt = save_ckpt(cfg.steps)
+        plot_loss(past + history, out_dir / "loss.png")
+    return TrainResult(model=model, history=history, final_val_loss=val_loss, optimizer=opt, checkpoint=ckpt)

@@ -1,0 +1,217 @@
+"""The minisparse command: train, resume, generate, demo --quick, plugins, clear errors."""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import minisparse as ms
+from minisparse import cli
+
+pytest.importorskip("safetensors")
+
+TEXT = "".join(f"class C{i}:\n    def m(self):\n        return {i}\n\n" for i in range(300))
+
+
+@pytest.fixture
+def data(tmp_path):
+    f = tmp_path / "code.txt"
+    f.write_text(TEXT)
+    return f
+
+
+def run(argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_train_resume_generate(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    rc = run(["train", "--preset", "nano", "--activation", "drelu", "--steps", 6, "--batch-size", 2,
+              "--seq-len", 32, "--warmup", 2, "--eval-every", 3, "--data", data, "--out", out, "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "validation loss" in text and "zeros in h" in text
+    assert (out / "checkpoint.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    meta = ms.checkpoint.read_metadata(out)
+    assert meta["step"] == 6 and meta["config"]["activation"] == "drelu"
+    assert meta["extra"]["train_config"]["seq_len"] == 32
+
+    # resume and extend to 9 steps: the saved config and corpus are reused, --steps overrides
+    assert run(["train", "--resume", out / "checkpoint.safetensors", "--steps", 9, "--no-progress"]) == 0
+    assert str(data) in capsys.readouterr().out                      # the run's own text, not the stdlib
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(9))
+    assert ms.checkpoint.read_metadata(out)["step"] == 9
+
+    assert run(["generate", "--model", out, "--prompt", "class ", "--max-new-tokens", 20,
+                "--temperature", 0, "--seed", 1]) == 0
+    sample = capsys.readouterr().out
+    assert sample.startswith("class ") and len(sample) > len("class ")
+    # greedy decoding is deterministic and equals the library's generate
+    model = ms.load(out)
+    ids = ms.generate(model, ms.ByteTokenizer().encode("class "), 20, temperature=0)
+    assert sample.rstrip("\n") == "class " + ms.ByteTokenizer().decode(ids)
+
+
+def test_model_flags_reach_the_config(tmp_path, data, capsys):
+    out = tmp_path / "r"
+    assert run(["train", "--preset", "nano", "--dim", 32, "--layers", 1, "--heads", 4, "--kv-heads", 1,
+                "--ffn-dim", 40, "--activation", "reglu", "--steps", 2, "--batch-size", 2, "--seq-len", 16,
+                "--dtype", "float64", "--lr", "1e-3", "--l1", "0.1", "--data", data, "--out", out,
+                "--no-progress"]) == 0
+    m = ms.load(out)
+    c = m.config
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim, c.activation) == (32, 1, 4, 1, 40, "reglu")
+    assert m.dtype == np.float64
+    tc = ms.checkpoint.read_metadata(out)["extra"]["train_config"]
+    assert tc["lr"] == 1e-3 and tc["l1"] == 0.1
+
+
+def test_moe_flags(tmp_path, data, capsys):
+    pytest.importorskip("minisparse.moe")
+    out = tmp_path / "moe"
+    assert run(["train", "--preset", "nano", "--experts", 4, "--top-k", 2, "--steps", 2, "--batch-size", 2,
+                "--seq-len", 16, "--data", data, "--out", out, "--no-progress"]) == 0
+    c = ms.load(out).config
+    assert (c.n_experts, c.top_k) == (4, 2)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--steps", "0"], "positive integer"),
+    (["train", "--lr", "-1"], "number > 0"),
+    (["train", "--lr", "abc"], "positive number"),
+    (["generate", "--model", "x", "--top-p", "1.5"], r"\(0, 1\]"),
+    (["train", "--dtype", "float16"], "invalid choice"),
+])
+def test_bad_flag_values_exit_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    assert e.value.code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--preset", "huge"], "unknown --preset"),
+    (["train", "--preset", "nano", "--heads", "3"], "n_heads"),
+    (["train", "--preset", "nano", "--activation", "nope"], "unknown activation"),
+    (["train", "--data", "/does/not/exist.txt"], "does not exist"),
+    (["generate", "--model", "/does/not/exist"], "does not exist"),
+])
+def test_user_errors_are_one_line_messages(argv, match, capsys, tmp_path):
+    rc = run(argv + ["--out", tmp_path / "o"] if argv[0] == "train" else argv)
+    assert rc in (1, 2)
+    err = capsys.readouterr().err
+    assert __import__("re").search(match, err) and "Traceback" not in err
+
+
+def test_short_text_error_says_lengths(tmp_path, capsys):
+    f = tmp_path / "short.txt"
+    f.write_text("x = 1\n")
+    rc = run(["train", "--preset", "nano", "--data", f, "--seq-len", 64, "--out", tmp_path / "o", "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "needs at least 65" in err and "6 bytes" in err
+
+
+def test_resume_refuses_architecture_flags(tmp_path, data, capsys):
+    out = tmp_path / "r"
+    run(["train", "--preset", "nano", "--steps", 1, "--batch-size", 1, "--seq-len", 8, "--data", data,
+         "--out", out, "--no-progress"])
+    rc = run(["train", "--resume", out, "--dim", 32, "--data", data])
+    assert rc == 2 and "--dim" in capsys.readouterr().err
+
+
+def test_generate_dispatches_hf_folders(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    model = ms.Transformer(ms.preset("nano"), seed=0)
+    seen = {}
+
+    def fake_load_hf(path):
+        seen["path"] = path
+        return model
+
+    monkeypatch.setitem(sys.modules, "minisparse.hf", types.SimpleNamespace(load_hf=fake_load_hf))
+    assert run(["generate", "--model", folder, "--prompt", "ab", "--max-new-tokens", 3, "--seed", 0]) == 0
+    assert str(seen["path"]) == str(folder)
+    assert capsys.readouterr().out.startswith("ab")
+
+
+def test_max_new_tokens_is_capped_by_max_seq_len(tmp_path, capsys):
+    ms.save(ms.Transformer(ms.preset("nano", max_seq_len=16), seed=0), tmp_path)
+    assert run(["generate", "--model", tmp_path, "--prompt", "abc", "--max-new-tokens", 100]) == 0
+    assert "lowered from 100 to 12" in capsys.readouterr().err
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run(["demo", "--quick", "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "validation loss" in text and "zeros in h" in text and "sample" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss"] < summary["first_loss"] - 1.0          # it learned something
+    assert len(summary["ffn_zero_fraction"]) == 2 and all(0 < f < 1 for f in summary["ffn_zero_fraction"])
+    assert (out / "checkpoint.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# subcommands from other modules
+# --------------------------------------------------------------------------------------
+def _fake_module(monkeypatch, name, register=None, error=None):
+    mod = types.ModuleType(name)
+    if register is not None:
+        mod.register = register
+    if error is not None:               # importing the module raises ``error``
+        monkeypatch.setattr(cli.importlib, "import_module",
+                            _wrap_import(cli.importlib.import_module, name, error))
+        return
+    monkeypatch.setitem(sys.modules, name, mod)
+
+
+def _wrap_import(real, name, error):
+    def imp(n, *a, **kw):
+        if n == name:
+            raise error
+        return real(n, *a, **kw)
+    return imp
+
+
+def test_plugins_register_subcommands(monkeypatch, capsys):
+    def register(sub):
+        p = sub.add_parser("hello")
+        p.add_argument("--name", default="world")
+        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 3)
+
+    _fake_module(monkeypatch, "fake_plugin_ok", register=register)
+    monkeypatch.setattr(cli, "PLUGINS", ("fake_plugin_ok", "fake_plugin_missing.cli"))
+    assert cli.main(["hello", "--name", "sparse"]) == 3
+    assert capsys.readouterr().out == "hello sparse\n"
+
+
+def test_missing_plugin_is_skipped_but_a_broken_one_raises(monkeypatch):
+    import argparse
+    sub = argparse.ArgumentParser().add_subparsers()
+    assert cli._register_plugins(sub, ("no_such_pkg_xyz.cli",)) == []
+    err = ModuleNotFoundError("No module named 'numbaa'", name="numbaa")
+    _fake_module(monkeypatch, "broken_plugin.cli", error=err)
+    with pytest.raises(ModuleNotFoundError, match="numbaa"):
+        cli._register_plugins(sub, ("broken_plugin.cli",))
+    _fake_module(monkeypatch, "broken2.cli", error=ImportError("cannot import name 'x'"))
+    with pytest.raises(ImportError, match="cannot import name"):
+        cli._register_plugins(sub, ("broken2.cli",))
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_threads_flag(tmp_path, data, capsys):
+    assert run(["train", "--preset", "nano", "--steps", 1, "--batch-size", 1, "--seq-len", 8, "--data", data,
+                "--out", tmp_path / "t", "--threads", 1, "--no-progress"]) == 0
+    assert "BLAS threads: 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(["demo", "--threads", 0])
