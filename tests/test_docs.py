@@ -1,0 +1,142 @@
+"""The documentation site builds in strict mode, and the tutorials it shows are current.
+
+* ``mkdocs build --strict`` passes (every nav entry exists, no broken link, every
+  mkdocstrings reference resolves) and the built site has the pages we expect;
+* each ``docs/tutorials/NN_*.ipynb`` (pre-executed by docs/scripts/execute_tutorials.py,
+  rendered by mkdocs-jupyter without executing) has exactly the code cells of its
+  ``tutorials/NN_*.py`` source, was executed in full mode, and is in the nav;
+* the Home page shows the README's two commands.
+
+Skipped only when mkdocs (or jupytext, for the notebook checks) is not installed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
+NOTEBOOKS = ROOT / "docs" / "tutorials"
+
+pytestmark = pytest.mark.docs
+
+
+def _nav_files(nav) -> list:
+    out = []
+    for item in nav:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            for v in item.values():
+                out.extend(_nav_files(v) if isinstance(v, list) else [v])
+    return out
+
+
+def _mkdocs_config() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+
+def test_mkdocs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs")
+    site = tmp_path / "site"
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    # run from tmp_path so that nothing (caches, site/) is written into the repository
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
+                           "-d", str(site)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # the pages a student needs are there, with their content
+    home = re.sub(r"<[^>]+>", "", (site / "index.html").read_text())     # text without tags (code is highlighted)
+    assert "minisparse demo" in home and "python -m pytest" in home
+    for md in _nav_files(_mkdocs_config()["nav"]):
+        stem = md.rsplit(".", 1)[0]                       # concepts/moe, tutorials/01_..., index
+        html = site / (stem[:-len("index")] if stem.endswith("index") else stem) / "index.html"
+        assert html.is_file(), f"nav entry {md} produced no page at {html.relative_to(site)}"
+    api = re.sub(r"<[^>]+>", "", (site / "reference" / "model" / "index.html").read_text())
+    assert "loss_and_grads" in api and "KVCache" in api, "the API reference lacks the model's members"
+
+
+def test_every_tutorial_has_a_current_notebook():
+    jupytext = pytest.importorskip("jupytext")
+    assert TUTORIALS, "no tutorials found"
+    for src in TUTORIALS:
+        nb_path = NOTEBOOKS / (src.stem + ".ipynb")
+        assert nb_path.is_file(), (f"{nb_path.relative_to(ROOT)} is missing: run "
+                                   f"`python docs/scripts/execute_tutorials.py {src.name[:2]}`")
+        want = [c.source for c in jupytext.read(src).cells if c.cell_type == "code"]
+        have = [c.source for c in jupytext.read(nb_path).cells if c.cell_type == "code"]
+        assert have == want, (f"{nb_path.relative_to(ROOT)} is stale: its code differs from {src.name}; run "
+                              f"`python docs/scripts/execute_tutorials.py {src.name[:2]}`")
+
+
+def test_notebooks_were_executed_in_full_mode():
+    jupytext = pytest.importorskip("jupytext")
+    not_full = []
+    for src in TUTORIALS:
+        nb_path = NOTEBOOKS / (src.stem + ".ipynb")
+        if not nb_path.is_file():
+            continue
+        nb = jupytext.read(nb_path)
+        if nb.metadata.get("minisparse", {}).get("mode") != "full":
+            not_full.append(nb_path.name)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, f"{nb_path.name} contains an error output"
+    assert not not_full, f"notebooks not executed in full mode: {not_full}"
+
+
+def test_nav_lists_every_tutorial():
+    nav = _nav_files(_mkdocs_config()["nav"])
+    for src in TUTORIALS:
+        assert f"tutorials/{src.stem}.ipynb" in nav, f"mkdocs.yml nav does not list tutorial {src.stem}"
+
+
+def test_home_page_shows_the_readme_commands():
+    readme = ROOT / "README.md"
+    if not readme.is_file():
+        pytest.skip("no README.md")
+    home = (ROOT / "docs" / "index.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", readme.read_text(), flags=re.S)
+    commands = [line.strip() for b in blocks for line in b.splitlines()
+                if "pip install -e" in line or "pytest" in line]
+    assert commands, "README.md shows no set-up or test command"
+    for cmd in commands:
+        assert cmd in home, f"docs/index.md does not show the README's command: {cmd}"
+
+
+def _hooks():
+    import importlib.util
+    pytest.importorskip("mkdocs")
+    spec = importlib.util.spec_from_file_location("minisparse_docs_hooks", ROOT / "docs" / "scripts" / "hooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_modelconfig_table_lists_every_field():
+    import dataclasses
+
+    import minisparse as ms
+    table = _hooks().modelconfig_fields_table(ROOT / "minisparse" / "config.py")
+    for f in dataclasses.fields(ms.ModelConfig):
+        assert f"| `{f.name}` |" in table, f"ModelConfig.{f.name} missing from the generated table"
+
+
+def test_bench_readme_links_are_rewritten(tmp_path):
+    hooks = _hooks()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "plot.png").write_bytes(b"\x89PNG")
+    text = ("![speed](results/plot.png) see [the script](ffn_sparse.py), [data](results/x.json), "
+            "[web](https://example.org) and [here](#anchor)")
+    out = hooks._rewrite_links(text, tmp_path)
+    assert "![speed](bench/results/plot.png)" in out            # images are copied and relinked
+    assert "(`bench/ffn_sparse.py`)" in out and "(`bench/results/x.json`)" in out  # files named, not linked
+    assert "[web](https://example.org)" in out and "[here](#anchor)" in out        # the rest untouched
+    assert hooks._demote_headings("# Title\n## A\n```\n# not a heading\n```\n## B") == \
+        "## A\n```\n# not a heading\n```\n## B"                  # the README's title is dropped
+    assert hooks._demote_headings("# Title\n# A\n## B") == "## A\n### B"   # other H1s: all demoted
