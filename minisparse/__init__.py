@@ -24,6 +24,7 @@ _LAZY = {
     "load_hf": "minisparse.hf",
     "save_hf": "minisparse.hf",
     "count_parameters": "minisparse.moe",
+    "moe_stats": "minisparse.moe",
     "relufy": "minisparse.sparsity",
     "train": "minisparse.train",
     "AdamW": "minisparse.train",

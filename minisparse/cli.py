@@ -321,7 +321,12 @@ def load_any(path: str):
         return load(p), ByteTokenizer()
     if _is_hf_folder(p):
         from .hf import load_hf
-        return load_hf(p), load_tokenizer(p)
+        model, tok = load_hf(p), load_tokenizer(p)
+        if isinstance(tok, ByteTokenizer) and model.config.vocab_size != tok.vocab_size:
+            raise UserError(f"{path!r} has no tokenizer.json, and its vocabulary ({model.config.vocab_size} "
+                            f"tokens) is not minisparse's byte vocabulary ({tok.vocab_size}): text would be "
+                            "garbled. Copy the model's tokenizer.json into the folder.")
+        return model, tok
     raise UserError(f"{path!r} holds neither {FILENAME} (minisparse) nor config.json + *.safetensors "
                     "(Hugging Face)")
 

@@ -343,6 +343,16 @@ def test_cli_generate_on_hf_folder(tmp_path, capsys):
     assert out.startswith(prompt) and out[len(prompt):].strip() == want.strip(), (out, want)
 
 
+def test_cli_generate_refuses_hf_folder_without_tokenizer(tmp_path, capsys):
+    """No tokenizer.json and a vocabulary that is not bytes: refuse instead of printing garbage."""
+    from minisparse.cli import main
+    folder = tmp_path / "hfmodel"
+    build_hf("llama", vocab_size=300).save_pretrained(folder)
+    rc = main(["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert rc != 0
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
 # ======================================================================================
 # config.json mapping details (no weights needed)
 # ======================================================================================
