@@ -27,7 +27,8 @@ Parameter names (shapes; D dim, V vocab, H heads, K kv heads, Dh head dim, F ffn
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -293,6 +294,43 @@ class Transformer:
         return logits
 
     __call__ = forward
+
+    @contextmanager
+    def wrap_ffn(self, wrapper) -> Iterator["Transformer"]:
+        """Route every FFN call through ``wrapper`` inside a ``with`` block (nestable).
+
+        ``wrapper(ffn, layer, x2, hook, train) -> (y, cache)`` receives the FFN it wraps,
+        ``ffn(layer, x2, hook, train)``, and the block's input x2 (N, D). It may look at x2
+        (recorders, TEAL calibration, predictor training), change it, or compute the FFN
+        another way (decoding with predicted masks). The model is restored on exit, even
+        after an exception. This is the one extension point for FFN *inputs*; the
+        ``ffn_hook`` argument of :meth:`forward` sees the intermediate activation h.
+
+        >>> import numpy as np, minisparse as ms
+        >>> m = ms.Transformer(ms.preset("nano"), seed=0)
+        >>> seen = []
+        >>> def spy(ffn, i, x2, hook, train):
+        ...     seen.append((i, x2.shape))
+        ...     return ffn(i, x2, hook, train)
+        >>> with m.wrap_ffn(spy):
+        ...     _ = m(np.array([[1, 2, 3]]))
+        >>> seen
+        [(0, (3, 64)), (1, (3, 64))]
+        """
+        had_own = "_ffn" in vars(self)          # an enclosing wrap_ffn is active
+        inner = self._ffn
+
+        def wrapped(i, x2, hook, train):
+            return wrapper(inner, i, x2, hook, train)
+
+        self._ffn = wrapped
+        try:
+            yield self
+        finally:
+            if had_own:
+                self._ffn = inner
+            else:
+                del self._ffn
 
     def _ffn(self, i: int, x2: Array, hook, train: bool):
         """FFN of block i on tokens x2 (N, D) -> y (N, D), cache (training only)."""

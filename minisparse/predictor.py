@@ -271,17 +271,12 @@ def _tap(model, make_hook):
     The model's ``ffn_hook(layer, expert, h)`` sees h only; the tap also knows the FFN's
     input x2 (N, D) and, for MoE layers, the token rows of each expert.
     """
-    orig = model._ffn
-
-    def tapped(i, x2, hook, train):
+    def tapped(ffn, i, x2, hook, train):
         rows = _routing(model, i, x2) if model.config.is_moe_layer(i) else None
-        return orig(i, x2, make_hook(i, x2, rows), train)
+        return ffn(i, x2, make_hook(i, x2, rows), train)
 
-    model._ffn = tapped
-    try:
+    with model.wrap_ffn(tapped):
         yield model
-    finally:
-        del model._ffn
 
 
 def _inputs_of(x2: Array, expert, rows) -> Array:
@@ -395,12 +390,10 @@ def predicted_decoding(model, predictors: Dict[Key, Predictor], backend: str = "
     3
     """
     from .kernels import sparse_ffn
-    orig = model._ffn
-
-    def ffn(i, x2, hook, train):
+    def predicted(ffn, i, x2, hook, train):
         p = predictors.get((i, None))
         if train or hook is not None or p is None or model.config.is_moe_layer(i):
-            return orig(i, x2, hook, train)
+            return ffn(i, x2, hook, train)
         pre = f"layers.{i}.feed_forward."
         prm = model.params
         stats: dict = {}
@@ -409,11 +402,8 @@ def predicted_decoding(model, predictors: Dict[Key, Predictor], backend: str = "
         model.ffn_stats.append(dict(layer=i, **stats))
         return y, None
 
-    model._ffn = ffn
-    try:
+    with model.wrap_ffn(predicted):
         yield model
-    finally:
-        del model._ffn
 
 
 __all__ = ["Predictor", "PredictorSet", "train_predictor", "evaluate", "tune_threshold", "record",

@@ -393,8 +393,11 @@ class _Progress:
         if enabled:
             try:
                 from tqdm.auto import tqdm
+                import sys
+                # in a log file (CI, nohup) a bar redrawn every 0.1 s is megabytes of noise
+                interval = 0.1 if sys.stderr.isatty() else 15.0
                 self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
-                                dynamic_ncols=True, leave=True)
+                                dynamic_ncols=True, leave=True, mininterval=interval)
             except ImportError:
                 self.bar = None
 

@@ -191,3 +191,31 @@ def test_float32_and_float64_agree():
     m32 = m64.astype(np.float32)
     toks = np.random.default_rng(0).integers(0, 37, (2, 9))
     np.testing.assert_allclose(m32(toks), m64(toks), rtol=1e-4, atol=1e-5)
+
+
+def test_wrap_ffn_nests_sees_inputs_and_restores():
+    m = ms.Transformer(tiny("drelu"), dtype=np.float64)
+    toks = np.array([[1, 2, 3]])
+    ref = m(toks)
+    order = []
+
+    def outer(ffn, i, x2, hook, train):
+        order.append(("outer", i, x2.shape))
+        return ffn(i, x2, hook, train)
+
+    def inner_zero(ffn, i, x2, hook, train):       # replaces the FFN input by zeros
+        order.append(("inner", i))
+        return ffn(i, np.zeros_like(x2), hook, train)
+
+    with m.wrap_ffn(outer):
+        with m.wrap_ffn(inner_zero):
+            zeroed = m(toks)
+        np.testing.assert_array_equal(m(toks), ref)   # inner restored, outer still active
+    assert order[:4] == [("inner", 0), ("outer", 0, (3, 16)), ("inner", 1), ("outer", 1, (3, 16))]
+    assert not np.allclose(zeroed, ref)
+    assert "_ffn" not in vars(m)
+    with pytest.raises(ZeroDivisionError):
+        with m.wrap_ffn(lambda ffn, i, x2, hook, train: 1 / 0):
+            m(toks)
+    assert "_ffn" not in vars(m)
+    np.testing.assert_array_equal(m(toks), ref)

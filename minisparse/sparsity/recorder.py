@@ -19,8 +19,7 @@ so memory does not grow with the number of tokens seen:
   hidden state fed to the gate and up projections), for TEAL calibration.
 
 The FFN input is not passed to ``ffn_hook``; :func:`ffn_input_tap` captures (or replaces)
-it without changing model.py, by wrapping the model instance's ``_ffn`` method for the
-duration of a ``with`` block.
+it for the duration of a ``with`` block, through :meth:`minisparse.Transformer.wrap_ffn`.
 
 Dimension key: N tokens, F FFN neurons, D model width, B batch, T time, R reservoir size.
 """
@@ -337,8 +336,8 @@ def ffn_input_tap(model, fn: Callable[[int, Array], Optional[Array]]) -> Iterato
     """Within the block, ``fn(layer, x2)`` sees every FFN's input x2 (N, D) and may return
     a replacement (e.g. TEAL's thresholded input).
 
-    Implemented by shadowing the instance's ``_ffn(i, x2, hook, train)`` method, so model.py
-    needs no input hook; the original is restored on exit, even after an exception.
+    Built on :meth:`minisparse.Transformer.wrap_ffn`; the model is restored on exit, even
+    after an exception.
 
     >>> import numpy as np, minisparse as ms
     >>> model = ms.Transformer(ms.preset("nano"), seed=0)
@@ -348,16 +347,9 @@ def ffn_input_tap(model, fn: Callable[[int, Array], Optional[Array]]) -> Iterato
     >>> seen
     [(0, (3, 64)), (1, (3, 64))]
     """
-    original = model._ffn
-    if "_ffn" in vars(model):
-        raise RuntimeError("an ffn_input_tap is already active on this model; nest the callbacks instead")
-
-    def tapped(i, x2, hook, train):
+    def tapped(ffn, i, x2, hook, train):
         x_new = fn(i, x2)
-        return original(i, x2 if x_new is None else x_new, hook, train)
+        return ffn(i, x2 if x_new is None else x_new, hook, train)
 
-    model._ffn = tapped
-    try:
+    with model.wrap_ffn(tapped):
         yield
-    finally:
-        del model._ffn
