@@ -31,6 +31,14 @@ class UserError(Exception):
     """A mistake in the command line or the inputs: printed without a traceback."""
 
 
+def check_out_dir(path: str, flag: str = "--out") -> Path:
+    """The output folder of a command, checked before any long work: it may exist, not as a file."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a file, not a folder; pass a folder path for the outputs")
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # argument types: say what was wrong
 # --------------------------------------------------------------------------------------
@@ -166,7 +174,7 @@ def cmd_demo(args) -> int:
     d = dict(DEMO_QUICK if args.quick else DEMO)
     if args.steps is not None:
         d["steps"] = args.steps
-    out = Path(args.out)
+    out = check_out_dir(args.out)
     corpus = load_corpus(None, max_bytes=d["max_bytes"], seed=0)
     cfg = preset(d["preset"], activation=d["activation"])
     model = Transformer(cfg, seed=args.seed)
@@ -276,6 +284,7 @@ def cmd_train(args) -> int:
         tc = dict(given_train)
         out = args.out or "runs/train"
         start = 0
+    check_out_dir(out)
     tc.update(out_dir=out, progress=not args.no_progress)
     try:
         tcfg = TrainConfig.from_dict(tc) if args.resume else TrainConfig(**tc)

@@ -215,3 +215,11 @@ def test_threads_flag(tmp_path, data, capsys):
     assert "BLAS threads: 1" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run(["demo", "--threads", 0])
+
+
+@pytest.mark.parametrize("argv", [["demo", "--quick"], ["train", "--preset", "nano", "--steps", "2"]])
+def test_out_that_is_a_file_is_refused(tmp_path, capsys, argv):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    assert cli.main([*argv, "--out", str(taken)]) != 0
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import check_out_dir
+
 
 def load_model(path: str):
     """(model, tokenizer) from a checkpoint or an HF folder; registers shifted activations."""
@@ -69,6 +71,7 @@ def cmd_profile(args) -> int:
     from . import plots
     from .quality import loss_vs_sparsity
     from .recorder import Recorder
+    check_out_dir(args.out)
     model, tok = load_model(args.model)
     corpus = load_data(args.data, tok, args.max_bytes)
     seq_len = min(args.seq_len, model.config.max_seq_len)
@@ -111,6 +114,7 @@ def cmd_relufy(args) -> int:
     from ..checkpoint import save
     from ..train import TrainConfig
     from .relufy import relufy
+    check_out_dir(args.out)
     model, tok = load_model(args.model)
     corpus = load_data(args.data, tok, args.max_bytes)
     seq_len = min(args.seq_len, model.config.max_seq_len)

@@ -51,3 +51,14 @@ def test_relufy_refuses_a_plain_target_for_a_gated_model(files, capsys):
     rc = main(["relufy", str(ckpt), "--to", "relu", "--steps", "0", "--data", str(text)])
     assert rc != 0
     assert "reglu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["profile", "relufy"])
+def test_out_that_is_a_file_is_refused_before_any_work(files, capsys, command):
+    tmp, text, ckpt = files
+    not_a_dir = tmp / "taken"
+    not_a_dir.write_text("x")
+    extra = ["--to", "drelu", "--steps", "0"] if command == "relufy" else []
+    rc = main([command, str(ckpt), "--data", str(text), "--out", str(not_a_dir), *extra])
+    assert rc != 0
+    assert "is a file, not a folder" in capsys.readouterr().err
