@@ -426,8 +426,8 @@ class Transformer:
         targets : (B, T) int array, optional
             Next-token targets for ``tokens`` (-1 = ignored).
         l1 : float
-            Adds ``l1 * mean|h|`` per dense FFN layer (ProSparse's activation penalty,
-            Song et al. 2024).
+            Adds ``l1 * mean|h|`` per dense FFN layer, and per expert (and shared FFN)
+            in MoE layers (ProSparse's activation penalty, Song et al. 2024).
 
         Returns
         -------
@@ -460,6 +460,9 @@ class Transformer:
             for (_, _, _, (kind, fc)) in caches:
                 if kind == "dense":
                     total += l1 * float(np.abs(fc[3]).mean())
+                else:
+                    from .moe import moe_l1
+                    total += l1 * moe_l1(fc)
         grads: Dict[str, Array] = {}
 
         dlogits = L.cross_entropy_backward(ce_cache).reshape(B, T, V)  # (B, T, V)
@@ -474,7 +477,7 @@ class Transformer:
             df = dx.reshape(B * T, D)
             if kind == "moe":
                 from .moe import moe_backward
-                dhn2, g_moe = moe_backward(df, c_ffn, p, pre + "feed_forward.", c, self.act)
+                dhn2, g_moe = moe_backward(df, c_ffn, p, pre + "feed_forward.", c, self.act, l1=l1)
                 grads.update(g_moe)
             else:
                 q = pre + "feed_forward."

@@ -363,13 +363,24 @@ def moe_forward(x2: Array, params: Dict[str, Array], prefix: str, cfg: ModelConf
     return y, cache, aux
 
 
+def moe_l1(cache) -> float:
+    """Sum over the experts (and the shared FFN) of mean(|h|): the ProSparse activation
+    penalty of one MoE layer, before its coefficient (``Transformer.loss_and_grads(l1=...)``)."""
+    _, _, experts, c_shared, _, _ = cache
+    total = sum(float(np.abs(c_e[3]).mean()) for *_, c_e in experts if c_e[3].size)
+    if c_shared is not None:
+        total += float(np.abs(c_shared[3]).mean())
+    return total
+
+
 def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: ModelConfig,
-                 act: Activation):
+                 act: Activation, l1: float = 0.0):
     """Backward of :func:`moe_forward` (including its aux losses) -> (dx (N, D), grads).
 
     ``grads`` is keyed by full parameter names (router, experts.*, shared.*). The
     auxiliary losses' gradients are included with their coefficients, because
     ``Transformer.loss_and_grads`` adds ``aux_loss`` to the loss it differentiates.
+    ``l1`` adds the gradient of ``l1 * moe_l1(cache)`` (ProSparse's penalty, per expert).
     """
     if cache is None:
         raise ValueError("moe_backward: no cache (the forward ran with a kernel backend, which is "
@@ -390,7 +401,7 @@ def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: M
         dy_e = dy[rows]                                              # (N_e, D)
         dgates[rows, slots] = (dy_e * y_e).sum(axis=1)               # (N_e,) dL/dgate
         dx_e, dwg[e], dwu_e, dwd[e] = L.ffn_backward(g_e * dy_e, c_e, wg[e], wu[e] if wu is not None else None,
-                                                     wd[e], act)     # dx_e (N_e, D)
+                                                     wd[e], act, l1=l1)  # dx_e (N_e, D)
         if dwu_e is not None:
             dwu[e] = dwu_e
         dx[rows] += dx_e
@@ -402,7 +413,7 @@ def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: M
     if c_shared is not None:
         sg, sd = params[prefix + "shared.w_gate"], params[prefix + "shared.w_down"]
         su = params[prefix + "shared.w_up"] if act.gated else None
-        dx_s, dsg, dsu, dsd = L.ffn_backward(dy, c_shared, sg, su, sd, act)  # dx_s (N, D)
+        dx_s, dsg, dsu, dsd = L.ffn_backward(dy, c_shared, sg, su, sd, act, l1=l1)  # dx_s (N, D)
         dx += dx_s
         grads[prefix + "shared.w_gate"], grads[prefix + "shared.w_down"] = dsg, dsd
         if dsu is not None:

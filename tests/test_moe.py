@@ -589,3 +589,30 @@ def test_backend_runs_each_expert_through_sparse_ffn(backend, dtype):
     cache = ms.KVCache(cfg, 1, dtype)
     inc = np.concatenate([fast(toks[:, t:t + 1], cache=cache) for t in range(7)], axis=1)
     np.testing.assert_allclose(inc, ref(toks), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_l1_penalty_reaches_experts_and_matches_finite_differences(shared):
+    """loss_and_grads(l1=...) penalises every expert's |h| and differentiates it exactly."""
+    cfg = ms.ModelConfig(vocab_size=19, dim=8, n_layers=1, n_heads=2, ffn_dim=6, max_seq_len=8,
+                         activation="swiglu", n_experts=3, top_k=2, n_shared_experts=shared)
+    m = ms.Transformer(cfg, seed=3, dtype=np.float64)
+    toks = np.random.default_rng(0).integers(0, 19, (2, 6))
+    base, _ = m.loss_and_grads(toks)
+    pen, g = m.loss_and_grads(toks, l1=0.7)
+    assert pen > base                                     # the penalty is counted in the loss
+    r = np.random.default_rng(1)
+    names = ["layers.0.feed_forward.experts.w_gate", "layers.0.feed_forward.experts.w_up"]
+    if shared:
+        names.append("layers.0.feed_forward.shared.w_down")
+    for name in names:
+        for _ in range(4):
+            idx = tuple(r.integers(0, s) for s in m.params[name].shape)
+            old = m.params[name][idx]
+            m.params[name][idx] = old + 1e-6
+            lp, _ = m.loss_and_grads(toks, l1=0.7)
+            m.params[name][idx] = old - 1e-6
+            lm, _ = m.loss_and_grads(toks, l1=0.7)
+            m.params[name][idx] = old
+            fd = (lp - lm) / 2e-6
+            assert abs(fd - g[name][idx]) <= 1e-6 + 1e-5 * abs(fd), (name, idx, fd, g[name][idx])
