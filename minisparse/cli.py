@@ -42,51 +42,24 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
 # --------------------------------------------------------------------------------------
 # argument types: say what was wrong
 # --------------------------------------------------------------------------------------
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _arg_type(cast, ok, what: str):
+    """An argparse type: ``cast`` the text, then require ``ok(value)``; errors say ``what``."""
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
+        return v
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not (v >= 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
-    return v
-
-
-def _unit_float(s: str) -> float:
-    v = _positive_float(s)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s}")
-    return v
+_positive_int = _arg_type(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _arg_type(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _arg_type(float, lambda v: v > 0 and np.isfinite(v), "a finite positive number")
+_nonneg_float = _arg_type(float, lambda v: v >= 0 and np.isfinite(v), "a finite number >= 0")
+_unit_float = _arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 # --------------------------------------------------------------------------------------
