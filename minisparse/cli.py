@@ -42,23 +42,24 @@ def check_out_dir(path: str, flag: str = "--out") -> Path:
 # --------------------------------------------------------------------------------------
 # argument types: say what was wrong
 # --------------------------------------------------------------------------------------
-def _arg_type(cast, ok, what: str):
-    """An argparse type: ``cast`` the text, then require ``ok(value)``; errors say ``what``."""
+def _arg_type(cast, ok, what: str, in_range: str = ""):
+    """An argparse type: ``cast`` the text, then require ``ok(value)``; errors say ``what``
+    (or ``in_range``, when given, for a value of the right type outside the range)."""
     def parse(s: str):
         try:
             v = cast(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
         if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
+            raise argparse.ArgumentTypeError(f"expected {in_range or what}, got {s}")
         return v
     return parse
 
 
 _positive_int = _arg_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _arg_type(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _arg_type(float, lambda v: v > 0 and np.isfinite(v), "a finite positive number")
-_nonneg_float = _arg_type(float, lambda v: v >= 0 and np.isfinite(v), "a finite number >= 0")
+_positive_float = _arg_type(float, lambda v: v > 0 and np.isfinite(v), "a positive number", "a finite number > 0")
+_nonneg_float = _arg_type(float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0", "a finite number >= 0")
 _unit_float = _arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
