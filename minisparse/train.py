@@ -47,13 +47,13 @@ def keep_freed_memory() -> bool:
     measured that at ~30% of a step. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``
     (the same as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment)
     makes freed blocks reusable; the process keeps its peak memory. Process-wide, done
-    once, by :func:`train`; set ``MINISPARSE_KEEP_MALLOC=1`` to leave the allocator alone.
+    once, by :func:`train`; set ``MINISPARSE_DEFAULT_MALLOC=1`` to leave the allocator alone.
     Returns True when the settings were applied (Linux with glibc), False otherwise.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return True
-    if os.environ.get("MINISPARSE_KEEP_MALLOC") or not sys.platform.startswith("linux"):
+    if os.environ.get("MINISPARSE_DEFAULT_MALLOC") or not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
