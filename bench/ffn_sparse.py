@@ -176,6 +176,36 @@ def torch_dense_fn(x, wg, wu, wd):
     return f
 
 
+def cpu_case(p, sparsity, label, repeats, copy_GBs, have_numba, reference_skip):
+    """Validate every CPU method on one make_ffn case against float64 truth, then time them
+    interleaved; one table row per method."""
+    x, wg, wu, wd, act_idx = p["x"], p["w_gate"], p["w_up"], p["w_down"], p["active"]
+    T, D = x.shape
+    F = wg.shape[0]
+    ref = dense_ffn(x, wg, wu, wd, ACT)                               # float64 truth
+    fns = {"numpy dense": lambda: dense_numpy(x, wg, wu, wd)}
+    tf = torch_dense_fn(x, wg, wu, wd)
+    if tf is not None:
+        fns["torch dense"] = tf
+    if reference_skip:
+        fns["numpy skip (ref)"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numpy")
+    if have_numba:
+        fns["numba skip"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba")
+        fns["numba given active"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba",
+                                                          active=act_idx)
+    for k, f in fns.items():
+        y = f()
+        validate(f"{k} {label}", y.numpy() if hasattr(y, "numpy") else y, ref, 1e-4)
+    paths = {}
+    if have_numba:
+        st = {}
+        ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba", stats=st)
+        paths["numba skip"] = st["path"]
+    times = time_interleaved(fns, repeats)
+    return [make_row(k, D, F, T, sparsity, act_idx.size, t, times["numpy dense"], 4, copy_GBs, paths.get(k, ""))
+            for k, t in times.items()]
+
+
 def bench_cpu(shapes, sparsities, batches, repeats, copy_GBs):
     have_numba = "numba" in ms.backends()
     rows = []
@@ -183,56 +213,13 @@ def bench_cpu(shapes, sparsities, batches, repeats, copy_GBs):
         # ---- batch 1 vs sparsity
         for s in sparsities:
             p = make_ffn(D, F, tokens=1, sparsity=s, activation=ACT, dtype=np.float32, seed=0)
-            x, wg, wu, wd, act_idx = p["x"], p["w_gate"], p["w_up"], p["w_down"], p["active"]
-            ref = dense_ffn(x, wg, wu, wd, ACT)                       # float64 truth
-            fns = {"numpy dense": lambda: dense_numpy(x, wg, wu, wd)}
-            tf = torch_dense_fn(x, wg, wu, wd)
-            if tf is not None:
-                fns["torch dense"] = tf
-            fns["numpy skip (ref)"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numpy")
-            if have_numba:
-                fns["numba skip"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba")
-                fns["numba given active"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba",
-                                                                  active=act_idx)
-            for k, f in fns.items():
-                y = f()
-                validate(f"{k} D={D} F={F} s={s}", y.numpy() if hasattr(y, "numpy") else y, ref, 1e-4)
-            paths = {}
-            if have_numba:
-                st = {}
-                ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba", stats=st)
-                paths["numba skip"] = st["path"]
-            times = time_interleaved(fns, repeats)
-            for k, t in times.items():
-                rows.append(make_row(k, D, F, 1, s, act_idx.size, t, times["numpy dense"], 4, copy_GBs,
-                                     paths.get(k, "")))
+            rows += cpu_case(p, s, f"D={D} F={F} s={s}", repeats, copy_GBs, have_numba, reference_skip=True)
         print_table([r for r in rows if r["dim"] == D and r["tokens"] == 1], f"CPU, D={D}, F={F}, batch 1, fp32")
         # ---- batch 1..32 at 90% (union of the batch's active neurons = 10%)
         brows = []
         for T in batches:
             p = make_ffn(D, F, tokens=T, sparsity=0.9, activation=ACT, dtype=np.float32, seed=T)
-            x, wg, wu, wd, act_idx = p["x"], p["w_gate"], p["w_up"], p["w_down"], p["active"]
-            ref = dense_ffn(x, wg, wu, wd, ACT)
-            fns = {"numpy dense": lambda: dense_numpy(x, wg, wu, wd)}
-            tf = torch_dense_fn(x, wg, wu, wd)
-            if tf is not None:
-                fns["torch dense"] = tf
-            if have_numba:
-                fns["numba skip"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba")
-                fns["numba given active"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba",
-                                                                  active=act_idx)
-            for k, f in fns.items():
-                y = f()
-                validate(f"{k} T={T}", y.numpy() if hasattr(y, "numpy") else y, ref, 1e-4)
-            paths = {}
-            if have_numba:
-                st = {}
-                ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba", stats=st)
-                paths["numba skip"] = st["path"]
-            times = time_interleaved(fns, repeats)
-            for k, t in times.items():
-                brows.append(make_row(k, D, F, T, 0.9, act_idx.size, t, times["numpy dense"], 4, copy_GBs,
-                                      paths.get(k, "")))
+            brows += cpu_case(p, 0.9, f"T={T}", repeats, copy_GBs, have_numba, reference_skip=False)
         print_table(brows, f"CPU, D={D}, F={F}, batch 1..{batches[-1]}, 90% sparse union, fp32")
         rows += brows
     return rows

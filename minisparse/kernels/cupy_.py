@@ -31,7 +31,7 @@ from typing import Dict
 import numpy as np
 
 from ..activations import Activation
-from .numba_ import GATE_KINDS, UP_KINDS
+from .numba_ import activation_codes
 
 NAME = "cupy"
 WEIGHT_DTYPES = (np.float16, np.float32, np.float64)
@@ -126,16 +126,6 @@ def _mask_from_active(active, F: int):
     return m
 
 
-def _activation_codes(act: Activation):
-    if act.gate_kind not in GATE_KINDS:
-        raise ValueError(f"backend 'cupy' has no kernel for activation {act.name!r} (gate kind "
-                         f"{act.gate_kind!r}); it supports gate functions {sorted(GATE_KINDS)}. "
-                         "Use backend='numpy' for custom activations.")
-    if act.gated and act.up_kind not in UP_KINDS:
-        raise ValueError(f"backend 'cupy': unsupported up function {act.up_kind!r} in {act.name!r}")
-    return GATE_KINDS[act.gate_kind], UP_KINDS.get(act.up_kind, 5), float(act.threshold)
-
-
 # ------------------------------------------------------------------------------------
 # dense path (cuBLAS) with the same masking semantics
 # ------------------------------------------------------------------------------------
@@ -198,7 +188,7 @@ def _plan(xd, wg, wu, wd, act: Activation, skip: float, predicted: bool) -> dict
         return plan
     if len(_PLANS) > 256:
         _PLANS.clear()
-    gk, uk, act_thr = _activation_codes(act)
+    gk, uk, act_thr = activation_codes(act, NAME)
     wdt, xdt = np.dtype(wg.dtype), np.dtype(xd.dtype)
     acc = np.dtype(np.float64) if wdt == np.float64 else np.dtype(np.float32)
     A = acc.type
@@ -267,7 +257,7 @@ def ffn(x, w_gate, w_up, w_down, act: Activation, *, active=None, threshold=None
     skip = 0.0 if threshold is None else float(threshold)
     n_active = None
     if active is None and (T >= DENSE_FROM_T or (not act.exact_zeros and threshold is None)):
-        gk, uk, act_thr = _activation_codes(act)
+        gk, uk, act_thr = activation_codes(act, NAME)
         acc = np.dtype(np.float64) if wg.dtype == np.float64 else np.dtype(np.float32)
         y = _dense(xd, wg, wu, wd, act, gk, uk, act_thr, skip, acc)   # (T, D)
         path, n_active = "dense", F
