@@ -158,50 +158,25 @@ def test_demo_quick(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------
-# subcommands from other modules
+# the package: every subcommand module registers itself, plainly imported
 # --------------------------------------------------------------------------------------
-def _fake_module(monkeypatch, name, register=None, error=None):
-    mod = types.ModuleType(name)
-    if register is not None:
-        mod.register = register
-    if error is not None:               # importing the module raises ``error``
-        monkeypatch.setattr(cli.importlib, "import_module",
-                            _wrap_import(cli.importlib.import_module, name, error))
-        return
-    monkeypatch.setitem(sys.modules, name, mod)
+def test_every_subcommand_is_registered(capsys):
+    ap = cli.build_parser()
+    sub = next(a for a in ap._actions if a.dest == "command")
+    assert set(sub.choices) == {"demo", "train", "generate", "profile", "relufy", "bench"}
+    for name, p in sub.choices.items():
+        assert callable(p.get_default("func")), name
 
 
-def _wrap_import(real, name, error):
-    def imp(n, *a, **kw):
-        if n == name:
-            raise error
-        return real(n, *a, **kw)
-    return imp
-
-
-def test_plugins_register_subcommands(monkeypatch, capsys):
-    def register(sub):
-        p = sub.add_parser("hello")
-        p.add_argument("--name", default="world")
-        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 3)
-
-    _fake_module(monkeypatch, "fake_plugin_ok", register=register)
-    monkeypatch.setattr(cli, "PLUGINS", ("fake_plugin_ok", "fake_plugin_missing.cli"))
-    assert cli.main(["hello", "--name", "sparse"]) == 3
-    assert capsys.readouterr().out == "hello sparse\n"
-
-
-def test_missing_plugin_is_skipped_but_a_broken_one_raises(monkeypatch):
-    import argparse
-    sub = argparse.ArgumentParser().add_subparsers()
-    assert cli._register_plugins(sub, ("no_such_pkg_xyz.cli",)) == []
-    err = ModuleNotFoundError("No module named 'numbaa'", name="numbaa")
-    _fake_module(monkeypatch, "broken_plugin.cli", error=err)
-    with pytest.raises(ModuleNotFoundError, match="numbaa"):
-        cli._register_plugins(sub, ("broken_plugin.cli",))
-    _fake_module(monkeypatch, "broken2.cli", error=ImportError("cannot import name 'x'"))
-    with pytest.raises(ImportError, match="cannot import name"):
-        cli._register_plugins(sub, ("broken2.cli",))
+def test_the_cli_modules_import_no_module_dynamically():
+    """The subcommand modules import each other plainly: common.py imports none of them."""
+    import pathlib
+    import minisparse.cli.common as common
+    src = pathlib.Path(common.__file__).read_text()
+    assert "from .main" not in src and "from .profile" not in src and "import_module" not in src
+    for mod in ("main", "profile", "relufy", "bench"):
+        text = (pathlib.Path(common.__file__).parent / f"{mod}.py").read_text()
+        assert "import_module" not in text, mod
 
 
 def test_no_command_prints_help(capsys):

@@ -96,7 +96,7 @@ def test_bench_subcommand_validates_and_times(tmp_path, capsys):
     import argparse
     import json
 
-    from minisparse.kernels import cli
+    from minisparse.cli import bench as cli
     ap = argparse.ArgumentParser()
     cli.register(ap.add_subparsers())
     out = tmp_path / "bench.json"

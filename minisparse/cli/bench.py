@@ -59,9 +59,9 @@ def run_bench(dim=1024, ffn_dim=3584, sparsity=0.9, tokens=1, activation="drelu"
     Returns a list of row dicts (method, time_s, speedup, ideal, rel_err, path).
     """
     from ..activations import get_activation
-    from . import backends as usable
-    from . import get_backend, sparse_ffn
-    from .testing import dense_ffn, make_ffn
+    from ..kernels import backends as usable
+    from ..kernels import get_backend, sparse_ffn
+    from ..kernels.testing import dense_ffn, make_ffn
 
     act = get_activation(activation)
     if not act.exact_zeros:

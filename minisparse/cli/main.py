@@ -1,4 +1,4 @@
-"""The ``minisparse`` command: ``demo``, ``train``, ``generate`` (+ subcommands of other modules).
+"""The ``minisparse`` command: ``demo``, ``train``, ``generate``; the parser and the entry point.
 
     minisparse demo                       train a small dReLU model on the Python stdlib (~3 min)
     minisparse demo --quick               the same in ~20 s (a nano model, few steps)
@@ -6,15 +6,14 @@
     minisparse train --resume runs/mine/checkpoint.safetensors --steps 800
     minisparse generate --model runs/mine --prompt "def "
 
-``minisparse.sparsity.cli`` (profile, relufy) and ``minisparse.kernels.cli`` (bench) add
-their own subcommands through ``register(subparsers)``: each adds a parser to
-``subparsers`` and sets ``func`` with ``parser.set_defaults(func=handler)``; ``main`` calls
-``handler(args)`` and uses its return value (None = 0) as the exit status.
+``profile``, ``relufy`` and ``bench`` live in their own modules of this package; each has a
+``register(subparsers)`` that adds its parser and sets ``func`` with
+``parser.set_defaults(func=handler)``; ``main`` calls ``handler(args)`` and uses its
+return value (None = 0) as the exit status. Shared pieces are in :mod:`.common`.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -24,43 +23,11 @@ from typing import List, Optional
 
 import numpy as np
 
-PLUGINS = ("minisparse.sparsity.cli", "minisparse.kernels.cli")
+from . import bench, profile, relufy
+from .common import (UserError, check_out_dir, load_any, nonneg_float, nonneg_int, positive_float,
+                     positive_int, unit_float)
 
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: printed without a traceback."""
-
-
-def check_out_dir(path: str, flag: str = "--out") -> Path:
-    """The output folder of a command, checked before any long work: it may exist, not as a file."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {str(path)!r} is a file, not a folder; pass a folder path for the outputs")
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# argument types: say what was wrong
-# --------------------------------------------------------------------------------------
-def _arg_type(cast, ok, what: str, in_range: str = ""):
-    """An argparse type: ``cast`` the text, then require ``ok(value)``; errors say ``what``
-    (or ``in_range``, when given, for a value of the right type outside the range)."""
-    def parse(s: str):
-        try:
-            v = cast(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {in_range or what}, got {s}")
-        return v
-    return parse
-
-
-_positive_int = _arg_type(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _arg_type(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _arg_type(float, lambda v: v > 0 and np.isfinite(v), "a positive number", "a finite number > 0")
-_nonneg_float = _arg_type(float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0", "a finite number >= 0")
-_unit_float = _arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+SUBCOMMANDS = (profile, relufy, bench)    # modules with register(subparsers)
 
 
 # --------------------------------------------------------------------------------------
@@ -80,7 +47,7 @@ def _stream_text(model, tok, prompt: str, max_new_tokens: int, temperature: floa
                  top_k: Optional[int], top_p: Optional[float], seed: Optional[int],
                  backend: Optional[str] = None, out=None) -> str:
     """Generate after ``prompt``, printing text as it is produced; returns the new text."""
-    from .generate import stream
+    from ..generate import stream
     out = out or sys.stdout
     ids = tok.encode(prompt, bos=True)
     if not ids:
@@ -127,7 +94,7 @@ DEMO_QUICK = dict(preset="nano", activation="drelu", max_bytes=300_000, steps=15
 
 def _threads(args) -> str:
     """Apply --threads (default: auto) to NumPy's OpenBLAS; returns a line for the header."""
-    from .train import auto_threads, set_blas_threads
+    from ..train import auto_threads, set_blas_threads
     n = args.threads if args.threads is not None else auto_threads()
     ok = set_blas_threads(n)
     why = ""
@@ -137,11 +104,11 @@ def _threads(args) -> str:
 
 
 def cmd_demo(args) -> int:
-    from .config import preset
-    from .data import load_corpus
-    from .model import Transformer
-    from .tokenizer import ByteTokenizer
-    from .train import TrainConfig, ffn_zero_fraction, train
+    from ..config import preset
+    from ..data import load_corpus
+    from ..model import Transformer
+    from ..tokenizer import ByteTokenizer
+    from ..train import TrainConfig, ffn_zero_fraction, train
 
     t_start = time.perf_counter()
     threads = _threads(args)
@@ -205,7 +172,7 @@ _TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_le
 
 
 def _model_config_from_args(args):
-    from .config import PRESETS, preset
+    from ..config import PRESETS, preset
     name = args.preset or "tiny"
     if name.lower() not in PRESETS:
         raise UserError(f"unknown --preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -223,10 +190,10 @@ def _model_config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import load_training_state
-    from .data import load_corpus
-    from .model import Transformer
-    from .train import TrainConfig, ffn_zero_fraction, train
+    from ..checkpoint import load_training_state
+    from ..data import load_corpus
+    from ..model import Transformer
+    from ..train import TrainConfig, ffn_zero_fraction, train
 
     threads = _threads(args)
     dtype = {"float32": np.float32, "float64": np.float64}[args.dtype or "float32"]
@@ -288,32 +255,6 @@ def cmd_train(args) -> int:
 # --------------------------------------------------------------------------------------
 # generate
 # --------------------------------------------------------------------------------------
-def _is_hf_folder(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-
-
-def load_any(path: str):
-    """(model, tokenizer) from a minisparse checkpoint or a Hugging Face folder."""
-    from .checkpoint import FILENAME, load
-    from .tokenizer import ByteTokenizer, load_tokenizer
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"--model {path!r} does not exist; pass a checkpoint file, a training output "
-                        "folder, or a Hugging Face model folder")
-    if p.is_file() or (p / FILENAME).is_file():
-        return load(p), ByteTokenizer()
-    if _is_hf_folder(p):
-        from .hf import load_hf
-        model, tok = load_hf(p), load_tokenizer(p)
-        if isinstance(tok, ByteTokenizer) and model.config.vocab_size != tok.vocab_size:
-            raise UserError(f"{path!r} has no tokenizer.json, and its vocabulary ({model.config.vocab_size} "
-                            f"tokens) is not minisparse's byte vocabulary ({tok.vocab_size}): text would be "
-                            "garbled. Copy the model's tokenizer.json into the folder.")
-        return model, tok
-    raise UserError(f"{path!r} holds neither {FILENAME} (minisparse) nor config.json + *.safetensors "
-                    "(Hugging Face)")
-
-
 def cmd_generate(args) -> int:
     model, tok = load_any(args.model)
     sys.stdout.write(args.prompt)                   # the continuation streams after it
@@ -325,99 +266,88 @@ def cmd_generate(args) -> int:
 # --------------------------------------------------------------------------------------
 # the parser
 # --------------------------------------------------------------------------------------
-def _register_plugins(sub, names=None) -> List[str]:
-    """Call ``register(sub)`` of each module that exists; a module that is missing is skipped,
-    an error *inside* one (including a missing dependency it imports) propagates."""
-    added = []
-    for name in PLUGINS if names is None else names:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            missing = e.name or ""
-            if missing and (name == missing or name.startswith(missing + ".")):
-                continue
-            raise
-        mod.register(sub)
-        added.append(name)
-    return added
-
-
 THREADS_HELP = ("BLAS threads for the matmuls (default: the cores the load average says are free; "
                 "on busy cores more threads only wait for each other)")
 
 
-def build_parser(plugins=None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="minisparse",
         description="Activation-sparse (dReLU, ReLUfication) and Mixture-of-Experts transformers in NumPy.")
-    from . import __version__
+    from .. import __version__
     ap.add_argument("--version", action="version", version=f"minisparse {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for register in (_register_demo, _register_train, _register_generate, *(m.register for m in SUBCOMMANDS)):
+        register(sub)
+    return ap
 
+
+def _register_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a small dReLU model on the Python stdlib (~3 min on 2 cores)",
                        description="Train a tiny dReLU transformer on the Python standard library's "
                                    "sources, then print its validation loss, per-layer FFN sparsity "
                                    "and a sample.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a ~20 s version (nano model, 60 steps)")
-    p.add_argument("--steps", type=_positive_int, help="override the number of training steps")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of init, batches and sampling")
+    p.add_argument("--steps", type=positive_int, help="override the number of training steps")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init, batches and sampling")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_demo)
 
+
+def _register_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on a text file or folder (or the stdlib)",
                        description="Train a minisparse model. Architecture: --preset plus overrides. "
                                    "Outputs go to --out: checkpoint.safetensors, metrics.jsonl, loss.png.")
     g = p.add_argument_group("model (ignored with --resume)")
     g.add_argument("--preset", help="base configuration: nano, tiny (default), small, tiny-moe")
-    g.add_argument("--dim", type=_positive_int, help="residual width D")
-    g.add_argument("--layers", type=_positive_int, help="number of blocks")
-    g.add_argument("--heads", type=_positive_int, help="query heads")
-    g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA)")
-    g.add_argument("--ffn-dim", type=_positive_int, help="FFN neurons F (per expert)")
+    g.add_argument("--dim", type=positive_int, help="residual width D")
+    g.add_argument("--layers", type=positive_int, help="number of blocks")
+    g.add_argument("--heads", type=positive_int, help="query heads")
+    g.add_argument("--kv-heads", type=positive_int, help="key/value heads (GQA)")
+    g.add_argument("--ffn-dim", type=positive_int, help="FFN neurons F (per expert)")
     g.add_argument("--activation", help="FFN activation: swiglu, drelu, reglu, relu, drelu:0.05, ...")
-    g.add_argument("--experts", type=_nonneg_int, help="experts per MoE layer (0 = dense)")
-    g.add_argument("--top-k", type=_positive_int, help="experts per token (MoE)")
+    g.add_argument("--experts", type=nonneg_int, help="experts per MoE layer (0 = dense)")
+    g.add_argument("--top-k", type=positive_int, help="experts per token (MoE)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="parameter dtype (default float32)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=_positive_int, help="optimizer steps (default 300)")
-    g.add_argument("--batch-size", type=_positive_int, help="sequences per step (default 16)")
-    g.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default 128)")
-    g.add_argument("--lr", type=_positive_float, help="peak learning rate (default 3e-3)")
-    g.add_argument("--warmup", type=_nonneg_int, help="warmup steps (default 30)")
-    g.add_argument("--weight-decay", type=_nonneg_float, help="AdamW weight decay (default 0.1)")
-    g.add_argument("--grad-clip", type=_nonneg_float, help="global gradient-norm clip, 0 = off (default 1)")
-    g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (default 1)")
-    g.add_argument("--l1", type=_nonneg_float, help="ProSparse activation penalty l1*mean|h| (default 0)")
-    g.add_argument("--eval-every", type=_nonneg_int, help="validate every N steps (default 100)")
-    g.add_argument("--save-every", type=_nonneg_int, help="checkpoint every N steps (default: at the end)")
-    g.add_argument("--seed", type=_nonneg_int, help="seed of init and batches (default 0)")
+    g.add_argument("--steps", type=positive_int, help="optimizer steps (default 300)")
+    g.add_argument("--batch-size", type=positive_int, help="sequences per step (default 16)")
+    g.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default 128)")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate (default 3e-3)")
+    g.add_argument("--warmup", type=nonneg_int, help="warmup steps (default 30)")
+    g.add_argument("--weight-decay", type=nonneg_float, help="AdamW weight decay (default 0.1)")
+    g.add_argument("--grad-clip", type=nonneg_float, help="global gradient-norm clip, 0 = off (default 1)")
+    g.add_argument("--grad-accum", type=positive_int, help="micro-batches per step (default 1)")
+    g.add_argument("--l1", type=nonneg_float, help="ProSparse activation penalty l1*mean|h| (default 0)")
+    g.add_argument("--eval-every", type=nonneg_int, help="validate every N steps (default 100)")
+    g.add_argument("--save-every", type=nonneg_int, help="checkpoint every N steps (default: at the end)")
+    g.add_argument("--seed", type=nonneg_int, help="seed of init and batches (default 0)")
     g = p.add_argument_group("data and outputs")
     g.add_argument("--data", help="text file or folder of text files (default: the Python stdlib)")
-    g.add_argument("--max-bytes", type=_positive_int, help="read at most this many bytes (default 2000000)")
+    g.add_argument("--max-bytes", type=positive_int, help="read at most this many bytes (default 2000000)")
     g.add_argument("--val-fraction", type=float, help="share held out for validation (default 0.1)")
     g.add_argument("--out", help="output folder (default runs/train; with --resume, the checkpoint's)")
     g.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    g.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_train)
 
+
+def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained model",
                        description="Stream text from a minisparse checkpoint (file or folder) or a "
                                    "Hugging Face model folder (config.json + *.safetensors).")
     p.add_argument("--model", required=True, help="checkpoint file, training folder, or HF folder")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a file)")
-    p.add_argument("--max-new-tokens", type=_nonneg_int, default=200)
-    p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=_unit_float, default=None)
-    p.add_argument("--seed", type=_nonneg_int, default=None)
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=200)
+    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=unit_float, default=None)
+    p.add_argument("--seed", type=nonneg_int, default=None)
     p.add_argument("--backend", default=None, help="sparse FFN backend for decoding (numpy, numba, cupy)")
     p.set_defaults(func=cmd_generate)
-
-    _register_plugins(sub, plugins)
-    return ap
 
 
 def main(argv: Optional[List[str]] = None) -> int:
