@@ -11,13 +11,20 @@ Definitions implemented here
 * **top-k sparsity** -- keep, per token, the ``(1 - s)`` share of neurons with the largest
   ``|h|`` and zero the rest (how TurboSparse, Song et al. 2024, compares activations at a
   fixed sparsity ``s``).
-* **CETT** -- cumulative errors of tail truncation (ReLU^2 Wins, Zhang et al. 2024):
-  drop every neuron with ``|h_f| < t``; CETT(t) = ||sum_dropped h_f w_down[f]|| / ||y||,
-  averaged over tokens. :func:`cett_threshold` finds by binary search the largest t whose
-  CETT stays under a target (0.2 in the paper) and the sparsity that t allows.
-* **TEAL input sparsity** -- (Liu et al. 2024, "Training-free activation sparsity in LLMs"):
-  zero the entries of a projection's *input* whose magnitude is below ``t``, where ``t`` is
-  the ``s``-quantile of ``|x|`` on held-out calibration text, so a share ``s`` is dropped.
+* **CETT** -- cumulative errors of tail truncation (ReLU^2 Wins, Zhang et al. 2024,
+  arXiv 2402.03804): neuron f's output on a token is ``n_f = h_f w_down[f]``, of norm
+  ``|h_f| ||w_down[f]||``; drop every neuron whose output norm is below ``eps``;
+  CETT(eps) = ||sum of the dropped n_f|| / ||y||, averaged over tokens. Neurons are ranked
+  by their *output norm*, not by ``|h_f|`` alone. :func:`cett_threshold` finds by binary
+  search the largest ``eps`` whose CETT stays under a target (0.2 in the paper) and the
+  sparsity it allows; :func:`cett_mask` applies it. Calibrate on training text, evaluate
+  on validation text.
+* **TEAL-uniform input sparsity** -- (after Liu et al. 2024, "Training-free activation
+  sparsity in LLMs"): zero the entries of a projection's *input* whose magnitude is below
+  ``t``, where ``t`` is the ``s``-quantile of ``|x|`` on held-out calibration text, so a
+  share ``s`` is dropped. TEAL itself thresholds the inputs of every projection (attention
+  too) with a greedy per-layer allocation of sparsity; this is the uniform, per-tensor
+  version ("TEAL-uniform"), applied to FFN inputs only by :mod:`~minisparse.sparsity.quality`.
 
 Everything here works on plain arrays, so it can be checked by hand (see the tests).
 """
@@ -31,7 +38,8 @@ Array = np.ndarray
 
 __all__ = [
     "exact_zero_fraction", "below_eps_fraction", "topk_keep_count", "topk_mask", "topk_sparsify",
-    "threshold_mask", "threshold_sparsify", "cett_per_token", "cett", "cett_threshold",
+    "threshold_mask", "threshold_sparsify", "neuron_output_norms", "cett_mask", "cett_h_thresholds",
+    "cett_per_token", "cett", "cett_threshold",
     "teal_threshold", "teal_thresholds",
 ]
 
@@ -148,8 +156,51 @@ def _check_w_down(h: Array, w_down) -> Array:
     return w
 
 
-def cett_per_token(h, w_down, t: float) -> Array:
-    """CETT of each token at threshold ``t``: ||sum_{|h_f|<t} h_f w_down[f]|| / ||h @ w_down||.
+def neuron_output_norms(h, w_down) -> Array:
+    """(N, F) norm of each neuron's output on each token: ``|h_f| * ||w_down[f]||``.
+
+    This is the quantity ReLU^2 Wins ranks and drops neurons by (float64).
+
+    >>> import numpy as np
+    >>> neuron_output_norms([[3.0, -4.0]], np.array([[1.0, 0.0], [0.0, 0.5]])).tolist()
+    [[3.0, 2.0]]
+    """
+    h = _as_2d(h).astype(np.float64)
+    w = _check_w_down(h, w_down).astype(np.float64)
+    return np.abs(h) * np.linalg.norm(w, axis=1)[None, :]              # (N, F)
+
+
+def cett_mask(h, w_down, eps: float) -> Array:
+    """Boolean (N, F) mask of the neurons CETT keeps: output norm ``|h_f| ||w_down[f]|| >= eps``.
+
+    >>> import numpy as np
+    >>> cett_mask([[3.0, 4.0, 12.0]], np.diag([1.0, 0.5, 1.0]), 2.5).tolist()
+    [[True, False, True]]
+    """
+    return neuron_output_norms(h, w_down) >= eps
+
+
+def cett_h_thresholds(w_down, eps: float) -> Array:
+    """(F,) per-neuron thresholds on ``|h_f|`` equivalent to an output-norm threshold ``eps``:
+    ``eps / ||w_down[f]||`` (``inf`` for a neuron whose down row is zero: it is always dropped).
+
+    ``|h_f| >= eps / ||w_f||`` iff ``|h_f| ||w_f|| >= eps``, so a :class:`~minisparse.sparsity.Threshold`
+    rule with these thresholds applies CETT's drop rule.
+    """
+    w = np.asarray(w_down, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"w_down must be neuron-major (F, D), got shape {w.shape}")
+    norms = np.linalg.norm(w, axis=1)                                  # (F,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(norms > 0, eps / np.where(norms > 0, norms, 1.0), np.inf)
+    if eps <= 0:
+        out = np.zeros_like(norms)
+    return out
+
+
+def cett_per_token(h, w_down, eps: float) -> Array:
+    """CETT of each token at output-norm threshold ``eps`` (ReLU^2 Wins):
+    ``||sum_{f: |h_f| ||w_f|| < eps} h_f w_f|| / ||h @ w_down||``.
 
     Tokens whose FFN output is exactly zero have nothing to lose and score 0.
     Computed in float64 (ratios of norms of small vectors).
@@ -161,7 +212,8 @@ def cett_per_token(h, w_down, t: float) -> Array:
     h = _as_2d(h).astype(np.float64)
     w = _check_w_down(h, w_down).astype(np.float64)
     y = h @ w                                                          # (N, D) full output
-    dropped = np.where(np.abs(h) < t, h, 0.0) @ w                      # (N, D) output of dropped neurons
+    drop = neuron_output_norms(h, w) < eps                             # (N, F)
+    dropped = np.where(drop, h, 0.0) @ w                               # (N, D) output of dropped neurons
     ny = np.linalg.norm(y, axis=1)                                     # (N,)
     nd = np.linalg.norm(dropped, axis=1)                               # (N,)
     out = np.zeros_like(ny)
@@ -170,41 +222,44 @@ def cett_per_token(h, w_down, t: float) -> Array:
     return out
 
 
-def cett(h, w_down, t: float) -> float:
-    """Mean CETT over tokens at threshold ``t`` (see :func:`cett_per_token`)."""
-    return float(cett_per_token(h, w_down, t).mean())
+def cett(h, w_down, eps: float) -> float:
+    """Mean CETT over tokens at output-norm threshold ``eps`` (see :func:`cett_per_token`)."""
+    return float(cett_per_token(h, w_down, eps).mean())
 
 
 def cett_threshold(h, w_down, target: float = 0.2) -> Tuple[float, float, float]:
-    """Largest threshold whose mean CETT stays <= ``target``; the sparsity it allows.
+    """Largest output-norm threshold ``eps`` whose mean CETT stays <= ``target``; its sparsity.
 
-    Binary search over the sorted distinct values of ``|h|``: a threshold ``t`` drops the
-    neurons with ``|h| < t``, so only thresholds equal to one of those values give distinct
-    drop sets, and the largest ``t`` giving a drop set is that value itself. CETT grows
-    (almost always) with ``t``; the search assumes it is monotone, as the paper does.
+    A neuron is dropped on a token when its output norm ``|h_f| ||w_down[f]||`` is below
+    ``eps`` (ReLU^2 Wins). Binary search over the sorted distinct output norms: only those
+    values give distinct drop sets, and the largest ``eps`` giving a drop set is that value
+    itself. CETT grows (almost always) with ``eps``; the search assumes it is monotone, as
+    the paper does. Calibrate on training text and evaluate the threshold on validation text.
 
-    Returns ``(t, sparsity, cett_at_t)`` where sparsity is the share of entries with
-    ``|h| < t`` (exact zeros always count as dropped). If every neuron can be dropped,
-    ``t = inf``.
+    Returns ``(eps, sparsity, cett_at_eps)`` where sparsity is the share of entries dropped
+    (exact zeros always count as dropped). If every neuron can be dropped, ``eps = inf``.
+    Per-neuron thresholds on ``|h|``: :func:`cett_h_thresholds`.
 
     Examples
     --------
-    Identity down projection, one token ``h = (3, 4, 12)`` with ||y|| = 13: dropping 3 gives
-    CETT 3/13 = 0.23, dropping 3 and 4 gives 5/13 = 0.38. Under a 0.25 target the largest
-    threshold drops only the 3: t = 4, sparsity 1/3.
+    Down rows of norms (1, 2, 0.25), one token ``h = (3, 4, 12)``: neuron outputs of norm
+    3, 8 and 3, ``y = (3, 8, 3)`` of norm sqrt(82) = 9.06. Dropping the two of norm 3 gives
+    CETT sqrt(18)/9.06 = 0.47; ranking by ``|h|`` would have dropped 3 and 4 instead.
+    Under a 0.5 target the largest threshold is eps = 8 (drops both norm-3 neurons).
 
     >>> import numpy as np
-    >>> t, s, c = cett_threshold([[3.0, 4.0, 12.0]], np.eye(3), 0.25)
-    >>> float(t), round(s, 4), round(c, 4)
-    (4.0, 0.3333, 0.2308)
+    >>> w = np.diag([1.0, 2.0, 0.25])
+    >>> eps, s, c = cett_threshold([[3.0, 4.0, 12.0]], w, 0.5)
+    >>> float(eps), round(s, 4), round(c, 4)
+    (8.0, 0.6667, 0.4685)
     """
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"CETT target must lie in [0, 1], got {target} (the paper uses 0.2)")
     h = _as_2d(h).astype(np.float64)
     w = _check_w_down(h, w_down).astype(np.float64)
-    a = np.abs(h)                                                      # (N, F)
+    a = neuron_output_norms(h, w)                                      # (N, F) output norms
     values = np.unique(a[a > 0])                                       # sorted distinct candidates
-    candidates = np.append(values, np.inf)                             # t = inf drops everything
+    candidates = np.append(values, np.inf)                             # eps = inf drops everything
 
     def score(t: float) -> float:
         return cett(h, w, t)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .metrics import cett_threshold, teal_threshold, topk_mask
+from .metrics import cett_h_thresholds, cett_threshold, teal_threshold, topk_mask
 from .recorder import Recorder, ffn_input_tap, ffn_weights
 
 Array = np.ndarray
@@ -80,17 +80,22 @@ class Threshold(Rule):
         super().__init__()
         self.t = t
 
-    def threshold(self, layer: int, expert: Optional[int]) -> float:
+    def threshold(self, layer: int, expert: Optional[int]):
+        """A float, or an (F,) array of per-neuron thresholds (as :func:`calibrate_cett` gives)."""
         if isinstance(self.t, Mapping):
             if (layer, expert) in self.t:
-                return float(self.t[(layer, expert)])
+                return _t(self.t[(layer, expert)])
             if layer in self.t:
-                return float(self.t[layer])
+                return _t(self.t[layer])
             raise KeyError(f"no threshold for layer {layer} expert {expert}; keys: {sorted(self.t, key=str)}")
         return float(self.t)
 
     def mask(self, layer, expert, h):
         return np.abs(h) >= self.threshold(layer, expert)
+
+
+def _t(t):
+    return float(t) if np.ndim(t) == 0 else np.asarray(t, dtype=np.float64)
 
 
 class Mask(Rule):
@@ -173,9 +178,12 @@ def calibrate_thresholds(recorder: Recorder, sparsity: float) -> Dict:
 
 def calibrate_cett(model, corpus=None, target: float = 0.2, *, recorder: Optional[Recorder] = None,
                    **record_kwargs) -> Dict:
-    """Per-FFN CETT thresholds (ReLU^2 Wins): ``{(layer, expert): {"threshold", "sparsity"}}``.
+    """Per-FFN CETT thresholds (ReLU^2 Wins): ``{(layer, expert): {"threshold", "eps", "sparsity", "cett"}}``.
 
-    Uses the token rows in ``recorder`` (recording ``corpus`` first when none is given).
+    ``eps`` is the threshold on a neuron's output norm ``|h_f| ||w_down[f]||``; ``threshold``
+    the equivalent (F,) per-neuron thresholds on ``|h|`` (``eps / ||w_down[f]||``).
+    Uses the token rows in ``recorder`` (recording ``corpus`` first when none is given;
+    record the *training* split to calibrate, and evaluate on validation).
     Pass ``{k: v["threshold"] for k, v in result.items()}`` to :class:`Threshold`.
     """
     if recorder is None:
@@ -187,7 +195,7 @@ def calibrate_cett(model, corpus=None, target: float = 0.2, *, recorder: Optiona
     for key in recorder.keys():
         w_down = ffn_weights(model, *key)[2]
         t, s, c = cett_threshold(recorder.stats[key].rows.sample(), w_down, target)
-        out[key] = {"threshold": t, "sparsity": s, "cett": c}
+        out[key] = {"threshold": cett_h_thresholds(w_down, t), "eps": t, "sparsity": s, "cett": c}
     return out
 
 

@@ -72,6 +72,30 @@ def test_cett_by_hand():
     assert t == np.inf and s == 1.0
 
 
+def test_cett_ranks_by_output_norm_by_hand():
+    # ReLU^2 Wins drops neurons by the norm of their output |h_f| * ||w_down[f]||.
+    # Down rows of norms 1, 2, 0.25 and h = (3, 4, 12): outputs (3,0,0), (0,8,0), (0,0,3);
+    # y = (3, 8, 3), ||y|| = sqrt(82). Ranking by |h| would drop 3 and 4 first; by output
+    # norm the two of norm 3 go first (neurons 0 and 2), then neuron 1.
+    w = np.diag([1.0, 2.0, 0.25])
+    h = np.array([[3.0, 4.0, 12.0]])
+    assert M.neuron_output_norms(h, w).tolist() == [[3.0, 8.0, 3.0]]
+    assert M.cett_mask(h, w, 3.5).tolist() == [[False, True, False]]
+    assert M.cett(h, w, 3.5) == pytest.approx(np.sqrt(18 / 82))       # 0.4685
+    assert M.cett(h, w, 8.5) == pytest.approx(1.0)
+    eps, s, c = M.cett_threshold(h, w, 0.5)
+    assert (eps, s, c) == (8.0, pytest.approx(2 / 3), pytest.approx(np.sqrt(18 / 82)))
+    eps, s, _ = M.cett_threshold(h, w, 0.3)           # dropping the norm-3 pair costs 0.47 > 0.3
+    assert (eps, s) == (3.0, 0.0)
+    # a rotation of the down rows changes nothing: only the row norms matter for the ranking
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
+    assert M.cett(h, w @ q, 3.5) == pytest.approx(np.sqrt(18 / 82))
+    # per-neuron |h| thresholds equivalent to eps: eps / ||w_f||
+    assert M.cett_h_thresholds(w, 8.0).tolist() == [8.0, 4.0, 32.0]
+    assert M.cett_h_thresholds(np.zeros((2, 3)), 1.0).tolist() == [np.inf, np.inf]
+    assert (np.abs(h) >= M.cett_h_thresholds(w, 3.5)).tolist() == M.cett_mask(h, w, 3.5).tolist()
+
+
 def test_cett_two_tokens_and_a_zero_output():
     # token 2's output is zero (the neurons cancel): it has nothing to lose and scores 0
     w = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -86,17 +110,19 @@ def test_cett_two_tokens_and_a_zero_output():
 @given(n=st.sampled_from([1, 3, 7]), F=st.sampled_from([2, 7, 16]), seed=st.integers(0, 1000),
        target=st.sampled_from([0.05, 0.2, 0.5]))
 def test_cett_binary_search_matches_a_linear_scan(dtype, n, F, seed, target):
-    # with an orthogonal down projection CETT is monotone in t, so the largest feasible
-    # threshold is the one a linear scan over the candidate values finds
+    # with orthogonal (scaled) down rows CETT is monotone in eps, so the largest feasible
+    # threshold is the one a linear scan over the candidate output norms finds
     rng = np.random.default_rng(seed)
     h = rng.standard_normal((n, F)).astype(dtype)
     q, _ = np.linalg.qr(rng.standard_normal((F, F)))
-    cands = np.append(np.unique(np.abs(h.astype(np.float64))), np.inf)
-    feasible = [t for t in cands if M.cett(h, q, t) <= target]
-    t, s, c = M.cett_threshold(h, q, target)
+    w = rng.uniform(0.2, 3.0, size=(F, 1)) * q                     # row f has norm scale_f
+    norms = M.neuron_output_norms(h, w)
+    cands = np.append(np.unique(norms), np.inf)
+    feasible = [t for t in cands if M.cett(h, w, t) <= target]
+    t, s, c = M.cett_threshold(h, w, target)
     assert t == (max(feasible) if feasible else 0.0)
     assert c <= target + 1e-12
-    assert s == pytest.approx(np.mean(np.abs(h.astype(np.float64)) < t) if t > 0 else 0.0)
+    assert s == pytest.approx(np.mean(norms < t) if t > 0 else 0.0)
 
 
 def test_cett_rejects_bad_shapes():

@@ -4,6 +4,7 @@ import pytest
 
 import minisparse as ms
 from minisparse.data import corpus_from_text
+from minisparse.sparsity.metrics import cett_mask
 from minisparse.sparsity import (Mask, Recorder, Threshold, TopK, calibrate_cett, calibrate_teal, cett,
                                  evaluate_rule, evaluate_teal, ffn_weights, loss_vs_sparsity)
 from minisparse.train import evaluate
@@ -65,8 +66,18 @@ def test_calibrated_cett_thresholds_keep_cett_under_target(model, corpus):
     res = calibrate_cett(model, target=0.2, recorder=rec)
     for key, v in res.items():
         rows = rec.stats[key].rows.sample()
-        assert cett(rows, ffn_weights(model, *key)[2], v["threshold"]) <= 0.2
+        w_down = ffn_weights(model, *key)[2]
+        assert cett(rows, w_down, v["eps"]) <= 0.2
         assert 0 < v["sparsity"] < 1
+        # the per-neuron |h| thresholds drop exactly the neurons of output norm < eps
+        keep = np.abs(rows) >= v["threshold"]
+        assert (keep == cett_mask(rows, w_down, v["eps"])).all()
+    # the Threshold rule applies them: its sparsity on the recorded rows is CETT's
+    rule = Threshold({k: v["threshold"] for k, v in res.items()})
+    for key, v in res.items():
+        rule.reset()
+        rule(key[0], key[1], rec.stats[key].rows.sample())
+        assert rule.sparsity == pytest.approx(v["sparsity"])
 
 
 def test_teal_calibration_and_evaluation(model, corpus):
