@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..activations import Activation, get_activation
+from .base import check_inputs  # the one validator, shared by every backend
 
 # name -> (module path, install hint). Explicit on purpose: no plugin discovery, no magic.
 _REGISTRY: Dict[str, tuple] = {
@@ -145,7 +146,6 @@ def sparse_ffn(x, w_gate, w_up, w_down, activation, *, backend: str = "numpy", a
     (True, 'sparse', 16)
     """
     mod = get_backend(backend)
-    from .numpy_ import check_inputs  # the one validator, shared by every backend
     act = get_activation(activation) if not isinstance(activation, Activation) else activation
     info = check_inputs(x, w_gate, w_up, w_down, act, active=active, threshold=threshold,
                         weight_dtypes=mod.WEIGHT_DTYPES, backend=mod.NAME)

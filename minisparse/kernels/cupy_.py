@@ -31,7 +31,7 @@ from typing import Dict
 import numpy as np
 
 from ..activations import Activation
-from .numba_ import activation_codes
+from .base import activation_codes, cuda_activation_source
 
 NAME = "cupy"
 WEIGHT_DTYPES = (np.float16, np.float32, np.float64)
@@ -61,6 +61,12 @@ def check_usable() -> None:
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "sparse_ffn.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _MODULES: Dict[tuple, object] = {}
+
+
+def cuda_source() -> str:
+    """The CUDA source of the kernels: the shared activation definitions + ``sparse_ffn.cu``."""
+    with open(_SRC_PATH) as fh:
+        return cuda_activation_source() + fh.read()
 _WORKSPACES: Dict[tuple, dict] = {}
 
 
@@ -68,8 +74,7 @@ def _kernels(wdt: np.dtype, xdt: np.dtype) -> dict:
     """Compiled kernels for (weight dtype, x dtype), one RawModule per pair (NVRTC, cached)."""
     key = (wdt, xdt)
     if key not in _MODULES:
-        with open(_SRC_PATH) as fh:
-            src = fh.read()
+        src = cuda_source()
         W, X = _CTYPE[wdt], _CTYPE[xdt]
         names = {}
         for tt in TOKEN_TILES:
@@ -129,18 +134,6 @@ def _mask_from_active(active, F: int):
 # ------------------------------------------------------------------------------------
 # dense path (cuBLAS) with the same masking semantics
 # ------------------------------------------------------------------------------------
-_ACT_SRC = """
-template <typename A> __device__ A act_fn(A v, int kind, A thr) {
-    switch (kind) {
-    case 0: return (v > thr || (thr == A(0) && v != v)) ? v : A(0);  // NaN: like np.maximum / np.where
-    case 1: { A r = v <= A(0) ? A(0) : v; return r * r; }
-    case 2: { if (v >= A(0)) return v / (A(1) + exp(-v)); A e = exp(v); return v * e / (A(1) + e); }
-    case 3: return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752)));
-    case 4: return A(0.5) * v * (A(1) + tanh(A(0.79788456080286536) * (v + A(0.044715) * v * v * v)));
-    default: return v;
-    }
-}
-"""
 _DENSE_ACT = {}
 
 
@@ -154,7 +147,7 @@ def _dense_act_kernel():
             bool keep = !(fabs(a) <= skip);
             h = keep ? (T)(gated ? a * act_fn<double>((double)u, uk, thr) : a) : (T)0;
             """,
-            "minisparse_dense_act", preamble=_ACT_SRC)
+            "minisparse_dense_act", preamble=cuda_activation_source())
     return _DENSE_ACT["k"]
 
 

@@ -18,7 +18,7 @@ slower than BLAS on every row, the up and down projections run dense through Num
 (``stats["path"] == "dense"``); the result is the same function either way.
 
 Ideal speed-up at batch 1 with a fraction ``a`` of neurons active: ``3 / (1 + 2a)`` without
-a predictor (the gate stays dense), ``1 / a`` with one (GUIDE.md, "The ideal speed-up").
+a predictor (the gate stays dense), ``1 / a`` with one (``bench/README.md``).
 
 Dimension keys: T tokens, D model dim, F ffn neurons, A active neurons, C chunks.
 """
@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from ..activations import Activation
-from .numpy_ import keep_mask
+from .base import GATE_KINDS, UP_KINDS, activation_codes, keep_mask  # noqa: F401  (the shared codes)
 
 NAME = "numba"
 WEIGHT_DTYPES = (np.float32, np.float64)
@@ -47,10 +47,6 @@ else:
     def check_usable() -> None:
         """Numba imported: usable."""
 
-# activation codes shared with the kernels (and with sparse_ffn.cu)
-GATE_KINDS = {"relu": 0, "relu2": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "identity": 5}
-UP_KINDS = {"identity": 5, "relu": 0}
-
 # reassociation lets LLVM vectorise the dot products; no 'nnan'/'ninf', so NaN and inf
 # still propagate as in the reference
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -60,17 +56,6 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _DENSE_ABOVE = ((1, 0.70), (4, 0.55), (16, 0.35), (64, 0.2))
 _BLAS_GATE_FROM_T = 8          # from this many tokens, the gate is one BLAS GEMM
 _PARALLEL_FROM = 1 << 20       # weights (x tokens) a pass must stream before threads are used
-
-
-def activation_codes(act: Activation, backend: str = NAME):
-    """(gate code, up code, FATReLU threshold) of an activation for the compiled kernels."""
-    if act.gate_kind not in GATE_KINDS:
-        raise ValueError(f"backend {backend!r} has no compiled kernel for activation {act.name!r} "
-                         f"(gate kind {act.gate_kind!r}); it supports gate functions {sorted(GATE_KINDS)}. "
-                         "Use backend='numpy' for custom activations.")
-    if act.gated and act.up_kind not in UP_KINDS:
-        raise ValueError(f"backend {backend!r}: unsupported up function {act.up_kind!r} in {act.name!r}")
-    return GATE_KINDS[act.gate_kind], UP_KINDS.get(act.up_kind, 5), float(act.threshold)
 
 
 def _dense_above(T: int) -> float:
@@ -262,14 +247,7 @@ def ffn(x, w_gate, w_up, w_down, act: Activation, *, active=None, threshold=None
     """Numba FFN on x (T, D) -> y (T, D); same function as :func:`numpy_.ffn`."""
     if stats is None:
         stats = {}
-    if act.gate_kind not in GATE_KINDS or (act.gated and act.up_kind not in UP_KINDS):
-        # a custom activation: no compiled kernel knows its formula, so the FFN is computed
-        # with BLAS and the activation's own NumPy functions (same result; said in stats)
-        from .numpy_ import ffn as reference_ffn
-        y = reference_ffn(x, w_gate, w_up, w_down, act, active=active, threshold=threshold, stats=stats)
-        stats["kernel"] = f"blas+numpy (no compiled kernel for activation {act.name!r})"
-        return y
-    gk, uk, act_thr = activation_codes(act)
+    gk, uk, act_thr = activation_codes(act, NAME)      # raises for custom activations
     x, w_gate, w_down = _c(x), _c(w_gate), _c(w_down)
     w_up = _c(w_up) if w_up is not None else w_gate                    # placeholder when plain
     T, D = x.shape

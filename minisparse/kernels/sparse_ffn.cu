@@ -22,7 +22,7 @@
 // element (unsigned short / float / double), accumulation A = float (double for double).
 // TT = token tile held in registers (T <= TT; the host splits larger T).
 //
-// Activation codes (minisparse.kernels.numba_.GATE_KINDS): 0 relu/FATReLU(thr), 1 relu^2,
+// Activation codes (minisparse.kernels.base.GATE_KINDS): 0 relu/FATReLU(thr), 1 relu^2,
 // 2 silu, 3 gelu (erf), 4 gelu (tanh), 5 identity.
 
 #define WARPS_PER_BLOCK 8
@@ -69,32 +69,12 @@ __device__ __forceinline__ void load16(const unsigned short* p, A* out) {
 }
 
 // ------------------------------------------------------------------------------------
-// activations (same formulas as minisparse.activations)
+// activations: act_fn<A>(v, kind, thr) and m_exp/m_erf/m_tanh/m_abs are NOT written here:
+// cupy_.py prepends minisparse.kernels.base.cuda_activation_source() (the one definition).
+// To compile-check this file alone:
+//   python -c "from minisparse.kernels import cupy_; print(cupy_.cuda_source())" > /tmp/k.cu
+//   nvcc -arch=sm_90 -std=c++17 -c /tmp/k.cu -o /tmp/k.o
 // ------------------------------------------------------------------------------------
-__device__ __forceinline__ float m_exp(float v) { return expf(v); }
-__device__ __forceinline__ double m_exp(double v) { return exp(v); }
-__device__ __forceinline__ float m_erf(float v) { return erff(v); }
-__device__ __forceinline__ double m_erf(double v) { return erf(v); }
-__device__ __forceinline__ float m_tanh(float v) { return tanhf(v); }
-__device__ __forceinline__ double m_tanh(double v) { return tanh(v); }
-__device__ __forceinline__ float m_abs(float v) { return fabsf(v); }
-__device__ __forceinline__ double m_abs(double v) { return fabs(v); }
-
-template <typename A>
-__device__ __forceinline__ A act_fn(A v, int kind, A thr) {
-    switch (kind) {
-    case 0: return (v > thr || (thr == A(0) && v != v)) ? v : A(0);  // NaN: like np.maximum / np.where
-    case 1: { A r = v <= A(0) ? A(0) : v; return r * r; }
-    case 2: {
-        if (v >= A(0)) return v / (A(1) + m_exp(-v));
-        A e = m_exp(v);
-        return v * e / (A(1) + e);
-    }
-    case 3: return A(0.5) * v * (A(1) + m_erf(v * A(0.70710678118654752)));
-    case 4: return A(0.5) * v * (A(1) + m_tanh(A(0.79788456080286536) * (v + A(0.044715) * v * v * v)));
-    default: return v;
-    }
-}
 
 // ------------------------------------------------------------------------------------
 // warp dot products of weight rows with the T (<= TT) token rows of x

@@ -208,13 +208,27 @@ def test_numba_threaded_passes_equal_dense(monkeypatch, act, dtype):
                 assert st_["threads"], st_
 
 
-def test_custom_activation_on_numba_is_computed_with_its_own_formula():
-    require("numba")
+@pytest.mark.parametrize("name", ["numba", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_custom_activation_on_a_compiled_backend_raises(name):
+    """One policy (minisparse.kernels.base.activation_codes): a compiled backend that does not
+    know an activation's formula raises, naming backend='numpy'; it never falls back."""
+    require(name)
     from minisparse.activations import register_activation
     act = register_activation("softplus_test_kernels", lambda v: np.logaddexp(0, v),
                               lambda v: 1 / (1 + np.exp(-v)), overwrite=True)
     p = make_ffn(9, 20, tokens=2, sparsity=0.5, activation="relu", dtype=np.float64, seed=0)
     st_ = {}
-    y = ms.sparse_ffn(p["x"], p["w_gate"], None, p["w_down"], act, backend="numba", stats=st_)
+    with pytest.raises(ValueError, match="backend='numpy'"):
+        ms.sparse_ffn(p["x"], p["w_gate"], None, p["w_down"], act, backend=name, stats=st_)
+    assert "path" not in st_                                          # nothing ran
+    y = ms.sparse_ffn(p["x"], p["w_gate"], None, p["w_down"], act, backend="numpy")
     check(y, p["x"], p["w_gate"], None, p["w_down"], act, np.float64)
-    assert "no compiled kernel" in st_["kernel"] and st_["path"] == "dense"
+
+
+def test_every_backend_module_fulfils_the_protocol():
+    from minisparse.kernels import base
+    from minisparse.kernels import get_backend
+    for name in ms.backends():
+        mod = get_backend(name)
+        assert isinstance(mod, base.Backend), name
+        assert mod.NAME == name and all(np.dtype(d).kind == "f" for d in mod.WEIGHT_DTYPES)
