@@ -22,6 +22,7 @@ Names are case-insensitive. Register your own with :func:`register_activation` a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -39,7 +40,8 @@ def _erf(x: Array) -> Array:
     W. J. Cody's rational Chebyshev approximations on three ranges, evaluated in float64:
     max error ~2e-16 against ``math.erf`` (checked in the tests).
     """
-    x = np.asarray(x)
+    if not hasattr(x, "astype"):          # Python numbers; NumPy and CuPy arrays pass through
+        x = np.asarray(x)
     xd = x.astype(np.float64, copy=False)
     ax = np.abs(xd)
     out = np.empty_like(xd)
@@ -121,7 +123,7 @@ def _sigmoid(x: Array) -> Array:
     with np.errstate(over="ignore"):
         e = np.exp(-x)
     e += 1
-    if not isinstance(e, np.ndarray):     # a NumPy scalar in, a scalar out (no out= buffer)
+    if getattr(e, "ndim", 0) == 0:       # a scalar in, a scalar out (no out= buffer)
         return np.reciprocal(e)
     return np.reciprocal(e, out=e)
 
@@ -366,6 +368,12 @@ _ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu
             "squared_relu": "relu2", "dual_relu": "drelu"}
 
 
+def _fmt_number(x: float) -> str:
+    """Short text of ``x`` that reads back as the same float ("0.05", "1e-05")."""
+    g = f"{x:g}"
+    return g if float(g) == x else repr(float(x))
+
+
 def _with_threshold(act: Activation, t: float) -> Activation:
     """The same activation with every ReLU replaced by FATReLU(threshold t)."""
     if act.gate_kind != "relu":
@@ -373,8 +381,108 @@ def _with_threshold(act: Activation, t: float) -> Activation:
                          f"(relu, fatrelu, reglu, drelu), not {act.name!r}")
     f, df = make_fatrelu(t)
     up_fn, up_grad = (f, df) if act.up_kind == "relu" else (act.up_fn, act.up_grad)
-    return Activation(f"{act.name}:{t:g}", act.gated, f, df, up_fn, up_grad, exact_zeros=True,
+    return Activation(f"{act.name}:{_fmt_number(t)}", act.gated, f, df, up_fn, up_grad, exact_zeros=True,
                       gate_kind="relu", up_kind=act.up_kind, threshold=t)
+
+
+# --------------------------------------------------------------------------------------
+# shifted ReLU (Mirzadeh et al. 2023, stage 2): "drelu_shift:0.05", "reglu_shift:0.05:0.01"
+# --------------------------------------------------------------------------------------
+SHIFT_SUFFIX = "_shift"
+_SHIFTABLE = ("relu", "relu2", "reglu", "drelu", "relu2glu")
+# names written by relufy before the parameterised form: "drelu-shift0.05", "reglu-shift0.5-t0.6"
+_LEGACY_SHIFT = re.compile(r"^(?P<base>[a-z0-9_]+)-shift(?P<b>[-+0-9.e]+?)(?:-t(?P<t>[-+0-9.e]+))?$")
+
+
+def make_shifted_relu(kind: str, shift: float, threshold: float = 0.0):
+    """``(f, df)`` of ``relu(z - shift)`` (kept only above ``threshold``) or ``relu(z - shift)**2``.
+
+    ``kind`` is ``"relu"`` or ``"relu2"`` (squared ReLU takes no threshold).
+
+    >>> import numpy as np
+    >>> f, df = make_shifted_relu("relu", 0.5)
+    >>> f(np.array([1.0, 0.2])).tolist(), df(np.array([1.0, 0.2])).tolist()
+    ([0.5, 0.0], [1.0, 0.0])
+    """
+    b, t = float(shift), float(threshold)
+    if kind == "relu":
+        def f(z: Array) -> Array:
+            s = z - np.asarray(b, dtype=z.dtype)
+            return np.where(s > t, s, 0).astype(z.dtype, copy=False)
+
+        def df(z: Array) -> Array:
+            return ((z - np.asarray(b, dtype=z.dtype)) > t).astype(z.dtype)
+        return f, df
+    if kind == "relu2":
+        if t:
+            raise ValueError("a FATReLU threshold is not defined for squared ReLU (relu2 / relu2glu)")
+
+        def f2(z: Array) -> Array:
+            r = np.maximum(z - np.asarray(b, dtype=z.dtype), 0)
+            return r * r
+
+        def df2(z: Array) -> Array:
+            return 2 * np.maximum(z - np.asarray(b, dtype=z.dtype), 0)
+        return f2, df2
+    raise ValueError(f"a shift applies to ReLU-family activations only, not gate kind {kind!r}")
+
+
+def shifted_name(base: str, shift: float, threshold: float = 0.0) -> str:
+    """The registry name of ``base`` with shifted ReLUs: ``shifted_name("drelu", 0.05)`` is
+    ``"drelu_shift:0.05"``; with a FATReLU threshold t, ``"drelu_shift:0.05:t"``."""
+    name = f"{base}{SHIFT_SUFFIX}:{_fmt_number(float(shift))}"
+    return name + (f":{_fmt_number(float(threshold))}" if threshold else "")
+
+
+def _shifted(base: str, b: float, t: float) -> Activation:
+    """``base`` (a ReLU-family name) with every ReLU replaced by ``relu(z - b)`` (> t).
+
+    Its kernels' gate kind is ``"other"`` (the neuron-skipping backends know plain ReLUs
+    only and compute it densely); plain shifted ReLUs keep ``exact_zeros=True``.
+    """
+    if base not in _SHIFTABLE:
+        raise ValueError(f"a shift applies to ReLU-family activations ({', '.join(_SHIFTABLE)}), not {base!r}")
+    act = _REGISTRY[base]
+    f, df = make_shifted_relu(act.gate_kind, b, t)
+    name = shifted_name(base, b, t)
+    if not act.gated:
+        return Activation(name, False, f, df, exact_zeros=True)
+    up_fn, up_grad, up_kind = (f, df, "other") if act.up_kind == "relu" else (identity, identity_grad, "identity")
+    return Activation(name, True, f, df, up_fn, up_grad, exact_zeros=False, gate_kind="other", up_kind=up_kind)
+
+
+def _number(name: str, what: str, text: str, minimum: Optional[float] = None) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"bad {what} in activation {name!r}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"the {what} in activation {name!r} must be a finite number, got {text!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"the {what} in activation {name!r} must be >= {minimum:g}, got {text!r}")
+    return v
+
+
+_PARAMETERISED: Dict[str, Activation] = {}    # "drelu:0.05", "drelu_shift:0.1" -> built once
+
+
+def _parameterised(name: str, key: str, args: list) -> Activation:
+    """An activation with parameters after colons: a FATReLU threshold, or a shift (+ threshold)."""
+    if key.endswith(SHIFT_SUFFIX):
+        base = _ALIASES.get(key[:-len(SHIFT_SUFFIX)], key[:-len(SHIFT_SUFFIX)])
+        if not 1 <= len(args) <= 2:
+            raise ValueError(f"activation {name!r}: a shifted ReLU takes a shift and optionally a threshold, "
+                             f"e.g. '{base}_shift:0.05' or '{base}_shift:0.05:0.01'")
+        b = _number(name, "shift", args[0])
+        t = _number(name, "threshold", args[1], 0.0) if len(args) == 2 else 0.0
+        return _shifted(base, b, t)
+    if len(args) != 1:
+        raise ValueError(f"activation {name!r}: give one FATReLU threshold after the colon, e.g. 'drelu:0.05'")
+    t = _number(name, "threshold", args[0], 0.0)
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown activation {name!r}; known: {', '.join(list_activations())}")
+    return _REGISTRY[key] if t == 0.0 else _with_threshold(_REGISTRY[key], t)
 
 
 def get_activation(name) -> Activation:
@@ -385,7 +493,10 @@ def get_activation(name) -> Activation:
     name : str or Activation
         A registry name, a Hugging Face ``hidden_act`` alias (``"gelu_pytorch_tanh"``,
         ``"swish"``...), optionally with a FATReLU threshold after a colon
-        (``"reglu:0.05"``: every ReLU becomes ``x if x > 0.05 else 0``; ProSparse).
+        (``"reglu:0.05"``: every ReLU becomes ``x if x > 0.05 else 0``; ProSparse), or a
+        shifted ReLU-family activation ``"<base>_shift:<b>"`` (every ReLU becomes
+        ``relu(z - b)``; Mirzadeh et al. 2023), optionally with a threshold,
+        ``"drelu_shift:0.05:0.01"``. The older spelling ``"drelu-shift0.05"`` is read too.
         An :class:`Activation` is returned as it is.
 
     Returns
@@ -397,7 +508,8 @@ def get_activation(name) -> Activation:
     KeyError
         The name is unknown (the message lists the known ones).
     ValueError
-        A threshold is malformed or given to a non-ReLU activation.
+        A parameter is malformed, not finite, negative (thresholds), or given to an
+        activation it does not apply to.
 
     Examples
     --------
@@ -405,28 +517,29 @@ def get_activation(name) -> Activation:
     'swiglu'
     >>> get_activation("drelu:0.05").threshold
     0.05
+    >>> get_activation("drelu_shift:0.1").name
+    'drelu_shift:0.1'
     """
     if isinstance(name, Activation):
         return name
     if not isinstance(name, str):
         raise TypeError(f"activation must be a name (str), got {type(name).__name__}")
     key = name.strip().lower()
-    threshold = None
-    if ":" in key:
-        key, _, arg = key.partition(":")
-        try:
-            threshold = float(arg)
-        except ValueError:
-            raise ValueError(f"bad threshold in activation {name!r}: {arg!r} is not a number") from None
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold in activation {name!r} must be finite")
-    key = _ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        raise KeyError(f"unknown activation {name!r}; known: {', '.join(list_activations())}")
-    act = _REGISTRY[key]
-    if threshold is not None and threshold != 0.0:
-        return _with_threshold(act, threshold)
-    return act
+    legacy = _LEGACY_SHIFT.match(key)
+    if legacy is not None and key not in _REGISTRY:
+        key = shifted_name(legacy["base"], _number(name, "shift", legacy["b"]),
+                           _number(name, "threshold", legacy["t"] or "0", 0.0))
+    if ":" not in key:
+        key = _ALIASES.get(key, key)
+        if key not in _REGISTRY:
+            raise KeyError(f"unknown activation {name!r}; known: {', '.join(list_activations())}")
+        return _REGISTRY[key]
+    if key not in _PARAMETERISED:
+        base, *args = key.split(":")
+        act = _parameterised(name, base, args)
+        _PARAMETERISED[key] = act
+        _PARAMETERISED.setdefault(act.name, act)
+    return _PARAMETERISED[key]
 
 
 def list_activations(gated: Optional[bool] = None) -> list:

@@ -144,17 +144,3 @@ def load_data(path, tokenizer, max_bytes: int):
     train, val = split_tokens(ids, 0.1, 0)
     return Corpus(train, val, byte_corpus.name + " (model tokenizer)", byte_corpus.n_bytes, byte_corpus.n_docs)
 
-
-def load_model(path: str):
-    """(model, tokenizer) from a checkpoint or an HF folder; registers shifted activations."""
-    from ..checkpoint import FILENAME, read_metadata
-    from ..sparsity.relufy import ensure_activation
-    p = Path(path).expanduser()
-    ck = p if p.is_file() else p / FILENAME
-    if ck.is_file():
-        try:
-            act = read_metadata(ck)["config"]["activation"]
-            ensure_activation(act)
-        except (KeyError, ValueError, TypeError):
-            pass  # load() below reports what is wrong with the file
-    return load_any(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import check_out_dir, float_list, load_data, load_model, nonneg_float, positive_int
+from .common import check_out_dir, float_list, load_any, load_data, nonneg_float, positive_int
 
 
 def _fmt_pct(x) -> str:
@@ -39,7 +39,7 @@ def cmd_profile(args) -> int:
     from ..sparsity.quality import loss_vs_sparsity
     from ..sparsity.recorder import Recorder
     check_out_dir(args.out)
-    model, tok = load_model(args.model)
+    model, tok = load_any(args.model)
     corpus = load_data(args.data, tok, args.max_bytes)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     ek = dict(batch_size=args.batch_size, seq_len=seq_len, n_batches=args.batches)

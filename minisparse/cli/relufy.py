@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import check_out_dir, load_data, load_model, nonneg_float, nonneg_int, positive_float, positive_int
+from .common import check_out_dir, finite_float, load_any, load_data, nonneg_float, nonneg_int, positive_float, positive_int
 
 
 def cmd_relufy(args) -> int:
@@ -19,7 +19,7 @@ def cmd_relufy(args) -> int:
     from ..train import TrainConfig
     from ..sparsity.relufy import relufy
     check_out_dir(args.out)
-    model, tok = load_model(args.model)
+    model, tok = load_any(args.model)
     corpus = load_data(args.data, tok, args.max_bytes)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     out = Path(args.out)
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("model", help="checkpoint file, training folder, or Hugging Face folder")
     p.add_argument("--to", default="drelu", help="target activation (default drelu)")
     p.add_argument("--steps", type=nonneg_int, default=300, help="recovery training steps (default 300)")
-    p.add_argument("--shift", type=float, default=0.0, help="ReLU(x - shift) instead of ReLU(x)")
+    p.add_argument("--shift", type=finite_float, default=0.0, help="ReLU(x - shift) instead of ReLU(x)")
     p.add_argument("--l1", type=nonneg_float, default=0.0, help="ProSparse L1 penalty on h (default 0)")
     p.add_argument("--fatrelu", type=positive_float, default=None, help="final FATReLU threshold")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default 1e-3)")

@@ -10,8 +10,8 @@ Recipes implemented
 * **Shifted ReLU** (Mirzadeh et al. 2023, stage 2): ``relu(z - b)`` with a constant shift
   ``b > 0`` moves the kink right so more neurons are exactly zero. It is continuous
   (unlike FATReLU below); the shift applies to every ReLU of the activation (both branches
-  of dReLU). Registered as a new activation named ``"<base>-shift<b>"``, e.g.
-  ``"drelu-shift0.1"``; see :func:`shifted_activation`.
+  of dReLU). A parameterised registry name, ``"<base>_shift:<b>"``, e.g.
+  ``"drelu_shift:0.1"``, that checkpoints and ``save_hf`` carry; see :func:`shifted_activation`.
 * **ProSparse** (Song et al. 2024): an L1 penalty ``l1 * mean|h|`` on the FFN activations
   during recovery (``TrainConfig.l1``), then **FATReLU** -- ``z if z > t else 0`` -- with a
   small threshold ``t`` at the end (registry names ``"drelu:0.05"``).
@@ -22,20 +22,17 @@ after it, after recovery training, and after the FATReLU threshold.
 Note for kernels: shifted activations have ``gate_kind="other"`` and
 ``exact_zeros=False``, so neuron-skipping backends, which know plain ReLUs only, treat
 them as dense (correct, not faster). Their zeros are still exact and the recorder sees them.
-Loading a checkpoint with a shifted activation in a new process needs the activation
-registered first: call :func:`ensure_activation` with its name (the CLI does).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..activations import Activation, get_activation, register_activation, register_gated
+from ..activations import Activation, get_activation, shifted_name
 
 Array = np.ndarray
 
@@ -49,40 +46,16 @@ _RELU_KINDS = ("relu", "relu2")
 # ------------------------------------------------------------------------------------------
 # shifted ReLUs as registry entries
 # ------------------------------------------------------------------------------------------
-def _shifted_plain(kind: str, b: float, t: float):
-    """f(z) = relu(z - b) (kept only above t: FATReLU of the shifted input) or relu(z - b)^2."""
-    if kind == "relu":
-        def f(z: Array) -> Array:
-            s = z - np.asarray(b, dtype=z.dtype)
-            return np.where(s > t, s, 0).astype(z.dtype, copy=False)
-
-        def df(z: Array) -> Array:
-            return ((z - np.asarray(b, dtype=z.dtype)) > t).astype(z.dtype)
-        return f, df
-    if kind == "relu2":
-        if t:
-            raise ValueError("a FATReLU threshold is not defined for squared ReLU (relu2 / relu2glu)")
-
-        def f2(z: Array) -> Array:
-            r = np.maximum(z - np.asarray(b, dtype=z.dtype), 0)
-            return r * r
-
-        def df2(z: Array) -> Array:
-            return 2 * np.maximum(z - np.asarray(b, dtype=z.dtype), 0)
-        return f2, df2
-    raise ValueError(f"a shift applies to ReLU-family activations only, not gate kind {kind!r}")
-
-
 def shifted_activation(base: str, shift: float, threshold: float = 0.0) -> Activation:
-    """Register (once) and return ``base`` with every ReLU replaced by ``relu(z - shift)``.
+    """Return ``base`` with every ReLU replaced by ``relu(z - shift)`` (a registry name).
 
     ``base`` is a ReLU-family registry name: relu, relu2, reglu, drelu, relu2glu. With
     ``threshold`` t > 0 each shifted ReLU also zeroes outputs <= t (FATReLU on top).
-    Name: ``"<base>-shift<shift>"`` (+ ``"-t<threshold>"``), e.g. ``"drelu-shift0.1"``.
+    Name: ``"<base>_shift:<shift>"`` (+ ``":<threshold>"``), e.g. ``"drelu_shift:0.1"``.
 
     >>> act = shifted_activation("drelu", 0.5)
     >>> act.name, act(np.array([1.0, 0.2]), np.array([2.0, 2.0])).tolist()
-    ('drelu-shift0.5', [0.75, 0.0])
+    ('drelu_shift:0.5', [0.75, 0.0])
     """
     b, t = float(shift), float(threshold)
     act = get_activation(base)
@@ -91,38 +64,13 @@ def shifted_activation(base: str, shift: float, threshold: float = 0.0) -> Activ
     if act.gate_kind not in _RELU_KINDS:
         raise ValueError(f"shift applies to ReLU-family activations (relu, relu2, reglu, drelu, relu2glu), "
                          f"not {act.name!r}")
-    name = f"{act.name}-shift{b:g}" + (f"-t{t:g}" if t else "")
-    try:
-        return get_activation(name)
-    except KeyError:
-        pass
-    f, df = _shifted_plain(act.gate_kind, b, t)
-    plain = f"{act.gate_kind}-shift{b:g}" + (f"-t{t:g}" if t else "")
-    try:
-        get_activation(plain)
-    except KeyError:
-        register_activation(plain, f, df, exact_zeros=True)
-    if not act.gated:
-        return get_activation(plain)
-    up = plain if act.up_kind == "relu" else "identity"
-    return register_gated(name, plain, up)
-
-
-_SHIFT_RE = re.compile(r"^(?P<base>[a-z0-9_]+)-shift(?P<b>[-+0-9.e]+?)(?:-t(?P<t>[-+0-9.e]+))?$")
+    return get_activation(shifted_name(act.name, b, t))
 
 
 def ensure_activation(name: str) -> Activation:
-    """Resolve ``name``, registering a shifted activation (``"drelu-shift0.1"``) if needed.
-
-    Call it before loading a checkpoint whose config names a shifted activation.
-    """
-    try:
-        return get_activation(name)
-    except KeyError:
-        m = _SHIFT_RE.match(name.strip().lower())
-        if m is None:
-            raise
-        return shifted_activation(m["base"], float(m["b"]), float(m["t"] or 0.0))
+    """Resolve ``name`` (kept for old callers: the registry parses shifted names itself,
+    including the older ``"drelu-shift0.1"`` spelling)."""
+    return get_activation(name)
 
 
 # ------------------------------------------------------------------------------------------

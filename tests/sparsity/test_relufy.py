@@ -101,7 +101,7 @@ def test_relufied_shifted_model_survives_a_checkpoint(tmp_path):
     pytest.importorskip("safetensors")
     m = ms.Transformer(ms.preset("nano", activation="swiglu"), seed=0)
     new = relufy(m, "drelu", shift=0.01).model
-    assert new.config.activation == "drelu-shift0.01"
+    assert new.config.activation == "drelu_shift:0.01"
     p = ms.save(new, tmp_path / "c.safetensors")
     back = ms.load(p)
     x = np.arange(1, 9)[None]
