@@ -146,6 +146,11 @@ def sparse_ffn(x, w_gate, w_up, w_down, activation, *, backend: str = "numpy", a
     (True, 'sparse', 16)
     """
     mod = get_backend(backend)
+    cached = getattr(mod, "sparse_ffn_cached", None)       # validation once per weight set (cupy)
+    if cached is not None:
+        y = cached(x, w_gate, w_up, w_down, activation, active=active, threshold=threshold, stats=stats)
+        if y is not None:
+            return y
     act = get_activation(activation) if not isinstance(activation, Activation) else activation
     info = check_inputs(x, w_gate, w_up, w_down, act, active=active, threshold=threshold,
                         weight_dtypes=mod.WEIGHT_DTYPES, backend=mod.NAME)

@@ -291,3 +291,176 @@ __global__ void ffn_down(const int* __restrict__ cnt, const int* __restrict__ id
         }
     }
 }
+
+// ====================================================================================
+// 4. ONE launch for the whole FFN: ffn_fused (the default sparse path since 2026-12-01)
+// ====================================================================================
+// Block b owns the neurons [b*P, min(F, (b+1)*P)) (P = per_block). Its 8 warps
+//   (1) compute, one warp per neuron, the gate (and, for kept neurons, the up) dot
+//       products: without a mask every gate row of the range is read and the up row only
+//       of kept neurons; with a predicted mask only masked-in neurons are read, gate and
+//       up rows interleaved. Kept neurons go to a compact list in shared memory
+//       (slot, f, h[t]);
+//   (2) multiply that list into w_down: each thread owns VEC consecutive columns per
+//       pass, accumulates sum_j h[j, t] * w_down[f_j, c..c+VEC) in registers (16-byte
+//       loads), and adds its (T, VEC) partial to the global fp32/fp64 accumulator with
+//       atomics (one float4 atomic per 4 columns on sm_90);
+//   (3) the LAST block to finish (a ticket counter after a memory fence: the CUDA
+//       samples' threadFenceReduction pattern, no grid-wide barrier, no co-residency
+//       needed) converts the accumulator to x's dtype into `out`, zeroes the
+//       accumulator and resets the counters for the next launch.
+// So the accumulator is all zero between launches: no memset, no second kernel, and the
+// same launch can be replayed from a CUDA graph. Launches that share an accumulator must
+// run in order (one stream).
+
+template <typename X> __device__ __forceinline__ X from_acc(float v);
+template <> __device__ __forceinline__ unsigned short from_acc<unsigned short>(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <typename X> __device__ __forceinline__ X from_acc(double v) { return (X)v; }
+
+// acc[0..V) += p[0..V): vector atomics where the hardware has them
+template <int V>
+__device__ __forceinline__ void atomic_add_vec(float* acc, const float* p, bool vec4) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(MINISPARSE_NO_VEC_ATOMICS)
+    if (vec4 && (V % 4) == 0) {
+#pragma unroll
+        for (int q = 0; q < V / 4; ++q)
+            atomicAdd(reinterpret_cast<float4*>(acc + 4 * q), make_float4(p[4 * q], p[4 * q + 1], p[4 * q + 2], p[4 * q + 3]));
+        return;
+    }
+#endif
+#pragma unroll
+    for (int k = 0; k < V; ++k) atomicAdd(acc + k, p[k]);
+}
+template <int V>
+__device__ __forceinline__ void atomic_add_vec(double* acc, const double* p, bool) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) atomicAdd(acc + k, p[k]);
+}
+
+template <typename W, typename X, int TT>
+__global__ void __launch_bounds__(32 * WARPS_PER_BLOCK, TT == 1 ? 2 : 1)
+ffn_fused(const X* __restrict__ x, const W* __restrict__ wg, const W* __restrict__ wu, const W* __restrict__ wd,
+          const unsigned char* __restrict__ mask, int T, int D, int F, int per_block, int gate_kind, int up_kind,
+          typename Acc<W>::T act_thr, typename Acc<W>::T skip_thr, int flags,
+          typename Acc<W>::T* __restrict__ acc, X* __restrict__ out, unsigned int* __restrict__ counters) {
+    // counters: [0] blocks done (ticket), [1] kept neurons (running sum), [2] kept neurons
+    // of the last finished launch (read by the host only when stats are asked for)
+    typedef typename Acc<W>::T A;
+    const int V = Vec<W>::N;
+    extern __shared__ __align__(16) unsigned char smem[];
+    A* s_h = reinterpret_cast<A*>(smem);                               // (per_block, TT)
+    int* s_idx = reinterpret_cast<int*>(smem + sizeof(A) * (size_t)per_block * TT);  // (per_block,)
+    __shared__ int s_n;
+    __shared__ bool s_last;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const bool vec_ok = flags & F_VEC, predicted = flags & F_PREDICTED, gated = flags & F_GATED;
+    if (threadIdx.x == 0) s_n = 0;
+    __syncthreads();
+    const int f0 = blockIdx.x * per_block;
+    const int f1 = min(F, f0 + per_block);
+    // (1) gate [+ up] for the block's neurons, kept ones into the shared list
+    for (int f = f0 + wid; f < f1; f += WARPS_PER_BLOCK) {
+        if (predicted && !mask[f]) continue;
+        A s[TT], u[TT];
+        const bool pair = predicted && gated;                          // gate and up rows together
+        if (pair)
+            warp_dots<W, X, A, TT, 2>(x, wg + (size_t)f * D, wu + (size_t)f * D, T, D, vec_ok, lane, s, u);
+        else
+            warp_dots<W, X, A, TT, 1>(x, wg + (size_t)f * D, wg, T, D, vec_ok, lane, s, u);
+        bool any = false;
+#pragma unroll
+        for (int t = 0; t < TT; ++t) {
+            if (t < T) {
+                s[t] = act_fn<A>(s[t], gate_kind, act_thr);
+                bool keep = !(m_abs(s[t]) <= skip_thr);                 // NaN counts as kept
+                if (!keep) s[t] = A(0);
+                any |= keep;
+            }
+        }
+        if (!any) continue;                                            // uniform across the warp
+        if (gated) {
+            if (!pair) warp_dots<W, X, A, TT, 1>(x, wu + (size_t)f * D, wu, T, D, vec_ok, lane, u, u);
+#pragma unroll
+            for (int t = 0; t < TT; ++t)
+                if (t < T && s[t] != A(0)) s[t] = s[t] * act_fn<A>(u[t], up_kind, act_thr);
+        }
+        int slot = 0;
+        if (lane == 0) slot = atomicAdd(&s_n, 1);
+        slot = __shfl_sync(0xffffffffu, slot, 0);
+        if (lane == 0) s_idx[slot] = f;
+        if (lane < TT) {
+#pragma unroll
+            for (int t = 0; t < TT; ++t)
+                if (t == lane) s_h[(size_t)slot * TT + t] = s[t];          // s[t] == 0 for t >= T
+        }
+    }
+    __syncthreads();
+    const int n = s_n;
+    // (2) down projection of the block's kept neurons, atomically added to acc (T, D)
+    if (n > 0) {
+        const bool vec4 = (D & 3) == 0;
+        for (int c = threadIdx.x * V; c < D; c += blockDim.x * V) {
+            A p[TT][V];
+#pragma unroll
+            for (int t = 0; t < TT; ++t)
+#pragma unroll
+                for (int k = 0; k < V; ++k) p[t][k] = A(0);
+            const bool full = vec_ok && c + V <= D;
+#pragma unroll 4
+            for (int j = 0; j < n; ++j) {
+                const W* row = wd + (size_t)s_idx[j] * D + c;
+                A w[V];
+                if (full) {
+                    load16<A>(row, w);
+                } else {
+#pragma unroll
+                    for (int k = 0; k < V; ++k) w[k] = (c + k < D) ? to_acc<A>(row[k]) : A(0);
+                }
+#pragma unroll
+                for (int t = 0; t < TT; ++t) {
+                    const A h = s_h[(size_t)j * TT + t];
+#pragma unroll
+                    for (int k = 0; k < V; ++k) p[t][k] += h * w[k];
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < TT; ++t) {
+                if (t < T) {
+                    A* dst = acc + (size_t)t * D + c;
+                    if (c + V <= D) {
+                        atomic_add_vec<V>(dst, p[t], vec4);
+                    } else {
+                        for (int k = 0; k < V && c + k < D; ++k) atomicAdd(dst + k, p[t][k]);
+                    }
+                }
+            }
+        }
+    }
+    // (3) the last block converts acc to out and leaves acc and the counters zero
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (n > 0) atomicAdd(counters + 1, (unsigned int)n);
+        __threadfence();
+        s_last = atomicAdd(counters, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int nY = T * D;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < nY; i += blockDim.x) {
+        const A v = __ldcg(acc + i);
+        out[i] = from_acc<X>(v);
+        __stcg(acc + i, A(0));
+    }
+    if (threadIdx.x == 0) {
+        counters[2] = atomicExch(counters + 1, 0u);
+        atomicExch(counters, 0u);
+    }
+}

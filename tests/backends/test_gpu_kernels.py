@@ -113,3 +113,117 @@ def test_misaligned_rows_fall_back_to_scalar_loads(cp):
     y = ms.sparse_ffn(cp.asarray(p["x"]), views["w_gate"], views["w_up"], views["w_down"], "drelu",
                       backend="cupy")
     check(y, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32)
+
+
+# ------------------------------------------------------------------------------------
+# the one-launch path (ffn_fused) and the sync-free ffn_device entry point
+# ------------------------------------------------------------------------------------
+@pytest.fixture(params=["fused", "split"])
+def kernel_kind(request, cp, monkeypatch):
+    from minisparse.kernels import cupy_
+    monkeypatch.setattr(cupy_, "SPARSE_KERNEL", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("act", ["drelu", "relu", "reglu:0.05"])
+@pytest.mark.parametrize("D, F, T", [(1, 1, 1), (7, 33, 3), (33, 97, 8), (130, 257, 1), (4095, 1001, 2), (64, 3000, 5)])
+def test_fused_and_split_paths_equal_reference(cp, kernel_kind, act, D, F, T):
+    for dtype in (np.float32, np.float64):
+        p = make_ffn(D, F, tokens=T, sparsity=0.85, activation=act.split(":")[0], dtype=dtype, seed=D + F + T)
+        d = _dev(cp, p)
+        wu = d["w_up"] if act != "relu" else None
+        for kw in ({}, {"active": cp.asarray(np.isin(np.arange(F), p["active"][::2]))}, {"threshold": 0.02}):
+            st = {}
+            y = ms.sparse_ffn(d["x"], d["w_gate"], wu, d["w_down"], act, backend="cupy", stats=st, **kw)
+            ref = {k: (p["active"][::2] if k == "active" else v) for k, v in kw.items()}
+            check(y, p["x"], p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, dtype,
+                  what=f"{kernel_kind} {act} {kw.keys()} {st}", **ref)
+            assert st["path"] == "sparse"
+            if not kw and act != "reglu:0.05":
+                assert st["n_active"] == p["active"].size
+
+
+@pytest.mark.parametrize("wdt, xdt", [(np.float16, np.float16), (np.float16, np.float32), (np.float32, np.float32),
+                                      (np.float64, np.float64)])
+@pytest.mark.parametrize("act", ["drelu", "swiglu", "relu"])
+@pytest.mark.parametrize("D, F, T", [(1, 1, 1), (7, 33, 3), (256, 1000, 1), (4095, 333, 8), (40, 130, 19)])
+def test_ffn_device_equals_reference_over_repeated_calls(cp, wdt, xdt, act, D, F, T):
+    """Values change between calls (the accumulator must be zero again after each launch),
+    with and without a mask and an out buffer; swiglu: nothing is skipped, still exact."""
+    from minisparse.kernels import cupy_
+    p = make_ffn(D, F, tokens=T, sparsity=0.9, activation=act, dtype=wdt, seed=D * 7 + F)
+    d = _dev(cp, p)
+    wu = d["w_up"] if act != "relu" else None
+    x = cp.asarray(p["x"].astype(xdt))
+    mask = cp.asarray(np.isin(np.arange(F), p["active"][1::2]))
+    out = cp.empty((T, D), dtype=xdt)
+    tol = np.float16 if wdt == np.float16 else wdt
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        xs = p["x"].copy()
+        xs[:, 1:] *= rng.uniform(0.5, 1.5, size=xs[:, 1:].shape).astype(wdt)   # keep x[:, 0] = 1 (exact set)
+        x[...] = cp.asarray(xs.astype(xdt))
+        y = cupy_.ffn_device(x, d["w_gate"], wu, d["w_down"], act)
+        assert y.dtype == xdt and y.shape == (T, D)
+        check(y, xs.astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol,
+              what=f"ffn_device {act} call {i}")
+        y2 = cupy_.ffn_device(x, d["w_gate"], wu, d["w_down"], act, active=mask, out=out)
+        assert y2 is out
+        check(out, xs.astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol,
+              active=p["active"][1::2], what=f"ffn_device {act} mask call {i}")
+
+
+def test_ffn_device_allocates_and_syncs_nothing_after_the_first_call_and_replays_in_a_graph(cp):
+    from minisparse.kernels import cupy_
+    p = make_ffn(512, 1536, tokens=1, sparsity=0.9, activation="drelu", dtype=np.float16, seed=3)
+    d = _dev(cp, p)
+    mask = cp.asarray(np.isin(np.arange(1536), p["active"]))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        x = cp.asarray(p["x"])
+        out = cp.empty_like(x)
+        cupy_.ffn_device(x, d["w_gate"], d["w_up"], d["w_down"], "drelu", active=mask, out=out)   # plans here
+        stream.synchronize()
+        pool = cp.get_default_memory_pool()
+        used = pool.used_bytes()
+        stream.begin_capture()
+        for _ in range(3):                                            # capture fails on any sync
+            cupy_.ffn_device(x, d["w_gate"], d["w_up"], d["w_down"], "drelu", active=mask, out=out)
+        graph = stream.end_capture()
+        assert pool.used_bytes() == used                              # nothing allocated
+        xs = p["x"].copy()
+        xs[:, 1:] *= 0.75
+        x[...] = cp.asarray(xs)
+        out[...] = 0
+        graph.launch(stream)
+        stream.synchronize()
+    check(out, xs, p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float16, active=p["active"],
+          what="graph replay")
+
+
+def test_ffn_device_rejects_bad_inputs_clearly(cp):
+    from minisparse.kernels import cupy_
+    p = make_ffn(16, 40, tokens=2, sparsity=0.5, activation="drelu", dtype=np.float32, seed=0)
+    d = _dev(cp, p)
+    with pytest.raises(TypeError, match="CuPy arrays"):
+        cupy_.ffn_device(p["x"], d["w_gate"], d["w_up"], d["w_down"], "drelu")
+    with pytest.raises(TypeError, match="mask of shape"):
+        cupy_.ffn_device(d["x"], d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.arange(3))
+    with pytest.raises(ValueError, match="out must be"):
+        cupy_.ffn_device(d["x"], d["w_gate"], d["w_up"], d["w_down"], "drelu", out=cp.empty((2, 15), cp.float32))
+    with pytest.raises(ValueError, match="shape"):
+        cupy_.ffn_device(d["x"], d["w_gate"], d["w_up"], d["w_down"][:, :8].copy(), "drelu")
+
+
+def test_sparse_ffn_validates_once_but_still_rejects_new_bad_inputs(cp):
+    p = make_ffn(16, 40, tokens=2, sparsity=0.5, activation="drelu", dtype=np.float32, seed=0)
+    d = _dev(cp, p)
+    for _ in range(2):                                                # second call: the cached path
+        y = ms.sparse_ffn(d["x"], d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy")
+        check(y, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32)
+    with pytest.raises(ValueError, match="ffn_dim=40"):
+        ms.sparse_ffn(d["x"], d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy",
+                      active=np.array([0, 40]))
+    with pytest.raises(ValueError, match="transposed"):
+        ms.sparse_ffn(d["x"], d["w_gate"], d["w_up"], cp.ascontiguousarray(d["w_down"].T), "drelu",
+                      backend="cupy")
