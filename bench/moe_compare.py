@@ -38,7 +38,8 @@ import numpy as np
 import minisparse as ms
 from minisparse import layers as L
 from minisparse.data import load_corpus
-from minisparse.moe import count_parameters, moe_forward, moe_stats
+from minisparse.moe import moe_forward
+from minisparse.stats import count_parameters, moe_stats
 from minisparse.train import TrainConfig, evaluate, train
 
 HERE = Path(__file__).resolve().parent

@@ -14,11 +14,12 @@ the "rotate-half" layout Hugging Face's Llama uses; grouped-query attention (Ain
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from .activations import Activation
+from .xp import add_at, array_module
 
 Array = np.ndarray
 
@@ -33,8 +34,9 @@ def embedding_forward(table: Array, tokens: Array) -> Array:
 
 def embedding_backward(dout: Array, tokens: Array, vocab_size: int) -> Array:
     """dout (B, T, D) -> d table (V, D); rows of repeated tokens accumulate."""
-    dtable = np.zeros((vocab_size, dout.shape[-1]), dtype=dout.dtype)  # (V, D)
-    np.add.at(dtable, tokens.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    xp = array_module(dout)                                         # numpy or cupy (minisparse.xp)
+    dtable = xp.zeros((vocab_size, dout.shape[-1]), dtype=dout.dtype)  # (V, D)
+    add_at(dtable, tokens.reshape(-1), dout.reshape(-1, dout.shape[-1]))
     return dtable
 
 
@@ -88,10 +90,12 @@ def rope_backward(dout: Array, cos: Array, sin: Array) -> Array:
 # ======================================================================================
 # causal self-attention with grouped-query KV heads
 # ======================================================================================
-def causal_mask_bias(T: int, S: int, q_start: int = 0, dtype=np.float32) -> Array:
-    """(T, S) additive mask: 0 where query i (at position q_start + i) may see key j, -inf after."""
-    hidden = np.arange(S)[None, :] > q_start + np.arange(T)[:, None]  # (T, S) True = hidden
-    return np.where(hidden, -np.inf, 0.0).astype(dtype)
+def causal_mask_bias(T: int, S: int, q_start: int = 0, dtype=np.float32, xp=np) -> Array:
+    """(T, S) additive mask: 0 where query i (at position q_start + i) may see key j, -inf after.
+
+    ``xp`` is the array module of the scores (numpy, or cupy on the GPU)."""
+    hidden = xp.arange(S)[None, :] > q_start + xp.arange(T)[:, None]  # (T, S) True = hidden
+    return xp.where(hidden, -np.inf, 0.0).astype(dtype)
 
 
 QUERY_BLOCK = 64  # queries per block in attention: later blocks need more keys, early ones fewer
@@ -115,7 +119,8 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     K, S = k.shape[1], k.shape[2]
     rep = H // K
     scale = 1.0 / math.sqrt(Dh)
-    qs = q * np.asarray(scale, q.dtype)                               # (B, H, T, Dh) scaled queries
+    xp = array_module(q)                                              # numpy or cupy (minisparse.xp)
+    qs = q * q.dtype.type(scale)                                      # (B, H, T, Dh) scaled queries
     out = np.empty_like(q)                                            # (B, H, T, Dh)
     blocks = []
     for t0 in range(0, T, block):
@@ -125,7 +130,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
         kb, vb = k[:, :, :s1], v[:, :, :s1]                           # (B, K, s1, Dh)
         scores = qb @ kb.transpose(0, 1, 3, 2)                        # (B, K, rep*Tb, s1), a new C array,
         # so the reshape below is a view and the mask lands in `scores`
-        scores.reshape(B, K, rep, Tb, s1)[...] += causal_mask_bias(Tb, s1, q_start + t0, q.dtype)
+        scores.reshape(B, K, rep, Tb, s1)[...] += causal_mask_bias(Tb, s1, q_start + t0, q.dtype, xp)
         scores -= scores.max(axis=-1, keepdims=True)                  # subtract max: exp never overflows
         p = np.exp(scores, out=scores)                                # (B, K, rep*Tb, s1), in place
         p /= p.sum(axis=-1, keepdims=True)
@@ -153,7 +158,7 @@ def attention_core_backward(dout: Array, cache):
         # (FlashAttention's identity): a dot over Dh instead of a pass over s1
         dp -= np.sum(do * ob, axis=-1, keepdims=True)
         ds = np.multiply(dp, p, out=dp)                               # (B, K, rep*Tb, s1), in place
-        dqb = (ds @ k[:, :, :s1]) * np.asarray(scale, k.dtype)        # (B, K, rep*Tb, Dh)
+        dqb = (ds @ k[:, :, :s1]) * k.dtype.type(scale)               # (B, K, rep*Tb, Dh)
         dq[:, :, t0:t1] = dqb.reshape(B, H, Tb, Dh)
         dk[:, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb                # (B, K, s1, Dh)
     return dq, dk, dv
@@ -221,6 +226,14 @@ def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Ar
 # gated FFN, neuron-major weights
 #   y = down(act(gate(x), up(x)))   e.g. down(relu(x Wg^T) * relu(x Wu^T))  # dReLU, TurboSparse eq. 2
 # ======================================================================================
+class FFNCache(NamedTuple):
+    """What :func:`ffn_backward` needs from :func:`ffn_forward` (and what instruments read)."""
+    x: Array                    # (N, D) input tokens
+    g: Array                    # (N, F) gate pre-activation  x @ w_gate.T
+    u: Optional[Array]          # (N, F) up pre-activation    x @ w_up.T (None: plain activation)
+    h: Array                    # (N, F) activation output    act(g, u), after any hook
+
+
 def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
                 act: Activation, hook=None):
     """Feed-forward block on tokens x (N, D).
@@ -228,7 +241,7 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
     w_gate, w_up, w_down are all (F, D): row f holds neuron f's weights (contiguous, so a
     sparse kernel can read only the rows of active neurons). Plain activations use no
     ``w_up``. ``hook(h)`` may observe or replace the intermediate activation h (N, F).
-    Returns y (N, D) and a cache ``(x, g, u, h)``.
+    Returns y (N, D) and an :class:`FFNCache` ``(x, g, u, h)``.
     """
     g = x @ w_gate.T                                                 # (N, F) gate pre-activation
     u = x @ w_up.T if act.gated else None                            # (N, F) up pre-activation
@@ -238,20 +251,22 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
         if h2 is not None:
             h = h2
     y = h @ w_down                                                   # (N, D)
-    return y, (x, g, u, h)
+    return y, FFNCache(x, g, u, h)
 
 
 def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down: Array,
-                 act: Activation, l1: float = 0.0):
+                 act: Activation, l1: float = 0.0, l1_tokens: Optional[int] = None):
     """dy (N, D) -> dx (N, D), dw_gate, dw_up (or None), dw_down, each (F, D).
 
-    ``l1`` adds the gradient of ``l1 * mean(|h|)`` (ProSparse's activation penalty).
+    ``l1`` adds the gradient of ``l1 * sum(|h|) / l1_tokens`` (ProSparse's activation
+    penalty: a sum over neurons, averaged over tokens; ``l1_tokens`` defaults to N, and a
+    MoE expert passes the layer's token count so each token is penalised once).
     """
     x, g, u, h = cache
     dw_down = h.T @ dy                                               # (F, D)
     dh = dy @ w_down.T                                               # (N, F)
     if l1:
-        dh += np.asarray(l1 / h.size, dh.dtype) * np.sign(h)
+        dh += dh.dtype.type(l1 / (l1_tokens or h.shape[0])) * np.sign(h)
     # = act.backward(dh, g, u), written out to skip work when the up factor is the identity
     if act.gated:
         b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
@@ -285,15 +300,16 @@ def cross_entropy_forward(logits: Array, targets: Array, ignore_index: int = -1)
     z = logits - m
     lse = np.log(np.exp(z).sum(axis=-1))                             # (N,)
     t = np.where(valid, targets, 0)
-    nll = lse - z[np.arange(len(t)), t]                              # (N,)
+    rows = array_module(z).arange(len(t))                            # (N,) on z's device
+    nll = lse - z[rows, t]                                           # (N,)
     loss = float((nll * valid).sum() / n)
-    return loss, (z, lse, t, valid, n)
+    return loss, (z, lse, t, valid, n, rows)
 
 
 def cross_entropy_backward(cache) -> Array:
     """-> dlogits (N, V) = (softmax - onehot) / n on valid rows, 0 elsewhere."""
-    z, lse, t, valid, n = cache
+    z, lse, t, valid, n, rows = cache
     p = np.exp(z - lse[:, None])                                     # (N, V)
-    p[np.arange(len(t)), t] -= 1.0
+    p[rows, t] -= 1.0
     p *= (valid / n)[:, None].astype(p.dtype)
     return p

@@ -26,26 +26,79 @@ Parameter names (shapes; D dim, V vocab, H heads, K kv heads, Dh head dim, F ffn
 """
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Optional
+from functools import partial
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
 from . import layers as L
 from .activations import get_activation
 from .config import ModelConfig
+from .xp import array_module, device_name, get_module, to_device, to_numpy
 
 Array = np.ndarray
 # ffn_hook(layer, expert, h) -> None | new h      (expert is None for a dense FFN)
+# In MoE layers a hook that takes a fourth argument also gets ``rows``: the token rows of
+# x2 routed to that expert (the routing, so that nobody has to run the router again).
 FFNHook = Callable[[int, Optional[int], Array], Optional[Array]]
+
+
+class FFNWeights(NamedTuple):
+    """One FFN's weights, each (F, D) neuron-major; ``w_up`` is None for plain activations."""
+    w_gate: Array
+    w_up: Optional[Array]
+    w_down: Array
+
+
+class FFNOut(NamedTuple):
+    """What an FFN call returns besides y: its kind, the backward's cache, and the routing.
+
+    kind    "dense" (reference FFN), "moe" (minisparse.moe layer) or "kernel" (sparse_ffn)
+    cache   layers.FFNCache (dense), moe.MoECache (moe; its experts' caches are None when
+            a kernel backend ran them) or None (kernel: inference only)
+    routing MoE layers: {expert: token rows of x2 (N_e,)}; None for dense FFNs
+    """
+    kind: str
+    cache: object
+    routing: Optional[Dict[int, Array]] = None
+
+
+class BlockCache(NamedTuple):
+    """One block's intermediates of the training forward, as the backward reads them."""
+    attention_norm: tuple       # rms_norm cache of the attention input
+    attention: tuple            # attention cache
+    ffn_norm: tuple             # rms_norm cache of the FFN input
+    ffn: FFNOut
+
+
+class ForwardCache(NamedTuple):
+    """Everything :meth:`Transformer.loss_and_grads` needs from the forward pass."""
+    blocks: List[BlockCache]
+    xf: Array                   # (B, T, D) final normalised hidden states
+    final_norm: tuple           # rms_norm cache of the final norm
+    tokens: Array               # (B, T) the input ids, on the model's device
+
+
+def _takes_rows(fn) -> bool:
+    """True when a hook accepts a fourth positional argument (the MoE routing rows)."""
+    try:
+        ps = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in ps):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps) >= 4
 
 
 class KVCache:
     """Keys and values of past positions, per layer: (B, K, max_len, Dh) buffers.
 
     ``pos`` is the number of positions already written; a forward pass with a cache
-    writes its T new positions at ``pos`` and advances it.
+    writes its T new positions at ``pos`` and advances it. For a model on the GPU make the
+    cache with ``model.new_cache(...)`` (or ``xp=cupy``): the buffers then live there.
 
     Parameters
     ----------
@@ -57,6 +110,8 @@ class KVCache:
         Should match the model's dtype.
     max_len : int, optional
         Positions to allocate (default ``config.max_seq_len``).
+    xp : module, optional
+        ``numpy`` (default) or ``cupy``: where the buffers live.
 
     Examples
     --------
@@ -69,16 +124,23 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int = 1, dtype=np.float32,
-                 max_len: Optional[int] = None):
+                 max_len: Optional[int] = None, xp=np):
         self.max_len = int(max_len or config.max_seq_len)
         shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
-        self.k = [np.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [np.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.batch_size = batch_size
         self.pos = 0
 
     def reset(self) -> None:
         self.pos = 0
+
+    def check_room(self, n_new: int) -> None:
+        """Raise ValueError unless ``n_new`` more positions fit in the buffers."""
+        if self.pos + n_new > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos} positions written + {n_new} new > max_len="
+                             f"{self.max_len}; make the cache with a larger max_len (at most the "
+                             f"config's max_seq_len) or call cache.reset() to start over")
 
 
 def _check_dtype(dtype) -> np.dtype:
@@ -94,6 +156,8 @@ class Transformer:
     ``model.params`` is a flat dict of named arrays (names and shapes in the module
     docstring above; FFN weights neuron-major, (F, D) each). ``model(tokens)`` runs the
     forward pass; ``model.loss_and_grads(tokens)`` the hand-written backward.
+    ``model.to("cupy")`` moves the parameters to the GPU once; the same code then runs
+    there (see :mod:`minisparse.xp`), and ``model.to("numpy")`` brings them back.
 
     Parameters
     ----------
@@ -103,22 +167,24 @@ class Transformer:
         1/sqrt(2 n_layers), as in GPT-2).
     dtype : float32 (default) or float64.
     backend : None or a kernel backend name ("numpy", "numba", "cupy")
-        When set, inference (not training) runs each FFN through
-        :func:`minisparse.sparse_ffn` with that backend, skipping inactive neurons;
-        per-layer statistics of the last forward are then in ``model.ffn_stats``.
-    params : dict of str to ndarray, optional
+        The default of :meth:`forward`'s ``backend``: when set, inference (not training)
+        runs each FFN through :func:`minisparse.sparse_ffn` with that backend, skipping
+        inactive neurons; per-FFN statistics of the last forward are then in
+        ``model.ffn_stats``.
+    params : dict of str to array, optional
         Use these arrays (checked against the config's names and shapes) instead of a
-        fresh initialisation.
+        fresh initialisation; NumPy arrays, or CuPy arrays for a model on the GPU.
 
     Attributes
     ----------
     params : dict of str to ndarray
-        The parameters, float32 or float64.
+        The parameters, float32 or float64, all on one device.
     config : ModelConfig
     act : Activation
         The FFN activation of the config.
     ffn_stats : list of dict
-        With a backend: per-FFN statistics of the last inference forward.
+        With a backend: per-FFN statistics of the last inference forward, one dict per
+        kernel call with ``layer`` and, in MoE layers, ``expert`` (-1: shared experts).
     last_aux : dict of str to list
         MoE layers: auxiliary losses and router statistics of the last forward.
 
@@ -140,11 +206,13 @@ class Transformer:
         self.params: Dict[str, Array] = params if params is not None else self.init_params(config, seed, self.dtype)
         if params is not None:
             self._check_params()
-            self.dtype = next(iter(self.params.values())).dtype
-        self.backend = backend
-        self.ffn_stats: list = []           # per-FFN stats of the last inference forward (sparse backends)
+            self.dtype = np.dtype(next(iter(self.params.values())).dtype)
+        self.backend = _check_backend(backend)
+        self.ffn_stats: list = []           # per-FFN kernel stats of the last inference forward
         self.last_aux: dict = {}            # auxiliary losses / router stats of the last forward
-        self._rope = L.rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, self.dtype)
+        self._ffn_wrappers: list = []       # wrap_ffn's stack, innermost first
+        rope = L.rope_tables(config.head_dim, config.max_seq_len, config.rope_theta, self.dtype)
+        self._rope = tuple(to_device(t, self.xp) for t in rope)   # cos, sin (max_seq_len, Dh)
 
     # ------------------------------------------------------------------------------------
     # parameters
@@ -218,16 +286,103 @@ class Transformer:
         return int(sum(a.size for a in self.params.values()))
 
     def astype(self, dtype) -> "Transformer":
-        """A copy of the model with parameters cast to ``dtype``."""
+        """A copy of the model with parameters cast to ``dtype`` (on the same device)."""
         dt = _check_dtype(dtype)
         return Transformer(self.config, dtype=dt, backend=self.backend,
                            params={k: v.astype(dt) for k, v in self.params.items()})
 
     # ------------------------------------------------------------------------------------
+    # device: where the arrays live (minisparse.xp)
+    # ------------------------------------------------------------------------------------
+    @property
+    def xp(self):
+        """The array module of the parameters: ``numpy``, or ``cupy`` after ``to("cupy")``."""
+        return array_module(self.params["tok_embeddings"])
+
+    @property
+    def device(self) -> str:
+        """``"numpy"`` (host) or ``"cupy"`` (GPU)."""
+        return device_name(self.xp)
+
+    def to(self, device: str) -> "Transformer":
+        """Move every parameter to ``device`` ("numpy"/"cpu" or "cupy"/"gpu"), in place.
+
+        The one way to put a model on the GPU: after ``model.to("cupy")`` the parameters
+        are CuPy arrays, and forward, generate, loss_and_grads, train, the recorders and
+        the predictors run there with the same code. Moving back and forth keeps every
+        value bit for bit. Returns the model, so ``Transformer(cfg).to("cupy")`` works.
+
+        Raises ValueError for an unknown device name and ImportError (with the install
+        command) when CuPy or a GPU is missing.
+
+        >>> import minisparse as ms
+        >>> ms.Transformer(ms.preset("nano"), seed=0).to("numpy").device
+        'numpy'
+        """
+        xp = get_module(device)
+        for k in list(self.params):
+            self.params[k] = to_device(self.params[k], xp)
+        self._rope = tuple(to_device(t, xp) for t in self._rope)
+        return self
+
+    def host_params(self) -> Dict[str, np.ndarray]:
+        """The parameters as NumPy arrays (copies from the GPU; the arrays themselves on the host)."""
+        return {k: to_numpy(v) for k, v in self.params.items()}
+
+    def new_cache(self, batch_size: int = 1, max_len: Optional[int] = None) -> KVCache:
+        """A :class:`KVCache` for this model: its dtype, on its device."""
+        return KVCache(self.config, batch_size, self.dtype, max_len=max_len, xp=self.xp)
+
+    def ffn_weights(self, layer: int, expert: Optional[int] = None) -> FFNWeights:
+        """The weights of one FFN: block ``layer``'s dense FFN, or expert ``expert`` of a MoE block.
+
+        ``expert`` is None for a dense FFN, ``0..n_experts-1`` for a routed expert and
+        ``-1`` for the shared experts (one wide FFN). The one owner of the parameter names
+        ``layers.{i}.feed_forward.*``: instruments ask here instead of building names.
+
+        >>> import minisparse as ms
+        >>> m = ms.Transformer(ms.preset("nano", activation="drelu"), seed=0)
+        >>> [w.shape for w in m.ffn_weights(0)]
+        [(172, 64), (172, 64), (172, 64)]
+        """
+        c = self.config
+        if not (isinstance(layer, (int, np.integer)) and 0 <= layer < c.n_layers):
+            raise ValueError(f"layer must be an int in [0, n_layers={c.n_layers}), got {layer!r}")
+        pre = f"layers.{layer}.feed_forward."
+        p = self.params
+        if not c.is_moe_layer(layer):
+            if expert is not None:
+                raise ValueError(f"layer {layer} has a dense FFN: pass expert=None, not {expert!r}")
+            return FFNWeights(p[pre + "w_gate"], p.get(pre + "w_up"), p[pre + "w_down"])
+        if expert == -1:
+            if c.n_shared_experts < 1:
+                raise ValueError(f"layer {layer} has no shared experts (n_shared_experts=0)")
+            return FFNWeights(p[pre + "shared.w_gate"], p.get(pre + "shared.w_up"), p[pre + "shared.w_down"])
+        if not (isinstance(expert, (int, np.integer)) and 0 <= expert < c.n_experts):
+            raise ValueError(f"layer {layer} is a MoE layer: expert must be in [0, n_experts={c.n_experts}) "
+                             f"or -1 (shared experts), got {expert!r}")
+        wu = p.get(pre + "experts.w_up")
+        return FFNWeights(p[pre + "experts.w_gate"][expert], None if wu is None else wu[expert],
+                          p[pre + "experts.w_down"][expert])
+
+    def ffn_keys(self):
+        """Every FFN of the model as (layer, expert) pairs, in forward order (see :meth:`ffn_weights`)."""
+        c = self.config
+        keys = []
+        for i in range(c.n_layers):
+            if c.is_moe_layer(i):
+                keys += [(i, e) for e in range(c.n_experts)]
+                if c.n_shared_experts > 0:
+                    keys.append((i, -1))
+            else:
+                keys.append((i, None))
+        return keys
+
+    # ------------------------------------------------------------------------------------
     # input checks
     # ------------------------------------------------------------------------------------
     def _check_tokens(self, tokens, name: str = "tokens", start: int = 0) -> Array:
-        t = np.asarray(tokens)
+        t = to_numpy(tokens)
         if t.dtype.kind not in "iu":
             raise TypeError(f"{name} must be an integer array, got dtype {t.dtype} "
                             "(token ids are ints; did you pass embeddings or floats?)")
@@ -247,7 +402,8 @@ class Transformer:
     # ------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------
-    def forward(self, tokens, *, cache: Optional[KVCache] = None, ffn_hook: Optional[FFNHook] = None) -> Array:
+    def forward(self, tokens, *, cache: Optional[KVCache] = None, ffn_hook: Optional[FFNHook] = None,
+                backend: Optional[str] = None) -> Array:
         """Logits (B, T, V) for int tokens (B, T).
 
         Parameters
@@ -260,19 +416,23 @@ class Transformer:
         ffn_hook : callable, optional
             ``ffn_hook(layer, expert, h)`` sees every FFN's intermediate activation
             h (N, F), N = B*T (``expert`` is None for a dense FFN, the expert index in
-            MoE layers) and may return a replacement array of the same shape. Used by the
-            sparsity recorder and the sparsification rules; the logits are unchanged when
-            it returns None.
+            MoE layers, -1 for shared experts) and may return a replacement array of the
+            same shape. In MoE layers a hook with a fourth parameter also receives
+            ``rows``, the token rows routed to that expert. Used by the sparsity recorder
+            and the sparsification rules; the logits are unchanged when it returns None.
+        backend : str, optional
+            Run the FFNs through :func:`minisparse.sparse_ffn` with this backend for this
+            call (default: the model's ``backend``); ignored while a hook is given.
 
         Returns
         -------
-        (B, T, V) float array, the model's dtype.
+        (B, T, V) float array, the model's dtype, on the model's device.
 
         Raises
         ------
         TypeError, ValueError
             Tokens that are not integers, not 2-D, out of the vocabulary, or longer than
-            ``max_seq_len``.
+            ``max_seq_len``; a cache of the wrong batch or without room.
 
         Examples
         --------
@@ -286,25 +446,41 @@ class Transformer:
         """
         start = cache.pos if cache is not None else 0
         tokens = self._check_tokens(tokens, start=start)
-        if cache is not None and cache.batch_size != tokens.shape[0]:
-            raise ValueError(f"cache was made for batch {cache.batch_size}, tokens have batch {tokens.shape[0]}")
-        logits, _ = self._forward(tokens, cache=cache, ffn_hook=ffn_hook, train=False)
+        if cache is not None:
+            if cache.batch_size != tokens.shape[0]:
+                raise ValueError(f"cache was made for batch {cache.batch_size}, tokens have batch {tokens.shape[0]}")
+            cache.check_room(tokens.shape[1])
+        backend = self.backend if backend is None else _check_backend(backend)
+        logits, _ = self._forward(tokens, cache=cache, ffn_hook=ffn_hook, train=False, backend=backend)
         if cache is not None:
             cache.pos += tokens.shape[1]
         return logits
 
     __call__ = forward
 
+    def forward_cache(self, tokens):
+        """The training forward of int tokens (B, T): ``(logits, ForwardCache)``.
+
+        The cache holds, per block, named intermediates (``blocks[i].ffn.cache.g`` is a
+        dense FFN's gate pre-activation, ``.h`` its activation; MoE blocks hold a
+        :class:`minisparse.moe.MoECache`). Instruments read it (e.g.
+        :func:`minisparse.stats.count_parameters`); :meth:`loss_and_grads` differentiates it.
+        """
+        tokens = self._check_tokens(tokens)
+        return self._forward(tokens, None, None, train=True, backend=None)
+
     @contextmanager
     def wrap_ffn(self, wrapper) -> Iterator["Transformer"]:
         """Route every FFN call through ``wrapper`` inside a ``with`` block (nestable).
 
-        ``wrapper(ffn, layer, x2, hook, train) -> (y, cache)`` receives the FFN it wraps,
-        ``ffn(layer, x2, hook, train)``, and the block's input x2 (N, D). It may look at x2
-        (recorders, TEAL calibration, predictor training), change it, or compute the FFN
-        another way (decoding with predicted masks). The model is restored on exit, even
-        after an exception. This is the one extension point for FFN *inputs*; the
-        ``ffn_hook`` argument of :meth:`forward` sees the intermediate activation h.
+        ``wrapper(ffn, layer, x2, hook, train) -> (y, out)`` receives the FFN it wraps,
+        ``ffn(layer, x2, hook, train) -> (y, FFNOut)``, and the block's input x2 (N, D). It
+        may look at x2 (recorders, TEAL calibration, predictor training), change it, or
+        compute the FFN another way (decoding with predicted masks). ``out.routing`` gives
+        a MoE layer's token rows per expert. Wrappers form an explicit stack
+        (``model.ffn_wrappers``): the last one entered is outermost; each is removed on
+        exit, even after an exception. This is the one extension point for FFN *inputs*;
+        the ``ffn_hook`` argument of :meth:`forward` sees the intermediate activation h.
 
         >>> import numpy as np, minisparse as ms
         >>> m = ms.Transformer(ms.preset("nano"), seed=0)
@@ -317,58 +493,73 @@ class Transformer:
         >>> seen
         [(0, (3, 64)), (1, (3, 64))]
         """
-        had_own = "_ffn" in vars(self)          # an enclosing wrap_ffn is active
-        inner = self._ffn
-
-        def wrapped(i, x2, hook, train):
-            return wrapper(inner, i, x2, hook, train)
-
-        self._ffn = wrapped
+        self._ffn_wrappers.append(wrapper)
         try:
             yield self
         finally:
-            if had_own:
-                self._ffn = inner
-            else:
-                del self._ffn
+            # remove this very wrapper (not whatever is last), so a misnested exit stays correct
+            for j in range(len(self._ffn_wrappers) - 1, -1, -1):
+                if self._ffn_wrappers[j] is wrapper:
+                    del self._ffn_wrappers[j]
+                    break
 
-    def _ffn(self, i: int, x2: Array, hook, train: bool):
-        """FFN of block i on tokens x2 (N, D) -> y (N, D), cache (training only)."""
-        c, p = self.config, self.params
-        pre = f"layers.{i}.feed_forward."
+    @property
+    def ffn_wrappers(self) -> tuple:
+        """The active :meth:`wrap_ffn` wrappers, innermost first."""
+        return tuple(self._ffn_wrappers)
+
+    def _run_ffn(self, i: int, x2: Array, hook, train: bool, backend: Optional[str]):
+        """FFN of block i through the wrapper stack -> (y (N, D), FFNOut or None)."""
+        def ffn(i, x2, hook, train):
+            return self._ffn(i, x2, hook, train, backend)
+        for wrapper in self._ffn_wrappers:                            # innermost first
+            ffn = partial(wrapper, ffn)                               # wrapper(inner, i, x2, hook, train)
+        return ffn(i, x2, hook, train)
+
+    def _ffn(self, i: int, x2: Array, hook, train: bool, backend: Optional[str]):
+        """FFN of block i on tokens x2 (N, D) -> y (N, D), FFNOut."""
+        c = self.config
+        use_kernel = backend is not None and not train and hook is None
         if c.is_moe_layer(i):
             from .moe import moe_forward
-            y, cache, aux = moe_forward(x2, p, pre, c, self.act, layer=i, hook=hook,
-                                        backend=None if train else self.backend)
+            y, cache, aux = moe_forward(x2, self.params, f"layers.{i}.feed_forward.", c, self.act, layer=i,
+                                        hook=hook, backend=backend if use_kernel else None)
+            for st in aux.pop("ffn_stats", []):
+                self.ffn_stats.append(dict(layer=i, **st))
             for k, v in aux.items():
                 self.last_aux.setdefault(k, []).append(v)
-            return y, ("moe", cache)
-        wg, wu, wd = p[pre + "w_gate"], p.get(pre + "w_up"), p[pre + "w_down"]
-        if self.backend is not None and not train and hook is None:
+            return y, FFNOut("moe", cache, cache.routing)
+        wg, wu, wd = self.ffn_weights(i)
+        if use_kernel:
             from .kernels import sparse_ffn
             stats: dict = {}
-            y = sparse_ffn(x2, wg, wu, wd, self.act, backend=self.backend, stats=stats)
+            y = sparse_ffn(x2, wg, wu, wd, self.act, backend=backend, stats=stats)
             self.ffn_stats.append(dict(layer=i, **stats))
-            return y, None
+            return y, FFNOut("kernel", None)
         h_hook = (lambda h: hook(i, None, h)) if hook is not None else None
         y, cache = L.ffn_forward(x2, wg, wu, wd, self.act, hook=h_hook)
-        return y, ("dense", cache)
+        return y, FFNOut("dense", cache)
 
-    def _forward(self, tokens: Array, cache: Optional[KVCache], ffn_hook, train: bool):
+    def _forward(self, tokens: Array, cache: Optional[KVCache], ffn_hook, train: bool,
+                 backend: Optional[str] = None):
         c, p = self.config, self.params
+        xp = self.xp
         B, T = tokens.shape
         D = c.dim
         start = cache.pos if cache is not None else 0
         cos, sin = self._rope[0][start:start + T], self._rope[1][start:start + T]  # (T, Dh)
         self.ffn_stats = []
         self.last_aux = {}
+        tokens = to_device(tokens, xp)                                      # (B, T) ids on the model's device
         x = L.embedding_forward(p["tok_embeddings"], tokens)                # (B, T, D)
         if c.embed_scale:
-            x = x * np.asarray(math.sqrt(D), dtype=x.dtype)
-        caches = []
+            x = x * x.dtype.type(math.sqrt(D))
+        blocks = []
         for i in range(c.n_layers):
             pre = f"layers.{i}."
             hn, c_n1 = L.rms_norm_forward(x, p[pre + "attention_norm"], c.norm_eps, c.norm_offset)
+            if c.norm_relu:                                                 # ReLU Strikes Back, stage 2
+                hn = xp.maximum(hn, 0)
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             a, c_att = L.attention_forward(
                 hn, p[pre + "attention.wq"], p[pre + "attention.wk"], p[pre + "attention.wv"],
@@ -377,14 +568,16 @@ class Transformer:
                 kv_cache=kv, start_pos=start)                               # (B, T, D)
             x = x + a
             hn2, c_n2 = L.rms_norm_forward(x, p[pre + "ffn_norm"], c.norm_eps, c.norm_offset)
-            f, c_ffn = self._ffn(i, hn2.reshape(B * T, D), ffn_hook, train)  # (N, D)
+            if c.norm_relu:
+                hn2 = xp.maximum(hn2, 0)
+            f, c_ffn = self._run_ffn(i, hn2.reshape(B * T, D), ffn_hook, train, backend)  # (N, D)
             x = x + f.reshape(B, T, D)
             if train:
-                caches.append((c_n1, c_att, c_n2, c_ffn))
+                blocks.append(BlockCache(c_n1, c_att, c_n2, c_ffn))
         xf, c_nf = L.rms_norm_forward(x, p["norm"], c.norm_eps, c.norm_offset)  # (B, T, D)
         w_out = p["tok_embeddings"] if c.tie_embeddings else p["output"]        # (V, D)
         logits = xf @ w_out.T                                                   # (B, T, V)
-        return logits, ((caches, xf, c_nf, tokens) if train else None)
+        return logits, (ForwardCache(blocks, xf, c_nf, tokens) if train else None)
 
     # ------------------------------------------------------------------------------------
     # loss and gradients (hand-written backward)
@@ -397,8 +590,9 @@ class Transformer:
         return loss
 
     def _inputs_targets(self, tokens, targets):
+        """Checked (inputs on the host, targets on the model's device)."""
         if targets is None:
-            t = np.asarray(tokens)
+            t = to_numpy(tokens)
             if t.ndim != 2 or t.shape[1] < 2:
                 raise ValueError(f"without targets, tokens must be (batch, time>=2) and are shifted by one; "
                                  f"got shape {t.shape}")
@@ -406,14 +600,26 @@ class Transformer:
         else:
             inputs = tokens
         inputs = self._check_tokens(inputs)
-        targets = np.asarray(targets)
+        targets = to_numpy(targets)
         if targets.shape != inputs.shape:
             raise ValueError(f"targets shape {targets.shape} must equal tokens shape {inputs.shape}")
         if targets.dtype.kind not in "iu":
             raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
         if ((targets < -1) | (targets >= self.config.vocab_size)).any():
             raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
-        return inputs, targets
+        return inputs, to_device(targets, self.xp)
+
+    def _l1_penalty(self, blocks: List[BlockCache], l1: float) -> float:
+        """ProSparse's activation penalty over every FFN (dense and MoE), before the backward."""
+        total = 0.0
+        for blk in blocks:
+            kind, fc = blk.ffn.kind, blk.ffn.cache
+            if kind == "dense":
+                total += l1 * float(np.abs(fc.h).sum()) / fc.h.shape[0]     # sum over neurons, mean over tokens
+            else:
+                from .moe import moe_l1
+                total += l1 * moe_l1(fc)
+        return total
 
     def loss_and_grads(self, tokens, targets=None, *, l1: float = 0.0):
         """Cross-entropy loss and the gradient of every parameter (hand-written backward).
@@ -426,8 +632,9 @@ class Transformer:
         targets : (B, T) int array, optional
             Next-token targets for ``tokens`` (-1 = ignored).
         l1 : float
-            Adds ``l1 * mean|h|`` per dense FFN layer, and per expert (and shared FFN)
-            in MoE layers (ProSparse's activation penalty, Song et al. 2024).
+            Adds ``l1 * sum|h|`` per token (summed over the FFN's neurons, averaged over
+            tokens) for every FFN layer; in MoE layers the sum runs over the token's routed
+            experts and the shared FFN (ProSparse's activation penalty, Song et al. 2024).
 
         Returns
         -------
@@ -435,7 +642,7 @@ class Transformer:
             Mean cross-entropy (nats per token) plus the MoE auxiliary losses with their
             coefficients and the L1 penalty.
         grads : dict of str to ndarray
-            Keyed exactly like ``params``, same shapes and dtype.
+            Keyed exactly like ``params``, same shapes, dtype and device.
 
         Examples
         --------
@@ -449,58 +656,24 @@ class Transformer:
         inputs, targets = self._inputs_targets(tokens, targets)
         B, T = inputs.shape
         D, V = c.dim, c.vocab_size
-        logits, (caches, xf, c_nf, toks) = self._forward(inputs, None, None, train=True)
+        logits, fwd = self._forward(inputs, None, None, train=True)
         loss, ce_cache = L.cross_entropy_forward(logits.reshape(-1, V), targets.reshape(-1))
         self.last_aux["ce_loss"] = loss
-        total = loss
-        for key in ("aux_loss",):
-            if key in self.last_aux:
-                total += float(np.sum(self.last_aux[key]))
+        total = loss + float(np.sum(self.last_aux.get("aux_loss", [])))
         if l1:
-            for (_, _, _, (kind, fc)) in caches:
-                if kind == "dense":
-                    total += l1 * float(np.abs(fc[3]).mean())
-                else:
-                    from .moe import moe_l1
-                    total += l1 * moe_l1(fc)
+            total += self._l1_penalty(fwd.blocks, l1)
         grads: Dict[str, Array] = {}
 
         dlogits = L.cross_entropy_backward(ce_cache).reshape(B, T, V)  # (B, T, V)
         w_out = p["tok_embeddings"] if c.tie_embeddings else p["output"]
-        dw_out = dlogits.reshape(-1, V).T @ xf.reshape(-1, D)                  # (V, D)
+        dw_out = dlogits.reshape(-1, V).T @ fwd.xf.reshape(-1, D)              # (V, D)
         dxf = dlogits @ w_out                                                  # (B, T, D)
-        dx, grads["norm"] = L.rms_norm_backward(dxf, c_nf)
+        dx, grads["norm"] = L.rms_norm_backward(dxf, fwd.final_norm)
         for i in reversed(range(c.n_layers)):
-            pre = f"layers.{i}."
-            c_n1, c_att, c_n2, (kind, c_ffn) = caches[i]
-            # FFN residual branch
-            df = dx.reshape(B * T, D)
-            if kind == "moe":
-                from .moe import moe_backward
-                dhn2, g_moe = moe_backward(df, c_ffn, p, pre + "feed_forward.", c, self.act, l1=l1)
-                grads.update(g_moe)
-            else:
-                q = pre + "feed_forward."
-                dhn2, dwg, dwu, dwd = L.ffn_backward(df, c_ffn, p[q + "w_gate"], p.get(q + "w_up"),
-                                                     p[q + "w_down"], self.act, l1=l1)
-                grads[q + "w_gate"], grads[q + "w_down"] = dwg, dwd
-                if dwu is not None:
-                    grads[q + "w_up"] = dwu
-            dxn, grads[pre + "ffn_norm"] = L.rms_norm_backward(dhn2.reshape(B, T, D), c_n2)
-            dx = dx + dxn
-            # attention residual branch
-            dhn, g_att = L.attention_backward(dx, c_att, p[pre + "attention.wq"], p[pre + "attention.wk"],
-                                              p[pre + "attention.wv"], p[pre + "attention.wo"])
-            for k in ("wq", "wk", "wv", "wo"):
-                grads[pre + "attention." + k] = g_att[k]
-            if c.qkv_bias:
-                for k in ("bq", "bk", "bv"):
-                    grads[pre + "attention." + k] = g_att[k]
-            dxn, grads[pre + "attention_norm"] = L.rms_norm_backward(dhn, c_n1)
-            dx = dx + dxn
+            dx = self._block_backward(i, dx, fwd.blocks[i], grads, l1)
         if c.embed_scale:
-            dx = dx * np.asarray(math.sqrt(D), dtype=dx.dtype)
-        demb = L.embedding_backward(dx, toks, V)
+            dx = dx * dx.dtype.type(math.sqrt(D))
+        demb = L.embedding_backward(dx, fwd.tokens, V)
         if c.tie_embeddings:
             grads["tok_embeddings"] = demb + dw_out
         else:
@@ -508,3 +681,47 @@ class Transformer:
             grads["output"] = dw_out
         grads = {k: grads[k].astype(p[k].dtype, copy=False) for k in p}
         return total, grads
+
+    def _block_backward(self, i: int, dx: Array, blk: BlockCache, grads: Dict[str, Array], l1: float) -> Array:
+        """Backward through block i (FFN branch, then attention branch); fills ``grads``."""
+        c, p = self.config, self.params
+        B, T, D = dx.shape
+        pre = f"layers.{i}."
+        # FFN residual branch
+        df = dx.reshape(B * T, D)
+        if blk.ffn.kind == "moe":
+            from .moe import moe_backward
+            dhn2, g_moe = moe_backward(df, blk.ffn.cache, p, pre + "feed_forward.", c, self.act, l1=l1)
+            grads.update(g_moe)
+        else:
+            q = pre + "feed_forward."
+            wg, wu, wd = self.ffn_weights(i)
+            dhn2, dwg, dwu, dwd = L.ffn_backward(df, blk.ffn.cache, wg, wu, wd, self.act, l1=l1)
+            grads[q + "w_gate"], grads[q + "w_down"] = dwg, dwd
+            if dwu is not None:
+                grads[q + "w_up"] = dwu
+        dhn2 = dhn2.reshape(B, T, D)
+        if c.norm_relu:                              # through relu(norm(x)): the norm's output was xhat * scale
+            dhn2 = dhn2 * (blk.ffn_norm[0] * blk.ffn_norm[2] > 0)
+        dxn, grads[pre + "ffn_norm"] = L.rms_norm_backward(dhn2, blk.ffn_norm)
+        dx = dx + dxn
+        # attention residual branch
+        dhn, g_att = L.attention_backward(dx, blk.attention, p[pre + "attention.wq"], p[pre + "attention.wk"],
+                                          p[pre + "attention.wv"], p[pre + "attention.wo"])
+        for k in ("wq", "wk", "wv", "wo") + (("bq", "bk", "bv") if c.qkv_bias else ()):
+            grads[pre + "attention." + k] = g_att[k]
+        if c.norm_relu:
+            dhn = dhn * (blk.attention_norm[0] * blk.attention_norm[2] > 0)
+        dxn, grads[pre + "attention_norm"] = L.rms_norm_backward(dhn, blk.attention_norm)
+        return dx + dxn
+
+
+def _check_backend(backend: Optional[str]) -> Optional[str]:
+    """None, or a registered kernel backend name (checked now, not at the first forward)."""
+    if backend is None:
+        return None
+    from .kernels import registered_backends
+    if not isinstance(backend, str) or backend.strip().lower() not in registered_backends():
+        raise ValueError(f"unknown backend {backend!r}; choose one of {registered_backends()} or None "
+                         "(the dense NumPy reference); minisparse.backends() lists those usable here")
+    return backend.strip().lower()

@@ -65,21 +65,52 @@ Fs shared neurons, N_e tokens routed to expert e.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
 from . import layers as L
 from .activations import Activation, get_activation
 from .config import ROUTERS, ModelConfig
+from .xp import array_module
 
 Array = np.ndarray
 
 __all__ = [
     "moe_param_shapes", "moe_forward", "moe_backward", "router_forward", "router_backward",
     "top_k_indices", "load_balancing_loss", "load_balancing_backward", "z_loss", "z_loss_backward",
-    "expert_capacity", "count_parameters", "moe_stats", "format_moe_stats",
+    "expert_capacity", "moe_l1", "RouterCache", "ExpertCache", "MoECache",
 ]
+
+
+class RouterCache(NamedTuple):
+    """What :func:`router_backward` needs from :func:`router_forward`."""
+    logits: Array               # (N, E) router logits
+    probs: Array                # (N, E) softmax over all experts
+    idx: Array                  # (N, k) chosen experts, best first
+    gates: Array                # (N, k) gate weights
+    denom: Optional[Array]      # (N, 1) renormaliser (softmax_topk_norm), else None
+    router: str                 # the normalisation's name
+
+
+class ExpertCache(NamedTuple):
+    """One expert's share of a MoE forward."""
+    expert: int
+    rows: Array                 # (N_e,) token rows of x2 routed here (after capacity)
+    slots: Array                # (N_e,) which of the token's k choices this is
+    y: Array                    # (N_e, D) the expert's output, before its gate
+    ffn: Optional[L.FFNCache]   # the expert FFN's cache (None when a kernel backend ran it)
+
+
+class MoECache(NamedTuple):
+    """What :func:`moe_backward` needs from :func:`moe_forward` (and what instruments read)."""
+    x2: Array                   # (N, D) layer input
+    router: RouterCache
+    experts: List[ExpertCache]  # experts that received tokens, in expert order
+    shared: Optional[L.FFNCache]  # shared experts' FFN cache (None: none, or a kernel ran them)
+    f: Array                    # (E,) fraction of routed slots per expert (load balancing)
+    lse: Array                  # (N,) logsumexp of the router logits (z-loss)
+    routing: Dict[int, Array]   # {expert: rows}, the same rows as ``experts`` (shared experts: all rows)
 
 
 # ======================================================================================
@@ -139,7 +170,10 @@ def top_k_indices(scores: Array, k: int) -> Array:
     >>> top_k_indices(np.array([[1.0, 3.0, 3.0, 0.0]]), 2)
     array([[1, 2]])
     """
-    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]         # (N, k)
+    xp = array_module(scores)
+    if xp is np:
+        return np.argsort(-scores, axis=-1, kind="stable")[:, :k]     # (N, k)
+    return xp.argsort(-scores, axis=-1)[:, :k]                        # CuPy's sort is stable (radix)
 
 
 def router_forward(x: Array, w_router: Array, top_k: int, router: str = "topk_softmax"):
@@ -164,16 +198,17 @@ def router_forward(x: Array, w_router: Array, top_k: int, router: str = "topk_so
         else:
             denom = p_sel.sum(axis=1, keepdims=True)                 # (N, 1)
             gates = p_sel / denom                                    # (N, k) renormalised
-    return gates, idx, (logits, probs, idx, gates, denom, router)
+    return gates, idx, RouterCache(logits, probs, idx, gates, denom, router)
 
 
 def router_backward(dgates: Array, cache) -> Array:
     """dL/dgates (N, k) -> dL/dlogits (N, E), for each normalisation."""
     logits, probs, idx, gates, denom, router = cache
+    n = array_module(idx).arange(idx.shape[0])[:, None]              # (N, 1) row of each idx entry
     dlogits = np.zeros_like(logits)                                  # (N, E)
     if router == "topk_softmax":
         dsel = _softmax_backward(dgates, gates)                      # (N, k) through softmax(l_sel)
-        np.put_along_axis(dlogits, idx, dsel, axis=1)                # idx distinct per row
+        dlogits[n, idx] = dsel                                       # idx distinct per row
         return dlogits
     if router == "softmax_topk_norm":
         # gates = q / S, q = p_sel, S = sum q:  dq = (dg - <gates, dg>) / S
@@ -181,7 +216,7 @@ def router_backward(dgates: Array, cache) -> Array:
     else:
         dq = dgates                                                  # (N, k)
     dprobs = np.zeros_like(probs)                                    # (N, E)
-    np.put_along_axis(dprobs, idx, dq, axis=1)
+    dprobs[n, idx] = dq
     return _softmax_backward(dprobs, probs)                          # (N, E) through the full softmax
 
 
@@ -303,20 +338,23 @@ def moe_forward(x2: Array, params: Dict[str, Array], prefix: str, cfg: ModelConf
 
     # 1. route
     gates, idx, c_router = router_forward(x2, w_router, k, cfg.router)  # (N, k), (N, k)
-    logits, probs = c_router[0], c_router[1]                         # (N, E) each
+    logits, probs = c_router.logits, c_router.probs                  # (N, E) each
     cap = expert_capacity(N, k, E, cfg.capacity_factor)
 
     # 2. dispatch: each expert runs on its tokens; 3. combine weighted by the gate
     y = np.zeros_like(x2)                                            # (N, D)
-    experts = []                                                     # (e, rows, slots, y_e, ffn cache)
-    dropped = np.zeros(E, dtype=np.int64)                            # (E,)
+    experts: List[ExpertCache] = []
+    routing: Dict[int, Array] = {}
+    dropped = 0
+    with_rows = hook is not None and _takes_rows(hook)
     for e in range(E):
         rows, slots = np.nonzero(idx == e)                           # (N_e,) each; rows ascending = token order
         if cap is not None and rows.size > cap:
-            dropped[e] = rows.size - cap                             # overflow slots, reported
+            dropped += rows.size - cap                               # overflow slots, reported
             rows, slots = rows[:cap], slots[:cap]
         if rows.size == 0:
             continue
+        routing[e] = rows
         x_e = x2[rows]                                               # (N_e, D)
         w_up_e = wu[e] if wu is not None else None                   # (F, D)
         if use_kernel:
@@ -325,11 +363,11 @@ def moe_forward(x2: Array, params: Dict[str, Array], prefix: str, cfg: ModelConf
             ffn_stats.append(dict(expert=e, **st))
             c_e = None
         else:
-            h_hook = (lambda h, e=e: hook(layer, e, h)) if hook is not None else None
+            h_hook = _expert_hook(hook, layer, e, rows, with_rows)
             y_e, c_e = L.ffn_forward(x_e, wg[e], w_up_e, wd[e], act, hook=h_hook)  # (N_e, D)
         g_e = gates[rows, slots][:, None]                            # (N_e, 1)
         y[rows] += g_e * y_e                                         # rows distinct within an expert
-        experts.append((e, rows, slots, y_e, c_e))
+        experts.append(ExpertCache(e, rows, slots, y_e, c_e))
 
     # shared experts: one wide always-on FFN, weight 1
     c_shared = None
@@ -341,7 +379,8 @@ def moe_forward(x2: Array, params: Dict[str, Array], prefix: str, cfg: ModelConf
             y_s = sparse_ffn(x2, sg, su, sd, act, backend=backend, stats=st)  # (N, D)
             ffn_stats.append(dict(expert=-1, **st))
         else:
-            s_hook = (lambda h: hook(layer, -1, h)) if hook is not None else None
+            all_rows = array_module(x2).arange(N)
+            s_hook = _expert_hook(hook, layer, -1, all_rows, with_rows)
             y_s, c_shared = L.ffn_forward(x2, sg, su, sd, act, hook=s_hook)  # (N, D)
         y += y_s
 
@@ -353,24 +392,37 @@ def moe_forward(x2: Array, params: Dict[str, Array], prefix: str, cfg: ModelConf
         "lb_loss": lb,
         "z_loss": z,
         "tokens_per_expert": np.bincount(idx.reshape(-1), minlength=E).tolist(),
-        "dropped_tokens": int(dropped.sum()),
+        "dropped_tokens": int(dropped),
         "router_entropy": router_entropy(logits, probs),
     }
     if use_kernel:
         aux["ffn_stats"] = ffn_stats
-        return y, None, aux
-    cache = (x2, c_router, experts, c_shared, f, lse)
-    return y, cache, aux
+    return y, MoECache(x2, c_router, experts, c_shared, f, lse, routing), aux
 
 
-def moe_l1(cache) -> float:
-    """Sum over the experts (and the shared FFN) of mean(|h|): the ProSparse activation
-    penalty of one MoE layer, before its coefficient (``Transformer.loss_and_grads(l1=...)``)."""
-    _, _, experts, c_shared, _, _ = cache
-    total = sum(float(np.abs(c_e[3]).mean()) for *_, c_e in experts if c_e[3].size)
-    if c_shared is not None:
-        total += float(np.abs(c_shared[3]).mean())
-    return total
+def _takes_rows(hook) -> bool:
+    from .model import _takes_rows as takes
+    return takes(hook)
+
+
+def _expert_hook(hook, layer: int, e: int, rows: Array, with_rows: bool):
+    """The ``h -> h'`` hook of expert e: ``hook(layer, e, h)``, plus ``rows`` when it takes them."""
+    if hook is None:
+        return None
+    if with_rows:
+        return lambda h: hook(layer, e, h, rows)
+    return lambda h: hook(layer, e, h)
+
+
+def moe_l1(cache: MoECache) -> float:
+    """ProSparse activation penalty of one MoE layer, before its coefficient
+    (``Transformer.loss_and_grads(l1=...)``): per token, sum(|h|) over the neurons of its
+    routed experts (and the shared FFN), averaged over the layer's N tokens. Per token, not
+    per expert: a rarely routed expert's neurons cost what a busy expert's cost."""
+    total = sum(float(np.abs(ex.ffn.h).sum()) for ex in cache.experts if ex.ffn.h.size)
+    if cache.shared is not None:
+        total += float(np.abs(cache.shared.h).sum())
+    return total / cache.x2.shape[0]
 
 
 def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: ModelConfig,
@@ -380,13 +432,13 @@ def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: M
     ``grads`` is keyed by full parameter names (router, experts.*, shared.*). The
     auxiliary losses' gradients are included with their coefficients, because
     ``Transformer.loss_and_grads`` adds ``aux_loss`` to the loss it differentiates.
-    ``l1`` adds the gradient of ``l1 * moe_l1(cache)`` (ProSparse's penalty, per expert).
+    ``l1`` adds the gradient of ``l1 * moe_l1(cache)`` (ProSparse's penalty, per token).
     """
-    if cache is None:
-        raise ValueError("moe_backward: no cache (the forward ran with a kernel backend, which is "
+    if cache is None or any(ex.ffn is None for ex in cache.experts):
+        raise ValueError("moe_backward: no expert caches (the forward ran with a kernel backend, which is "
                          "inference-only); run the forward with backend=None to train")
-    x2, c_router, experts, c_shared, f, lse = cache
-    logits, probs, idx, gates = c_router[:4]
+    x2, c_router, experts, c_shared, f, lse = cache[:6]
+    probs, gates = c_router.probs, c_router.gates
     E = cfg.n_experts
     wg, wd = params[prefix + "experts.w_gate"], params[prefix + "experts.w_down"]  # (E, F, D)
     wu = params[prefix + "experts.w_up"] if act.gated else None
@@ -401,7 +453,7 @@ def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: M
         dy_e = dy[rows]                                              # (N_e, D)
         dgates[rows, slots] = (dy_e * y_e).sum(axis=1)               # (N_e,) dL/dgate
         dx_e, dwg[e], dwu_e, dwd[e] = L.ffn_backward(g_e * dy_e, c_e, wg[e], wu[e] if wu is not None else None,
-                                                     wd[e], act, l1=l1)  # dx_e (N_e, D)
+                                                     wd[e], act, l1=l1, l1_tokens=len(x2))  # dx_e (N_e, D)
         if dwu_e is not None:
             dwu[e] = dwu_e
         dx[rows] += dx_e
@@ -413,7 +465,7 @@ def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: M
     if c_shared is not None:
         sg, sd = params[prefix + "shared.w_gate"], params[prefix + "shared.w_down"]
         su = params[prefix + "shared.w_up"] if act.gated else None
-        dx_s, dsg, dsu, dsd = L.ffn_backward(dy, c_shared, sg, su, sd, act, l1=l1)  # dx_s (N, D)
+        dx_s, dsg, dsu, dsd = L.ffn_backward(dy, c_shared, sg, su, sd, act, l1=l1, l1_tokens=len(x2))  # (N, D)
         dx += dx_s
         grads[prefix + "shared.w_gate"], grads[prefix + "shared.w_down"] = dsg, dsd
         if dsu is not None:
@@ -429,211 +481,3 @@ def moe_backward(dy: Array, cache, params: Dict[str, Array], prefix: str, cfg: M
     grads[prefix + "router"] = x2.T @ dlogits                        # (D, E)
     dx += dlogits @ w_router.T                                       # (N, D)
     return dx, grads
-
-
-# ======================================================================================
-# parameter counts ("total" vs "activated")
-# ======================================================================================
-def _ffn_groups(model):
-    """Per layer, the FFN weight groups: list of (layer, expert, F, n_mats) and the router size.
-
-    expert is None (dense), e >= 0 (routed expert) or -1 (shared experts).
-    """
-    c = model.config
-    act = model.act
-    n_mats = 3 if act.gated else 2
-    out = []
-    for i in range(c.n_layers):
-        if c.is_moe_layer(i):
-            for e in range(c.n_experts):
-                out.append((i, e, c.ffn_dim, n_mats))
-            if c.n_shared_experts > 0:
-                out.append((i, -1, c.n_shared_experts * c.shared_ffn_dim, n_mats))
-        else:
-            out.append((i, None, c.ffn_dim, n_mats))
-    return out
-
-
-def count_parameters(model, tokens=None) -> dict:
-    """Total and *activated* parameter counts of a model (dense or MoE).
-
-    Convention (the papers'): Mixtral's "12.9B active of 46.7B" and TurboSparse-Mixtral's
-    "4.3B of 47B" count every non-expert parameter -- embeddings, LM head, attention, norms,
-    routers -- as touched by every token, plus the experts the token is routed to. We
-    report that figure and, separately, the ``*_non_embedding`` variants (Kaplan et al.'s
-    convention: without ``tok_embeddings`` and ``output``), since the embedding *lookup*
-    costs no compute.
-
-    Parameters
-    ----------
-    model : Transformer
-    tokens : optional int array (B, T): measures which FFN neurons are zero on these
-        tokens (one forward pass, no gradients) and adds the sparsity-aware figures.
-
-    Returns
-    -------
-    dict with
-        ``total``: every scalar in ``model.params``;
-        ``embedding``: tok_embeddings (+ output when untied);
-        ``ffn_total``: all dense-FFN, expert and shared-expert weights (routers excluded);
-        ``activated``: parameters a token touches through routing = total minus the
-        (E - k) experts it does not use in each MoE layer (= total for dense models);
-        ``activated_non_embedding``: the same without embeddings / LM head;
-    and, given ``tokens``, averaged over the tokens:
-        ``activated_gate_dense``: the gate is computed for all neurons of the token's FFNs,
-        the up rows only where the gate fired (a(g) != 0), the down rows only where
-        h != 0 -- a sparse kernel without a predictor;
-        ``activated_ideal``: only the gate, up and down rows of neurons with h != 0 -- a
-        perfect predictor (the papers' "activated parameters");
-        ``*_non_embedding`` variants of both, ``ffn_active_fraction`` (mean fraction of a
-        token's routed FFN neurons with h != 0) and ``dropped_slots`` (capacity drops:
-        those slots cost nothing).
-
-    Examples
-    --------
-    >>> import minisparse as ms
-    >>> m = ms.Transformer(ms.ModelConfig(dim=8, n_layers=1, n_heads=2, ffn_dim=4,
-    ...                    vocab_size=10, activation="relu"), seed=0)
-    >>> count_parameters(m)["total"]      # emb 80 + norms 16 + attn 4*64 + ffn 2*32 + final norm 8
-    424
-    """
-    c = model.config
-    D = c.dim
-    p = model.params
-    total = int(sum(a.size for a in p.values()))
-    embedding = int(p["tok_embeddings"].size + (p["output"].size if "output" in p else 0))
-    groups = _ffn_groups(model)
-    ffn_total = int(sum(F * n * D for (_, _, F, n) in groups))
-    unused = 0
-    for i in range(c.n_layers):
-        if c.is_moe_layer(i):
-            n_mats = 3 if model.act.gated else 2
-            unused += (c.n_experts - c.top_k) * c.ffn_dim * n_mats * D
-    out = {
-        "total": total,
-        "embedding": embedding,
-        "ffn_total": ffn_total,
-        "activated": total - unused,
-        "activated_non_embedding": total - unused - embedding,
-    }
-    if tokens is None:
-        return out
-
-    # measure: one inference forward with a hook recording, per FFN call, its h and the
-    # number of gate-fired neurons. The hook sees h only, so the gate count is recomputed
-    # from the pre-activation through the layer's cache instead: run the training-mode
-    # forward (no backward) to get g for every FFN.
-    tokens = model._check_tokens(tokens)
-    N = tokens.size
-    _, (caches, _, _, _) = model._forward(tokens, None, None, train=True)
-    gate_fn = model.act.gate_fn
-    non_ffn = total - ffn_total            # attention, norms, routers, embeddings: every token
-    gate_dense = 0.0
-    ideal = 0.0
-    active = 0.0
-    slots_neurons = 0.0
-    dropped = 0
-
-    def add(g, h, F, n_mats):
-        nonlocal gate_dense, ideal, active, slots_neurons
-        nz_h = float(np.count_nonzero(h))                              # neuron-token pairs with h != 0
-        if n_mats == 3:
-            nz_gate = float(np.count_nonzero(gate_fn(g)))             # up rows needed: a(g) != 0
-            gate_dense += g.shape[0] * F * D + nz_gate * D + nz_h * D
-        else:
-            gate_dense += g.shape[0] * F * D + nz_h * D
-        ideal += n_mats * nz_h * D
-        active += nz_h
-        slots_neurons += g.shape[0] * F
-
-    n_mats = 3 if model.act.gated else 2
-    for i, (_, _, _, (kind, fc)) in enumerate(caches):
-        if kind == "dense":
-            x, g, u, h = fc
-            add(g, h, c.ffn_dim, n_mats)
-        else:
-            x2, c_router, experts, c_shared, _, _ = fc
-            routed = c_router[2].size
-            kept = 0
-            for (e, rows, slots, y_e, c_e) in experts:
-                add(c_e[1], c_e[3], c.ffn_dim, n_mats)
-                kept += rows.size
-            dropped += routed - kept
-            if c_shared is not None:
-                add(c_shared[1], c_shared[3], c.n_shared_experts * c.shared_ffn_dim, n_mats)
-    out["activated_gate_dense"] = non_ffn + gate_dense / N
-    out["activated_ideal"] = non_ffn + ideal / N
-    out["activated_gate_dense_non_embedding"] = out["activated_gate_dense"] - embedding
-    out["activated_ideal_non_embedding"] = out["activated_ideal"] - embedding
-    out["ffn_active_fraction"] = active / slots_neurons if slots_neurons else 0.0
-    out["dropped_slots"] = int(dropped)
-    out["n_tokens"] = int(N)
-    return out
-
-
-# ======================================================================================
-# statistics
-# ======================================================================================
-def moe_stats(model, tokens) -> dict:
-    """Routing and sparsity statistics of one inference forward on tokens (B, T).
-
-    Returns ``{"layers": [...], "n_tokens": N}``, one entry per block:
-        ``layer``, ``moe`` (bool); for MoE blocks ``tokens_per_expert`` (routed slots),
-        ``dropped_tokens``, ``router_entropy`` (nats; max ln E), ``lb_loss``,
-        ``load_ratio`` (max/min tokens per expert; inf if an expert got none);
-        ``neuron_sparsity``: per expert (key e, -1 = shared, None = dense FFN) the fraction
-        of zero entries of h on the tokens it received (ReLU-family activations; for others
-        it is ~0), and ``dead_neurons``: per expert the fraction of its neurons that were
-        zero for every token it received.
-
-    >>> import numpy as np, minisparse as ms
-    >>> m = ms.Transformer(ms.preset("nano", n_experts=4, top_k=2, activation="drelu"), seed=0)
-    >>> s = moe_stats(m, np.arange(16)[None, :])
-    >>> len(s["layers"][0]["tokens_per_expert"])
-    4
-    """
-    c = model.config
-    rec: Dict[tuple, list] = {}
-
-    def hook(layer, e, h):
-        rec.setdefault((layer, e), []).append(h)
-        return None
-
-    model.forward(np.asarray(tokens), ffn_hook=hook)
-    aux = {k: list(v) for k, v in model.last_aux.items()}
-    layers = []
-    j = 0                                   # index into the per-MoE-layer aux lists
-    for i in range(c.n_layers):
-        entry: dict = {"layer": i, "moe": c.is_moe_layer(i)}
-        keys = sorted((k for k in rec if k[0] == i), key=lambda k: (-2 if k[1] is None else k[1]))
-        sp, dead = {}, {}
-        for key in keys:
-            h = np.concatenate(rec[key], axis=0)                     # (N_e, F)
-            sp[key[1]] = float(np.mean(h == 0))
-            dead[key[1]] = float(np.mean(np.all(h == 0, axis=0)))
-        entry["neuron_sparsity"] = sp
-        entry["dead_neurons"] = dead
-        if entry["moe"]:
-            tpe = aux["tokens_per_expert"][j]
-            entry["tokens_per_expert"] = tpe
-            entry["dropped_tokens"] = aux["dropped_tokens"][j]
-            entry["router_entropy"] = aux["router_entropy"][j]
-            entry["lb_loss"] = aux["lb_loss"][j]
-            entry["load_ratio"] = (max(tpe) / min(tpe)) if min(tpe) > 0 else float("inf")
-            j += 1
-        layers.append(entry)
-    return {"layers": layers, "n_tokens": int(np.asarray(tokens).size)}
-
-
-def format_moe_stats(stats: dict) -> str:
-    """A plain-text table of :func:`moe_stats` output, one line per layer."""
-    lines = [f"{'layer':>5} {'kind':>5} {'tokens/expert':<40} {'H(router)':>9} {'max/min':>7} {'zeros in h':>10}"]
-    for s in stats["layers"]:
-        sp = s["neuron_sparsity"]
-        mean_sp = float(np.mean(list(sp.values()))) if sp else float("nan")
-        if s["moe"]:
-            lines.append(f"{s['layer']:>5} {'moe':>5} {str(s['tokens_per_expert']):<40} "
-                         f"{s['router_entropy']:>9.3f} {s['load_ratio']:>7.2f} {mean_sp:>10.1%}")
-        else:
-            lines.append(f"{s['layer']:>5} {'dense':>5} {'-':<40} {'-':>9} {'-':>7} {mean_sp:>10.1%}")
-    return "\n".join(lines)

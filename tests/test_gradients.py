@@ -203,8 +203,8 @@ def test_ffn_every_activation(activation, N, D, F, l1, seed):
 
     def f():
         y, cache = L.ffn_forward(x, wg, wu, wd, act)
-        h = cache[3]
-        return float(np.sum(y * R)) + l1 * float(np.abs(h).mean())
+        h = cache.h
+        return float(np.sum(y * R)) + l1 * float(np.abs(h).sum()) / h.shape[0]   # ProSparse: sum over neurons
 
     _, cache = L.ffn_forward(x, wg, wu, wd, act)
     dx, dwg, dwu, dwd = L.ffn_backward(R, cache, wg, wu, wd, act, l1=l1)
@@ -337,7 +337,7 @@ def test_whole_model_gradients(spec, B, T, l1, seed):
 
 def _mean_abs_h(model, tokens):
     hs = []
-    model(tokens[:, :-1], ffn_hook=lambda layer, expert, h: hs.append(float(np.abs(h).mean())))
+    model(tokens[:, :-1], ffn_hook=lambda layer, expert, h: hs.append(float(np.abs(h).sum()) / h.shape[0]))
     return sum(hs)
 
 

@@ -213,9 +213,9 @@ def test_wrap_ffn_nests_sees_inputs_and_restores():
         np.testing.assert_array_equal(m(toks), ref)   # inner restored, outer still active
     assert order[:4] == [("inner", 0), ("outer", 0, (3, 16)), ("inner", 1), ("outer", 1, (3, 16))]
     assert not np.allclose(zeroed, ref)
-    assert "_ffn" not in vars(m)
+    assert m.ffn_wrappers == ()
     with pytest.raises(ZeroDivisionError):
         with m.wrap_ffn(lambda ffn, i, x2, hook, train: 1 / 0):
             m(toks)
-    assert "_ffn" not in vars(m)
+    assert m.ffn_wrappers == ()
     np.testing.assert_array_equal(m(toks), ref)

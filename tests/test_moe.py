@@ -9,8 +9,9 @@ import minisparse as ms
 from minisparse import layers as L
 from minisparse.activations import get_activation
 from minisparse.config import ROUTERS, ModelConfig
-from minisparse.moe import (count_parameters, expert_capacity, moe_backward, moe_forward,
-                            moe_param_shapes, moe_stats, format_moe_stats, top_k_indices)
+from minisparse.stats import count_parameters, format_moe_stats, moe_stats
+from minisparse.moe import (expert_capacity, moe_backward, moe_forward,
+                            moe_param_shapes, top_k_indices)
 
 from conftest import assert_close
 
@@ -139,7 +140,7 @@ def test_router_normalisations():
     gates = {}
     for r in ROUTERS:
         _, cache, _ = moe_forward(x, p, PRE, cfg.replace(router=r), act)
-        gates[r] = cache[1][3]
+        gates[r] = cache.router.gates
     sel = np.sort(logits, axis=1)[:, ::-1][:, :3]
     full = np.exp(logits - logits.max(1, keepdims=True))
     full /= full.sum(1, keepdims=True)
@@ -235,11 +236,12 @@ def test_capacity_drop_count_matches_hand_count(N, E, cf, seed):
     p = _layer_params(cfg, seed=seed % 1000)
     x = rng.normal(size=(N, 6))
     _, cache, aux = moe_forward(x, p, PRE, cfg, get_activation(cfg.activation))
-    counts = np.bincount(cache[1][2].reshape(-1), minlength=E)
+    counts = np.bincount(cache.router.idx.reshape(-1), minlength=E)
     cap = math.ceil(cf * N * k / E)
     assert aux["dropped_tokens"] == int(np.maximum(counts - cap, 0).sum())
     assert aux["tokens_per_expert"] == counts.tolist()
-    assert sum(r.size for (_, r, _, _, _) in cache[2]) == N * k - aux["dropped_tokens"]
+    assert sum(ex.rows.size for ex in cache.experts) == N * k - aux["dropped_tokens"]
+    assert sorted(cache.routing) == [ex.expert for ex in cache.experts]
 
 
 def test_one_expert_top1_equals_dense_ffn():
@@ -582,13 +584,37 @@ def test_backend_runs_each_expert_through_sparse_ffn(backend, dtype):
     toks = np.random.default_rng(0).integers(0, 30, size=(1, 7))
     rtol = 1e-4 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(fast(toks), ref(toks), rtol=rtol, atol=rtol)
-    stats = fast.last_aux["ffn_stats"][0]       # one list for the one MoE layer
+    stats = [s for s in fast.ffn_stats if s["layer"] == 1]    # the one MoE layer: one home for stats
+    assert "ffn_stats" not in fast.last_aux
     assert -1 in {s["expert"] for s in stats}
     assert len(stats) == len({s["expert"] for s in stats}) >= 2
     # with a KV cache (decode), token by token, still the reference
     cache = ms.KVCache(cfg, 1, dtype)
     inc = np.concatenate([fast(toks[:, t:t + 1], cache=cache) for t in range(7)], axis=1)
     np.testing.assert_allclose(inc, ref(toks), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_l1_penalty_is_per_token_by_hand(shared):
+    """ProSparse's penalty in a MoE layer: l1 * (sum of |h| over every routed expert's and the
+    shared FFN's neurons) / N tokens -- per token, not a mean per expert (which would weigh a
+    rarely routed expert's few tokens more)."""
+    cfg = ms.ModelConfig(vocab_size=19, dim=8, n_layers=1, n_heads=2, ffn_dim=6, max_seq_len=8,
+                         activation="swiglu", n_experts=3, top_k=2, n_shared_experts=shared)
+    m = ms.Transformer(cfg, seed=3, dtype=np.float64)
+    toks = np.random.default_rng(0).integers(0, 19, (2, 6))
+    sums, rows = [], []
+
+    def hook(layer, expert, h):                            # observes only (returns None)
+        sums.append(np.abs(h).sum())
+        rows.append(len(h))
+
+    m(toks[:, :-1], ffn_hook=hook)
+    N = 2 * 5
+    assert sum(rows) == N * 2 + (N if shared else 0)     # every token: 2 experts (+ the shared FFN)
+    base, _ = m.loss_and_grads(toks)
+    pen, _ = m.loss_and_grads(toks, l1=0.7)
+    assert pen - base == pytest.approx(0.7 * sum(sums) / N, rel=1e-12)
 
 
 @pytest.mark.parametrize("shared", [0, 1])

@@ -33,11 +33,24 @@ import numpy as np
 
 import minisparse as ms
 from minisparse.data import load_corpus
-from minisparse.moe import count_parameters, format_moe_stats, moe_stats, router_forward
+from minisparse.moe import router_forward
+from minisparse.stats import count_parameters, format_moe_stats, moe_stats
 from minisparse.sparsity import ffn_input_tap
 from minisparse.train import TrainConfig, train
 
 QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
+
+
+def show_figure(name):
+    """Show the figure in a notebook or a window; without a display (a script under a
+    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        path = os.path.abspath(f"{name}.png")
+        plt.savefig(path, dpi=100)
+        plt.close()
+        print(f"no display: figure saved to {path}")
+    else:
+        plt.show()
 np.set_printoptions(precision=3, suppress=True)
 
 # %% [markdown]
@@ -129,7 +142,7 @@ axes[1].set_ylabel("share of routed slots, layer 0")
 axes[1].set_title("expert load (dashed: uniform)")
 axes[1].legend()
 plt.tight_layout()
-plt.show()
+show_figure("05_router_load")
 
 # %% [markdown]
 # ## What do the experts specialise in?
@@ -163,7 +176,7 @@ plt.xticks(range(E), [f"expert {e}" for e in range(E)])
 plt.colorbar(label="share of the class's slots")
 plt.title(f"expert specialisation, layer {layer}")
 plt.tight_layout()
-plt.show()
+show_figure("05_expert_specialisation")
 
 # %% [markdown]
 # Each row sums to 1; a uniform router would put $1/E$ everywhere. Rows far from uniform

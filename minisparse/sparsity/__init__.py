@@ -19,12 +19,12 @@ from .neurons import (activation_frequency, consecutive_reuse, coverage, coverag
                       powerlaw_slope)
 from .quality import (Mask, Rule, Threshold, TopK, calibrate_cett, calibrate_teal, calibrate_thresholds,
                       evaluate_rule, evaluate_teal, loss_vs_sparsity)
-from .recorder import Recorder, ffn_input_tap, ffn_weights
+from .recorder import Recorder, ffn_input_tap
 from .relufy import RelufyResult, ensure_activation, format_report, measure, relufy, shifted_activation, \
     swap_activation
 
 __all__ = [
-    "Recorder", "ffn_input_tap", "ffn_weights",
+    "Recorder", "ffn_input_tap",
     "exact_zero_fraction", "below_eps_fraction", "topk_mask", "topk_sparsify", "threshold_sparsify",
     "cett", "cett_per_token", "cett_threshold", "teal_threshold", "teal_thresholds",
     "activation_frequency", "hot_cold_ranking", "coverage", "coverage_curve", "consecutive_reuse",

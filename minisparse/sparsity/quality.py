@@ -23,8 +23,9 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..xp import to_numpy
 from .metrics import cett_h_thresholds, cett_threshold, teal_threshold, topk_mask
-from .recorder import Recorder, ffn_input_tap, ffn_weights
+from .recorder import Recorder, ffn_input_tap
 
 Array = np.ndarray
 
@@ -193,7 +194,7 @@ def calibrate_cett(model, corpus=None, target: float = 0.2, *, recorder: Optiona
         recorder.record(model, corpus, **record_kwargs)
     out = {}
     for key in recorder.keys():
-        w_down = ffn_weights(model, *key)[2]
+        w_down = to_numpy(model.ffn_weights(*key).w_down)
         t, s, c = cett_threshold(recorder.stats[key].rows.sample(), w_down, target)
         out[key] = {"threshold": cett_h_thresholds(w_down, t), "eps": t, "sparsity": s, "cett": c}
     return out
@@ -220,7 +221,7 @@ def calibrate_teal(model, corpus, sparsity: float, *, n_batches: int = 4, batch_
             continue  # MoE layer: TEAL on experts is not implemented
         t_x = teal_threshold(res.sample(), sparsity)
         out[pre + "w_gate"] = t_x
-        if pre + "w_up" in model.params:
+        if model.act.gated:
             out[pre + "w_up"] = t_x
         out[pre + "w_down"] = teal_threshold(rec.stats[(layer, None)].values.sample(), sparsity)
     return out

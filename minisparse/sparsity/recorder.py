@@ -30,10 +30,12 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..xp import array_module, to_device, to_numpy
+
 Array = np.ndarray
 Key = Tuple[int, Optional[int]]   # (layer, expert or None)
 
-__all__ = ["Recorder", "LayerStats", "Reservoir", "ffn_input_tap", "ffn_weights"]
+__all__ = ["Recorder", "LayerStats", "Reservoir", "ffn_input_tap"]
 
 
 class Reservoir:
@@ -56,7 +58,10 @@ class Reservoir:
         self.rng = np.random.default_rng(seed)
 
     def add(self, items: Array) -> None:
-        items = np.asarray(items)
+        """Offer rows ``items`` (n, *item_shape): NumPy, or CuPy (only the kept rows are copied
+        to the host)."""
+        if not hasattr(items, "shape"):
+            items = np.asarray(items)
         n = len(items)
         if n == 0:
             return
@@ -64,7 +69,7 @@ class Reservoir:
         start = 0
         if s < R:                                   # still filling: take items in order
             take = min(R - s, n)
-            self.buf[s:s + take] = items[:take]
+            self.buf[s:s + take] = to_numpy(items[:take])
             start = take
         if start < n:
             # item number i (0-based over the whole stream) replaces slot j ~ U{0..i} if j < R
@@ -76,7 +81,7 @@ class Reservoir:
                 slots, src = j[keep], np.arange(start, n)[keep]
                 order = np.unique(slots[::-1], return_index=True)[1]     # last occurrence per slot
                 last = len(slots) - 1 - order
-                self.buf[slots[last]] = items[src[last]]
+                self.buf[slots[last]] = to_numpy(items[to_device(src[last], array_module(items))])
         self.seen = s + n
 
     def sample(self) -> Array:
@@ -116,8 +121,9 @@ class LayerStats:
         for i, e in enumerate(self.eps):
             self.n_below[i] += int(np.count_nonzero(a < e))
         active = a > self.active_eps                                    # (N, F)
-        self.neuron_active += active.sum(axis=0)
-        self.neuron_abs_sum += a.sum(axis=0, dtype=np.float64)
+        # reductions run where h lives (NumPy or CuPy); only (F,) vectors come to the host
+        self.neuron_active += to_numpy(active.sum(axis=0))
+        self.neuron_abs_sum += to_numpy(a.sum(axis=0, dtype=np.float64))
         if seq_len is not None and N > 1:
             T = seq_len if (seq_len > 0 and N % seq_len == 0) else N
             act = active.reshape(N // T, T, F)                          # (B, T, F) tokens in order
@@ -201,7 +207,8 @@ class Recorder:
 
     # -- the hook ------------------------------------------------------------------------
     def __call__(self, layer: int, expert: Optional[int], h: Array) -> None:
-        h = np.asarray(h)
+        if not hasattr(h, "ndim"):
+            h = np.asarray(h)
         if h.ndim != 2:
             raise ValueError(f"ffn_hook expects h of shape (tokens, neurons), got {h.shape}")
         key = (int(layer), None if expert is None else int(expert))
@@ -277,7 +284,7 @@ class Recorder:
             q = st.quantiles((0.5, 0.9, 0.99))
             row.update(p50=q[0.5], p90=q[0.9], p99=q[0.99])
             if model is not None and cett_target is not None:
-                w_down = ffn_weights(model, key[0], key[1])[2]
+                w_down = to_numpy(model.ffn_weights(key[0], key[1]).w_down)
                 t, s, _ = cett_threshold(st.rows.sample(), w_down, cett_target)
                 row["cett_threshold"], row["cett_sparsity"] = t, s
             rows.append(row)
@@ -295,40 +302,6 @@ def _progress(it, desc: str):
     except ImportError:  # progress bars are a nicety: no tqdm, no bar
         return it
     return tqdm(it, desc=desc, leave=False)
-
-
-# ------------------------------------------------------------------------------------------
-# model access without touching model.py
-# ------------------------------------------------------------------------------------------
-def ffn_weights(model, layer: int, expert: Optional[int] = None):
-    """(w_gate, w_up or None, w_down) of a dense FFN, or of expert ``expert`` of an MoE layer.
-
-    In minisparse.moe's layout experts are stacked, ``layers.{i}.feed_forward.experts.w_down``
-    (E, F, D), and the shared experts, reported to hooks as expert ``-1``, are
-    ``layers.{i}.feed_forward.shared.*``; per-expert names (``experts.{e}.w_down``) are
-    accepted too.
-    """
-    p = model.params
-    pre = f"layers.{layer}.feed_forward."
-    if expert is None:
-        if pre + "w_down" not in p:
-            raise KeyError(f"layer {layer} has no dense FFN ({pre}w_down missing); pass an expert index")
-        return p[pre + "w_gate"], p.get(pre + "w_up"), p[pre + "w_down"]
-    if expert == -1:                                 # the shared expert(s), reported as expert -1
-        if pre + "shared.w_down" not in p:
-            raise KeyError(f"layer {layer} has no shared expert ({pre}shared.w_down missing)")
-        return p[pre + "shared.w_gate"], p.get(pre + "shared.w_up"), p[pre + "shared.w_down"]
-    cand = [pre + f"experts.{expert}."]
-    cand += sorted({k[:-len("w_down")] for k in p if k.startswith(pre) and k.endswith(f".{expert}.w_down")})
-    for c in cand:
-        if c + "w_down" in p:
-            return p[c + "w_gate"], p.get(c + "w_up"), p[c + "w_down"]
-    # stacked experts (E, F, D)
-    if pre + "experts.w_down" in p:
-        wu = p.get(pre + "experts.w_up")
-        return p[pre + "experts.w_gate"][expert], None if wu is None else wu[expert], p[pre + "experts.w_down"][expert]
-    raise KeyError(f"no weights found for expert {expert} of layer {layer}; parameter names under {pre}: "
-                   f"{sorted(k for k in p if k.startswith(pre))[:8]}...")
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import minisparse as ms
 from minisparse.data import corpus_from_text
 from minisparse.sparsity.metrics import cett_mask
 from minisparse.sparsity import (Mask, Recorder, Threshold, TopK, calibrate_cett, calibrate_teal, cett,
-                                 evaluate_rule, evaluate_teal, ffn_weights, loss_vs_sparsity)
+                                 evaluate_rule, evaluate_teal, loss_vs_sparsity)
 from minisparse.train import evaluate
 
 EK = dict(batch_size=2, seq_len=32, n_batches=2)
@@ -66,7 +66,7 @@ def test_calibrated_cett_thresholds_keep_cett_under_target(model, corpus):
     res = calibrate_cett(model, target=0.2, recorder=rec)
     for key, v in res.items():
         rows = rec.stats[key].rows.sample()
-        w_down = ffn_weights(model, *key)[2]
+        w_down = model.ffn_weights(*key).w_down
         assert cett(rows, w_down, v["eps"]) <= 0.2
         assert 0 < v["sparsity"] < 1
         # the per-neuron |h| thresholds drop exactly the neurons of output norm < eps

@@ -4,7 +4,7 @@ import pytest
 
 import minisparse as ms
 from minisparse.layers import ffn_forward
-from minisparse.sparsity import Recorder, consecutive_reuse, ffn_input_tap, ffn_weights
+from minisparse.sparsity import Recorder, consecutive_reuse, ffn_input_tap
 from minisparse.sparsity.recorder import Reservoir
 
 
@@ -34,7 +34,7 @@ def test_recording_moe_does_not_change_logits():
     experts = {k for k in rec.stats if k[1] is not None}
     assert experts and all(k[1] in (-1, 0, 1, 2, 3) for k in experts)
     for layer, e in experts:                      # every recorded expert has its weights found
-        wg, wu, wd = ffn_weights(model, layer, e)
+        wg, wu, wd = model.ffn_weights(layer, e)
         assert wd.shape[0] == rec.stats[(layer, e)].n_neurons
         pre = f"layers.{layer}.feed_forward."
         want = model.params[pre + "shared.w_down"] if e == -1 else model.params[pre + "experts.w_down"][e]
@@ -112,7 +112,7 @@ def test_input_tap_sees_the_ffn_input_and_restores_the_model():
     with ffn_input_tap(model, lambda i, x2: xs.__setitem__(i, x2.copy())):
         model(x, ffn_hook=lambda i, e, h: hs.__setitem__(i, h.copy()))
     for i in range(2):
-        wg, wu, wd = ffn_weights(model, i)
+        wg, wu, wd = model.ffn_weights(i)
         _, (_, _, _, h) = ffn_forward(xs[i], wg, wu, wd, model.act)
         assert np.array_equal(h, hs[i])
     assert "_ffn" not in vars(model)
