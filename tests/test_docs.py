@@ -5,7 +5,9 @@
 * each ``docs/tutorials/NN_*.ipynb`` (pre-executed by docs/scripts/execute_tutorials.py,
   rendered by mkdocs-jupyter without executing) has exactly the code cells of its
   ``tutorials/NN_*.py`` source, was executed in full mode, and is in the nav;
-* the Home page shows the README's two commands.
+* the Home page shows the README's two commands;
+* the built site works offline: no page loads a script, stylesheet or font from another
+  host (MathJax is vendored by docs/scripts/hooks.py, the theme uses system fonts).
 
 Skipped only when mkdocs (or jupytext, for the notebook checks) is not installed.
 """
@@ -42,14 +44,77 @@ def _mkdocs_config() -> dict:
     return yaml.safe_load((ROOT / "mkdocs.yml").read_text())
 
 
-def test_mkdocs_build_strict(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The site built once with ``mkdocs build --strict`` (about 10 s)."""
     pytest.importorskip("mkdocs")
-    site = tmp_path / "site"
+    tmp = tmp_path_factory.mktemp("docs")
+    site = tmp / "site"
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    # run from tmp_path so that nothing (caches, site/) is written into the repository
+    # run from tmp so that nothing (caches, site/) is written into the repository
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
-                           "-d", str(site)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           "-d", str(site)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return site
+
+
+# what a page may not load from another host: <script src>, <link href> (stylesheets, fonts,
+# preconnects), CSS @import and url(), and a dynamic import() in an inline script
+_EXTERNAL = [
+    ("<script src>", re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?(?:https?:)?//[^\"'\s>]+", re.I)),
+    ("<link href>", re.compile(r"<link\b(?=[^>]*\brel\s*=\s*[\"']?(?:stylesheet|preconnect|preload|"
+                               r"modulepreload|icon|dns-prefetch|prefetch))[^>]*\bhref\s*=\s*[\"']?(?:https?:)?//"
+                               r"[^\"'\s>]+", re.I)),
+    ("@import", re.compile(r"@import\s+(?:url\()?\s*[\"']?(?:https?:)?//[^\"')\s;]+", re.I)),
+    ("url()", re.compile(r"url\(\s*[\"']?(?:https?:)?//[^\"')\s]+", re.I)),
+    ("import()", re.compile(r"\bimport\(\s*[\"'](?:https?:)?//[^\"']+", re.I)),
+]
+
+
+def external_references(text: str) -> list:
+    """(kind, reference) for each asset that ``text`` (HTML or CSS) would fetch from another host."""
+    return [(kind, m.group(0)[:160]) for kind, pat in _EXTERNAL for m in pat.finditer(text)]
+
+
+def test_external_reference_detector_can_fail():
+    bad = ('<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
+           '<link rel="stylesheet" href="https://fonts.googleapis.com/css?family=Roboto">'
+           '<link href="https://fonts.gstatic.com" rel="preconnect">'
+           '<style>@import url("https://x.org/a.css"); .a{background:url(//x.org/f.woff2)}</style>'
+           '<script type="module">await import("https://cdnjs.cloudflare.com/mermaid.esm.min.mjs")</script>')
+    kinds = [k for k, _ in external_references(bad)]
+    assert kinds.count("<script src>") == 1 and kinds.count("<link href>") == 2, kinds
+    assert {"@import", "url()", "import()"} <= set(kinds), kinds
+    ok = ('<script src="../assets/vendor/mathjax/tex-mml-chtml.js"></script><a href="https://arxiv.org">paper</a>'
+          '<link rel="canonical" href="https://example.org/"><img src="data:image/png;base64,AAAA">')
+    assert external_references(ok) == []
+
+
+def test_site_works_offline(site):
+    """No built page or stylesheet loads a script, stylesheet or font from another host."""
+    found = {}
+    for path in sorted(site.rglob("*")):
+        if path.suffix in (".html", ".css") and path.is_file():
+            refs = external_references(path.read_text(encoding="utf-8", errors="replace"))
+            if refs:
+                found[str(path.relative_to(site))] = refs
+    assert not found, ("the site loads assets from other hosts (it must work offline; vendor them "
+                       f"in docs/scripts/hooks.py):\n{dict(list(found.items())[:8])}")
+    # the math renderer and its fonts are served by the site itself
+    mathjax = site / "assets" / "vendor" / "mathjax"
+    assert (mathjax / "tex-mml-chtml.js").is_file(), "MathJax was not copied into the site"
+    assert list((mathjax / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff")), "MathJax fonts missing"
+    pages = [p for p in site.rglob("index.html")]
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        assert "vendor/mathjax/tex-mml-chtml.js" in html, f"{page.relative_to(site)} does not load the vendored MathJax"
+        # mermaid would come from a CDN (mkdocs-material and nbconvert load it from one)
+        assert 'class="mermaid' not in html and 'class="jp-Mermaid' not in html, (
+            f"{page.relative_to(site)} holds a mermaid diagram, which needs mermaid from a CDN; "
+            "draw it as a figure (docs/scripts/make_figures.py) or as a text diagram")
+
+
+def test_mkdocs_build_strict(site):
     # the pages a student needs are there, with their content
     home = re.sub(r"<[^>]+>", "", (site / "index.html").read_text())     # text without tags (code is highlighted)
     assert "minisparse demo" in home and "python -m pytest" in home

@@ -33,6 +33,15 @@ installed command accepts.
 5. Docstrings written for Sphinx use roles such as ``:func:`sparse_ffn```; mkdocstrings
 renders them as the literal text ``:func:`` before the code span. The role prefix is
 removed from the rendered HTML, leaving the name in code font.
+
+6. Offline: the site loads no script, stylesheet or font from another host.
+MathJax 3 (``es5/tex-mml-chtml.js``, its CHTML fonts and the TeX extensions it loads on
+demand) is copied from the installed ``django-static-mathjax`` package (the ``docs``
+extra; it needs no Django) into ``assets/vendor/mathjax/``; the theme uses system fonts
+(``theme.font: false``). The notebook pages of mkdocs-jupyter carry nbconvert's loaders
+for MathJax 2 and mermaid from a CDN (our notebooks use neither: ``javascripts/mathjax.js``
+typesets them, and they hold no mermaid diagram); those loaders are removed from the
+HTML. tests/test_docs.py builds the site and fails on any external reference.
 """
 from __future__ import annotations
 
@@ -83,7 +92,9 @@ def _is_relative(target: str) -> bool:
 
 
 def on_files(files, config):
-    """Add the images that bench/README.md links to, under ``bench/`` in the site."""
+    """Add the images that bench/README.md links to, under ``bench/`` in the site, and
+    the vendored MathJax under ``assets/vendor/mathjax/``."""
+    files = _vendor_mathjax(files, config)
     readme = _bench_readme(config)
     if not readme.is_file():
         return files
@@ -217,3 +228,60 @@ _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const):(?
 def on_page_content(html, page, config, files):
     """Drop Sphinx role prefixes (``:func:``) left in front of code spans by docstrings."""
     return _ROLE.sub("", html)
+
+
+# --------------------------------------------------------------------------------------
+# 6. offline: vendored MathJax, no CDN loaders in notebook pages
+# --------------------------------------------------------------------------------------
+MATHJAX_URI = "assets/vendor/mathjax/"
+# what tex-mml-chtml.js needs: itself, its fonts, and the components it may load on demand
+# (TeX extensions through autoload, the a11y/ui menu, the speech-rule engine's data)
+MATHJAX_PARTS = ("tex-mml-chtml.js", "output/chtml", "input/tex/extensions", "input/mml",
+                 "a11y", "ui", "sre", "adaptors")
+
+
+def mathjax_dir() -> Path:
+    """The ``es5`` folder of the installed django-static-mathjax package."""
+    try:
+        import mathjax
+    except ImportError as e:
+        from mkdocs.exceptions import PluginError
+        raise PluginError("the site serves MathJax itself, from the django-static-mathjax package: "
+                          "install the docs extra, pip install -e '.[docs]'") from e
+    es5 = Path(mathjax.__file__).resolve().parent / "static" / "mathjax" / "es5"
+    if not (es5 / "tex-mml-chtml.js").is_file():
+        from mkdocs.exceptions import PluginError
+        raise PluginError(f"{es5} has no tex-mml-chtml.js: reinstall django-static-mathjax>=3.2.2")
+    return es5
+
+
+def _vendor_mathjax(files, config):
+    es5 = mathjax_dir()
+    for part in MATHJAX_PARTS:
+        src = es5 / part
+        for path in ([src] if src.is_file() else sorted(q for q in src.rglob("*") if q.is_file())):
+            uri = MATHJAX_URI + path.relative_to(es5).as_posix()
+            if files.get_file_from_path(uri) is None:
+                files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
+
+
+# nbconvert's lab template: a MathJax 2 loader (an empty <script src=""> when no URL is
+# given, then its configuration) and a module script importing mermaid from a CDN
+_NB_CDN_LOADERS = [
+    re.compile(r'<script src="">\s*</script>'),
+    re.compile(r'<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->', re.S),
+    re.compile(r'<script type="module">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*?</script>', re.S),
+]
+
+
+def on_post_page(output, page, config):
+    """Remove nbconvert's CDN loaders (MathJax 2, mermaid) from notebook pages."""
+    if "jupyter-wrapper" not in output:
+        return output
+    if 'class="jp-Mermaid' in output:
+        log.warning("%s holds a mermaid diagram, which would need mermaid from a CDN; draw it as a "
+                    "figure instead (docs/scripts/make_figures.py)", page.file.src_uri)
+    for pat in _NB_CDN_LOADERS:
+        output = pat.sub("", output)
+    return output
