@@ -33,6 +33,18 @@ import numpy as np
 import minisparse as ms
 
 QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
+
+
+def show_figure(name):
+    """Show the figure in a notebook or a window; without a display (a script under a
+    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        path = os.path.abspath(f"{name}.png")
+        plt.savefig(path, dpi=100)
+        plt.close()
+        print(f"no display: figure saved to {path}")
+    else:
+        plt.show()
 np.set_printoptions(precision=4, suppress=True)
 
 
@@ -246,7 +258,7 @@ axes[0].set_ylabel("query position")
 axes[1].bar(list(groups), list(groups.values()), color=["C0", "C1", "C2", "C3"][:len(groups)])
 axes[1].set_title("parameters by component")
 plt.tight_layout()
-plt.show()
+show_figure("01_attention_and_parameters")
 
 # %% [markdown]
 # The FFN holds most of the weights of each block (here about two thirds of a block, as in

@@ -35,6 +35,18 @@ from minisparse.sparsity import ffn_input_tap
 from minisparse.train import TrainConfig, evaluate, train
 
 QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
+
+
+def show_figure(name):
+    """Show the figure in a notebook or a window; without a display (a script under a
+    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        path = os.path.abspath(f"{name}.png")
+        plt.savefig(path, dpi=100)
+        plt.close()
+        print(f"no display: figure saved to {path}")
+    else:
+        plt.show()
 np.set_printoptions(precision=4, suppress=True)
 
 # %% [markdown]
@@ -169,7 +181,7 @@ axes[1].set_ylabel("fraction of |h| < eps")
 axes[1].set_title("as eps -> 0, only exact zeros remain")
 axes[1].legend()
 plt.tight_layout()
-plt.show()
+show_figure("02_activations_and_zeros")
 
 # %% [markdown]
 # The left plot shows the ReLU-family spike: a huge bin at exactly 0 (drawn at the centre).

@@ -38,6 +38,18 @@ QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
 STEPS = 40 if QUICK else 1000
 EVAL = dict(batch_size=8, seq_len=64, n_batches=2 if QUICK else 8)
 
+
+def show_figure(name):
+    """Show the figure in a notebook or a window; without a display (a script under a
+    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        path = os.path.abspath(f"{name}.png")
+        plt.savefig(path, dpi=100)
+        plt.close()
+        print(f"no display: figure saved to {path}")
+    else:
+        plt.show()
+
 # %% [markdown]
 # ## The data and the two models
 #
@@ -102,7 +114,7 @@ axes[1].set_ylim(-0.02, 1.02)
 axes[1].set_title("FFN activation sparsity during training")
 axes[1].legend()
 plt.tight_layout()
-plt.show()
+show_figure("03_loss_and_sparsity")
 
 # %% [markdown]
 # ## Sparsity per layer, and the final losses
@@ -142,7 +154,7 @@ plt.title("loss vs sparsity")
 plt.legend()
 plt.grid(alpha=0.3)
 plt.tight_layout()
-plt.show()
+show_figure("03_loss_vs_sparsity")
 
 # %% [markdown]
 # At this scale and budget the result is what it is: read the gap between the two final

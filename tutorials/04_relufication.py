@@ -37,6 +37,18 @@ from minisparse.sparsity import format_report, measure, relufy
 from minisparse.train import TrainConfig, train
 
 QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
+
+
+def show_figure(name):
+    """Show the figure in a notebook or a window; without a display (a script under a
+    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        path = os.path.abspath(f"{name}.png")
+        plt.savefig(path, dpi=100)
+        plt.close()
+        print(f"no display: figure saved to {path}")
+    else:
+        plt.show()
 PRETRAIN, RECOVER = (40, 20) if QUICK else (800, 300)
 EVAL = dict(batch_size=8, seq_len=64, n_batches=2 if QUICK else 8)   # fixed held-out batches
 
@@ -123,7 +135,7 @@ axes[2].set_xlabel("recovery step")
 axes[2].set_title("training loss during recovery")
 axes[2].legend()
 plt.tight_layout()
-plt.show()
+show_figure("04_relufication")
 
 # %% [markdown]
 # What to read in the numbers:

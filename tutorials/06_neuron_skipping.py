@@ -35,6 +35,18 @@ import minisparse as ms
 from minisparse.kernels.testing import dense_ffn, make_ffn
 
 QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
+
+
+def show_figure(name):
+    """Show the figure in a notebook or a window; without a display (a script under a
+    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        path = os.path.abspath(f"{name}.png")
+        plt.savefig(path, dpi=100)
+        plt.close()
+        print(f"no display: figure saved to {path}")
+    else:
+        plt.show()
 D, F = (512, 1536) if QUICK else (4096, 14336)
 REPEATS = 30 if QUICK else 30
 print("usable backends here:", ms.backends())
@@ -166,7 +178,7 @@ if has_numba:
     ax.grid(alpha=0.3)
     ax.legend()
     plt.tight_layout()
-    plt.show()
+    show_figure("06_speedup_vs_sparsity")
 
 # %% [markdown]
 # How to read it: at 0% sparsity the skipping kernel does the same work as dense plus

@@ -39,6 +39,18 @@ from minisparse.predictor import (evaluate, fit_predictors, loss_change, predict
 from minisparse.train import TrainConfig, train
 
 QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
+
+
+def show_figure(name):
+    """Show the figure in a notebook or a window; without a display (a script under a
+    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
+        path = os.path.abspath(f"{name}.png")
+        plt.savefig(path, dpi=100)
+        plt.close()
+        print(f"no display: figure saved to {path}")
+    else:
+        plt.show()
 STEPS, N_BATCHES, RANK, EPOCHS = (30, 6, 16, 8) if QUICK else (600, 32, 32, 20)
 
 # %% [markdown]
@@ -135,7 +147,7 @@ plt.title("layer 0, held-out tokens")
 plt.legend()
 plt.grid(alpha=0.3)
 plt.tight_layout()
-plt.show()
+show_figure("07_predictor")
 
 
 def active_fraction_at(curve, recall):
