@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -57,7 +56,10 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .xp import to_numpy
+
 from .activations import get_activation
+from .checkpoint import atomic_write
 from .config import ModelConfig
 from .model import Transformer
 
@@ -88,6 +90,7 @@ _MS_ACT = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu",
 
 _DEFAULT_MAX_SEQ_LEN = 4096
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 
 class HFFormatError(ValueError):
@@ -121,8 +124,10 @@ def _activation_from_hf(d: dict, arch: str, family: str) -> str:
     """The minisparse activation name for a config.json (see the module docstring)."""
     marker = d.get("minisparse_activation")
     if marker is not None:
-        get_activation(marker)                      # validate: unknown names fail here, by name
-        return str(marker)
+        try:
+            return get_activation(marker).name       # validate: unknown names fail here, by name
+        except (KeyError, ValueError, TypeError) as e:
+            raise HFFormatError(f"minisparse_activation {marker!r}: {str(e).strip(chr(34))}") from None
     act = d.get("hidden_activation") if family == "gemma" else None
     act = act or d.get("hidden_act") or "silu"
     act = str(act).lower()
@@ -137,7 +142,7 @@ def _activation_from_hf(d: dict, arch: str, family: str) -> str:
     return _HF_ACT[act]
 
 
-def _rope_theta(d: dict) -> float:
+def _rope_theta(d: dict, where: str = "config.json") -> float:
     """rope_theta from either spelling; rope scaling variants are refused by name."""
     rp = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
@@ -146,11 +151,36 @@ def _rope_theta(d: dict) -> float:
         theta = rp.get("rope_theta", theta)
         scaling = scaling or (rp if rp.get("rope_type", "default") != "default" else None)
     if scaling:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if kind not in (None, "default"):
+        if not isinstance(scaling, dict) or not isinstance(scaling.get("rope_type", scaling.get("type")), str):
+            raise HFFormatError(f"{where}: rope_scaling {scaling!r} names no type ('rope_type' or 'type'); "
+                                "minisparse cannot tell how the positions are scaled")
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "default":
             raise HFFormatError(f"rope scaling {kind!r} is not implemented in minisparse (plain rotary "
                                 "embeddings only); models such as Llama 3.1+ need it")
-    return float(theta if theta is not None else 10000.0)
+    return _float({"rope_theta": theta}, "rope_theta", where, 10000.0)
+
+
+def _int(d: dict, key: str, where: str, default=None, minimum: int = 1) -> int:
+    """``d[key]`` as an int >= minimum (JSON integers only: 64.7, "64", true and null are refused)."""
+    v = d.get(key, default)
+    if v is None and default is None:
+        raise HFFormatError(f"{where}: {key!r} is missing or null; it must be an integer >= {minimum}")
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise HFFormatError(f"{where}: {key!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _float(d: dict, key: str, where: str, default: float) -> float:
+    """``d[key]`` as a finite number (missing or null -> default)."""
+    v = d.get(key)
+    if v is None:
+        return float(default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise HFFormatError(f"{where}: {key!r} must be a finite number, got {v!r}")
+    return float(v)
 
 
 def config_from_hf(d: dict, max_seq_len: Optional[int] = None, where: str = "config.json") -> Tuple[ModelConfig, str, str]:
@@ -166,24 +196,28 @@ def config_from_hf(d: dict, max_seq_len: Optional[int] = None, where: str = "con
     >>> cfg.activation, cfg.head_dim, fam
     ('swiglu', 8, 'llama')
     """
+    if not isinstance(d, dict):
+        raise HFFormatError(f"{where}: config.json must hold a JSON object, got a {type(d).__name__}")
     arch = _architecture(d, where)
     family = ARCHITECTURES[arch]
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if key not in d:
             raise HFFormatError(f"{where}: missing {key!r}, which a {arch} config must have")
+        _int(d, key, where)
     if d.get("mlp_bias"):
         raise HFFormatError(f"{where}: mlp_bias=true (biases on the MLP) is not supported by minisparse")
     if d.get("attention_bias") and family != "qwen2":
         raise HFFormatError(f"{where}: attention_bias=true on {arch} (a bias on o_proj too) is not supported; "
                             "minisparse has q/k/v biases only (Qwen2)")
-    n_heads = int(d["num_attention_heads"])
-    n_pos = int(d.get("max_position_embeddings") or _DEFAULT_MAX_SEQ_LEN)
+    n_heads = _int(d, "num_attention_heads", where)
+    n_pos = _int(d, "max_position_embeddings", where, default=_DEFAULT_MAX_SEQ_LEN)
     window = d.get("sliding_window")
     if family == "qwen2" and not d.get("use_sliding_window", False):
         window = None
+    window = _int(d, "sliding_window", where) if window is not None else None
     if max_seq_len is None:
-        max_seq_len = min(n_pos, _DEFAULT_MAX_SEQ_LEN, int(window) if window else n_pos)
-    elif window and max_seq_len > int(window):
+        max_seq_len = min(n_pos, _DEFAULT_MAX_SEQ_LEN, window or n_pos)
+    elif window and max_seq_len > window:
         warnings.warn(f"{where}: max_seq_len={max_seq_len} exceeds the sliding window ({window}); "
                       "minisparse attends over the full context, so beyond the window its results "
                       "differ from transformers'", stacklevel=3)
@@ -191,20 +225,28 @@ def config_from_hf(d: dict, max_seq_len: Optional[int] = None, where: str = "con
     if family == "gemma":
         family_opts = dict(norm_offset=True, embed_scale=True)
     if family == "mixtral":
-        family_opts = dict(n_experts=int(d["num_local_experts"]), top_k=int(d.get("num_experts_per_tok", 2)),
+        if "num_local_experts" not in d:
+            raise HFFormatError(f"{where}: missing 'num_local_experts', which a {arch} config must have")
+        family_opts = dict(n_experts=_int(d, "num_local_experts", where), top_k=_int(d, "num_experts_per_tok", where, 2),
                            router="topk_softmax",  # softmax of the top-k logits == softmax, top-k, renormalise
-                           router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.01)))
+                           router_aux_loss_coef=_float(d, "router_aux_loss_coef", where, 0.01))
     tie = d.get("tie_word_embeddings")
     if tie is None:
         tie = family == "gemma"  # transformers' defaults: Gemma ties, the others do not
-    cfg = ModelConfig(
-        vocab_size=int(d["vocab_size"]), dim=int(d["hidden_size"]), n_layers=int(d["num_hidden_layers"]),
-        n_heads=n_heads, n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-        head_dim=int(d["head_dim"]) if d.get("head_dim") else None,
-        ffn_dim=int(d["intermediate_size"]), activation=_activation_from_hf(d, arch, family),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(d),
-        max_seq_len=int(max_seq_len), tie_embeddings=bool(tie), qkv_bias=family == "qwen2",
-        **family_opts)
+    head_dim = _int(d, "head_dim", where) if d.get("head_dim") is not None else None
+    try:
+        cfg = ModelConfig(
+            vocab_size=_int(d, "vocab_size", where), dim=_int(d, "hidden_size", where),
+            n_layers=_int(d, "num_hidden_layers", where), n_heads=n_heads,
+            n_kv_heads=_int(d, "num_key_value_heads", where, n_heads), head_dim=head_dim,
+            ffn_dim=_int(d, "intermediate_size", where), activation=_activation_from_hf(d, arch, family),
+            norm_eps=_float(d, "rms_norm_eps", where, 1e-6), rope_theta=_rope_theta(d, where),
+            max_seq_len=int(max_seq_len), tie_embeddings=bool(tie), qkv_bias=family == "qwen2",
+            **family_opts)
+    except ValueError as e:
+        if isinstance(e, HFFormatError):
+            raise
+        raise HFFormatError(f"{where}: {e}") from None
     return cfg, arch, family
 
 
@@ -227,6 +269,8 @@ def _family_for(cfg: ModelConfig, architecture: Optional[str]) -> str:
         problems.append(f"qkv_bias={cfg.qkv_bias} (only Qwen2 has q/k/v biases)")
     if (cfg.norm_offset, cfg.embed_scale) != ((True, True) if family == "gemma" else (False, False)):
         problems.append(f"norm_offset={cfg.norm_offset}, embed_scale={cfg.embed_scale} (both True only for Gemma)")
+    if getattr(cfg, "norm_relu", False):
+        problems.append("norm_relu=True (ReLUs after the norms: no Hugging Face architecture has them)")
     if (cfg.n_experts > 0) != (family == "mixtral"):
         problems.append(f"n_experts={cfg.n_experts} (MoE layers only in Mixtral)")
     if family == "mixtral":
@@ -363,6 +407,25 @@ def _ignorable(name: str, cfg: ModelConfig) -> Optional[str]:
 # ======================================================================================
 # reading safetensors files
 # ======================================================================================
+def _weight_map(index: Path) -> Dict[str, str]:
+    """The index's {tensor name: shard file name}; each shard a plain name inside the folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise HFFormatError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); it must hold "
+                            "{\"weight_map\": {tensor name: file name}}") from None
+    if not isinstance(weight_map, dict):
+        raise HFFormatError(f"{index}: weight_map must be a JSON object {{tensor name: file name}}")
+    for name, f in weight_map.items():
+        if not isinstance(f, str) or not f:
+            raise HFFormatError(f"{index}: weight_map[{name!r}] is {f!r}, not a file name")
+        rel = Path(f)
+        if rel.is_absolute() or ".." in rel.parts or "\\" in f:
+            raise HFFormatError(f"{index}: weight_map[{name!r}] = {f!r} points outside the model folder; "
+                                "shards must be files inside the folder")
+    return weight_map
+
+
 class _Reader:
     """Tensor name -> file; opens each file once (memory-mapped) and reads one tensor at a time."""
 
@@ -373,11 +436,7 @@ class _Reader:
         self.where: Dict[str, Path] = {}
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise HFFormatError(f"{index}: not a valid safetensors index ({e}); it must hold "
-                                    "{\"weight_map\": {tensor name: file name}}") from None
+            weight_map = _weight_map(index)
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
@@ -414,6 +473,10 @@ class _Reader:
 
     def shape(self, name: str) -> tuple:
         return tuple(self._file(self.where[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code of a tensor ("F32", "BF16", "I64", ...)."""
+        return str(self._file(self.where[name]).get_slice(name).get_dtype()).upper()
 
     def read(self, name: str, index=None) -> Array:
         """The tensor (a fresh array); ``index`` (a tuple of slices) reads only that part."""
@@ -464,8 +527,8 @@ def load_hf(path: PathLike, dtype=np.float32, max_seq_len: Optional[int] = None,
                                 "next to its *.safetensors files")
     try:
         d = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise HFFormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise HFFormatError(f"{cfg_path}: not valid JSON ({type(e).__name__}: {e})") from None
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64 (minisparse computes in those), got {dt}")
@@ -482,6 +545,9 @@ def load_hf(path: PathLike, dtype=np.float32, max_seq_len: Optional[int] = None,
             raise HFFormatError(f"{folder}: {len(missing)} tensor(s) the {arch} config needs are missing: "
                                 f"{missing[:10]}{more}")
         for ms_name, hf, op, _ in entries:
+            if reader.dtype(hf) not in _FLOAT_CODES:
+                raise HFFormatError(f"{folder}: tensor {hf!r} has dtype {reader.dtype(hf)}; weights must be "
+                                    f"floating point ({', '.join(_FLOAT_CODES)})")
             want, found = _hf_shape(op, shapes[ms_name]), reader.shape(hf)
             if want != found:
                 raise HFFormatError(f"{folder}: tensor {hf!r}: expected shape {want} from config.json, found "
@@ -546,9 +612,8 @@ def _to_hf(param: Array, op: str, e: Optional[int]) -> Array:
     raise ValueError(f"save_hf does not write op {op!r}")
 
 
-def _write_safetensors(path: Path, tensors: List[Tuple[str, callable, tuple]], dtype: np.dtype,
-                       st_dtype: str) -> None:
-    """Write a safetensors file tensor by tensor (never a second copy of the whole model).
+def _write_safetensors(fh, tensors: List[Tuple[str, callable, tuple]], dtype: np.dtype, st_dtype: str) -> None:
+    """Write a safetensors file to ``fh`` tensor by tensor (never a second copy of the whole model).
 
     The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
     data_offsets}}, padded with spaces to 8 bytes, then the raw little-endian bytes.
@@ -561,28 +626,12 @@ def _write_safetensors(path: Path, tensors: List[Tuple[str, callable, tuple]], d
         offset += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(hb).to_bytes(8, "little"))
-        fh.write(hb)
-        for name, get, shape in tensors:
-            a = np.ascontiguousarray(get(), dtype=dtype)       # the one extra copy
-            assert a.shape == tuple(shape), (name, a.shape, shape)
-            fh.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _atomic(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then os.replace onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    fh.write(len(hb).to_bytes(8, "little"))
+    fh.write(hb)
+    for name, get, shape in tensors:
+        a = np.ascontiguousarray(get(), dtype=dtype)       # the one extra copy
+        assert a.shape == tuple(shape), (name, a.shape, shape)
+        fh.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def save_hf(model: Transformer, path: PathLike, architecture: Optional[str] = None,
@@ -621,11 +670,11 @@ def save_hf(model: Transformer, path: PathLike, architecture: Optional[str] = No
     if (folder / "model.safetensors.index.json").exists():
         raise FileExistsError(f"{folder} holds a sharded checkpoint (model.safetensors.index.json), which "
                               "load_hf would read instead of the new file; save into an empty folder")
-    p = model.params
-    tensors = [(hf, (lambda ms=ms, op=op, e=e: _to_hf(p[ms], op, e)), _hf_shape(op, p[ms].shape))
+    p = model.params                                   # NumPy or CuPy (each copied to the host when written)
+    tensors = [(hf, (lambda ms=ms, op=op, e=e: _to_hf(to_numpy(p[ms]), op, e)), _hf_shape(op, p[ms].shape))
                for ms, hf, op, e in _name_map(cfg)]
-    _atomic(folder / "model.safetensors", lambda tmp: _write_safetensors(tmp, tensors, np_dtype, _ST_DTYPES[dtype]))
-    _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(d, indent=2) + "\n"))
+    atomic_write(folder / "model.safetensors", lambda fh: _write_safetensors(fh, tensors, np_dtype, _ST_DTYPES[dtype]))
+    atomic_write(folder / "config.json", lambda fh: fh.write((json.dumps(d, indent=2) + "\n").encode()))
     if why_not is not None:
         warnings.warn(f"save_hf wrote {folder}, but stock transformers cannot run it: {why_not}. "
                       f"minisparse.load_hf reads it back exactly (config.json has \"minisparse_activation\": "

@@ -28,6 +28,7 @@ import numpy as np
 
 from .data import Corpus
 from .model import Transformer
+from .xp import array_module, to_device
 
 Array = np.ndarray
 
@@ -213,13 +214,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # ======================================================================================
 # AdamW
 # ======================================================================================
-def decays(name: str, shape) -> bool:
-    """Weight decay applies to matrices only: not to norm weights, biases (1-D)."""
+def decays(shape) -> bool:
+    """Weight decay applies to matrices only (by shape): not to norm weights, biases (1-D)."""
     return len(shape) >= 2
 
 
 class AdamW:
-    """AdamW with decoupled weight decay, in place on a dict of NumPy arrays.
+    """AdamW with decoupled weight decay, in place on a dict of NumPy (or CuPy) arrays.
 
     For each parameter p with gradient g, at step t (1-based)::
 
@@ -263,7 +264,7 @@ class AdamW:
         for name, p in params.items():
             g = grads[name]
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
-            if self.weight_decay and decays(name, p.shape):
+            if self.weight_decay and decays(p.shape):
                 p *= 1.0 - lr * self.weight_decay
             m *= b1
             m += (1.0 - b1) * g                      # m <- b1 m + (1 - b1) g
@@ -273,12 +274,13 @@ class AdamW:
             denom += self.eps                        # sqrt(v_hat) + eps
             p -= step_size * (m / denom)
 
-    def state_dict(self) -> dict:
-        """Scalars and moment arrays (copied)."""
+    def state_dict(self, copy: bool = True) -> dict:
+        """Scalars and moment arrays (copied; ``copy=False``: the live arrays, for saving)."""
+        take = (lambda v: v.copy()) if copy else (lambda v: v)
         return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay,
-                "exp_avg": {k: v.copy() for k, v in self.exp_avg.items()},
-                "exp_avg_sq": {k: v.copy() for k, v in self.exp_avg_sq.items()}}
+                "exp_avg": {k: take(v) for k, v in self.exp_avg.items()},
+                "exp_avg_sq": {k: take(v) for k, v in self.exp_avg_sq.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("exp_avg", "exp_avg_sq"):
@@ -290,7 +292,9 @@ class AdamW:
                 if v.shape != getattr(self, key)[k].shape:
                     raise ValueError(f"optimizer state {key}[{k!r}] has shape {v.shape}, "
                                      f"parameter has {getattr(self, key)[k].shape}")
-            setattr(self, key, {k: np.array(v, dtype=getattr(self, key)[k].dtype) for k, v in state[key].items()})
+            live = getattr(self, key)                   # moments live where the parameters live
+            setattr(self, key, {k: to_device(np.array(v, dtype=live[k].dtype), array_module(live[k]))
+                                for k, v in state[key].items()})
         self.t = int(state["t"])
         self.lr = float(state.get("lr", self.lr))
         self.betas = tuple(state.get("betas", self.betas))
@@ -313,7 +317,7 @@ def clip_grads(grads: Dict[str, Array], max_norm: float) -> float:
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads.values():
-            g *= np.asarray(scale, dtype=g.dtype)
+            g *= g.dtype.type(scale)
     return norm
 
 
@@ -337,7 +341,7 @@ def accumulate_grads(model: Transformer, batches, l1: float = 0.0):
     n = len(batches)
     if n > 1:
         for g in acc.values():
-            g /= np.asarray(n, dtype=g.dtype)
+            g /= g.dtype.type(n)
     return total / n, acc, ce / n
 
 
@@ -358,7 +362,8 @@ def evaluate(model: Transformer, corpus: Corpus, batch_size: int = 16, seq_len: 
     for _ in range(n_batches):
         x, y = corpus.get_batch(split, batch_size, seq_len, rng)
         logits = model(x, ffn_hook=ffn_hook)                               # (B, T, V)
-        loss, _ = L.cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss, _ = L.cross_entropy_forward(logits.reshape(-1, logits.shape[-1]),
+                                          to_device(y.reshape(-1), model.xp))
         losses.append(loss)
     return float(np.mean(losses))
 
@@ -374,7 +379,7 @@ def ffn_zero_fraction(model: Transformer, corpus: Corpus, batch_size: int = 8, s
     total = np.zeros(model.config.n_layers)
 
     def hook(layer, expert, h):
-        zeros[layer] += np.count_nonzero(h == 0)
+        zeros[layer] += int(np.count_nonzero(h == 0))
         total[layer] += h.size
 
     evaluate(model, corpus, batch_size, seq_len, n_batches, seed, ffn_hook=hook, split=split)
@@ -547,7 +552,7 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
         state = load_training_state(resume)
         _check_resume(model, state)
         for k, v in state.model.params.items():
-            model.params[k][...] = v
+            model.params[k][...] = to_device(v, model.xp)
         if state.optimizer is None:
             raise ValueError(f"cannot resume from {state.path}: it holds no optimizer state "
                              "(it was saved for inference)")

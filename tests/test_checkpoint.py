@@ -1,4 +1,5 @@
 """Checkpoints: round trips, optimizer state, atomic writes, corrupt and truncated files."""
+import json
 import os
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_other_files_give_clear_errors(tmp_path):
         save(model_of(), tmp_path / "y.safetensors", extra={"f": object()})
 
 
-def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
+def test_checkpoints_need_numpy_only(tmp_path, monkeypatch):
     import builtins
     real_import = builtins.__import__
 
@@ -146,5 +147,41 @@ def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_st)
-    with pytest.raises(ImportError, match=r"pip install 'minisparse\[hf\]'"):
-        save(model_of(), tmp_path / "z.safetensors")
+    m = model_of()
+    p = save(m, tmp_path / "z.safetensors", optimizer=AdamW(m.params), step=3)
+    assert load_training_state(p).step == 3 and np.array_equal(ms.load(p).params["norm"], m.params["norm"])
+
+
+def test_files_are_safetensors_that_the_safetensors_package_reads(tmp_path):
+    import safetensors
+    import safetensors.numpy
+    m = model_of(np.float64)
+    p = save(m, tmp_path / "c.safetensors", optimizer=AdamW(m.params), step=1)
+    got = safetensors.numpy.load_file(str(p))
+    assert set(got) == set(m.params) | {f"optimizer.exp_avg{s}.{k}" for s in ("", "_sq") for k in m.params}
+    assert all(np.array_equal(got[k], v) for k, v in m.params.items())
+    with safetensors.safe_open(str(p), framework="np") as f:
+        assert json.loads(f.metadata()["minisparse"])["step"] == 1
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    """Files written before the digest covered the metadata (safetensors.numpy.save, sha256 in the JSON)."""
+    import hashlib
+    import safetensors.numpy
+    m = model_of()
+    tensors = {k: np.ascontiguousarray(v) for k, v in m.params.items()}
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(f"{name}|{tensors[name].dtype.str}|{tensors[name].shape}\n".encode())
+        h.update(tensors[name].tobytes())
+    meta = {"format": "minisparse-checkpoint", "version": 1, "config": m.config.to_dict(), "dtype": "float32",
+            "step": 5, "optimizer": None, "extra": {}, "sha256": h.hexdigest()}
+    p = tmp_path / "v1.safetensors"
+    p.write_bytes(safetensors.numpy.save(tensors, metadata={"minisparse": json.dumps(meta)}))
+    back = ms.load(p)
+    assert all(np.array_equal(back.params[k], v) for k, v in m.params.items())
+    data = bytearray(p.read_bytes())
+    data[-100] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        ms.load(p)
