@@ -33,6 +33,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+from .xp import array_module, to_device, to_numpy
+
 Array = np.ndarray
 Key = Tuple[int, Optional[int]]
 
@@ -62,6 +64,7 @@ class Predictor:
     b2: Array
     threshold: float = 0.5
     metrics: dict = field(default_factory=dict)
+    _device: dict = field(default_factory=dict, repr=False, compare=False)   # xp -> weight copies
 
     @classmethod
     def init(cls, dim: int, ffn_dim: int, rank: int = 32, seed: int = 0) -> "Predictor":
@@ -86,14 +89,24 @@ class Predictor:
         """Predictor weights read per token, in units of one FFN weight matrix (F*D)."""
         return (self.dim * self.rank + self.rank * self.ffn_dim) / (self.dim * self.ffn_dim)
 
+    def weights_on(self, xp):
+        """(w1, b1, w2, b2) as arrays of module ``xp`` (copies on the GPU are made once, kept)."""
+        if xp is np:
+            return self.w1, self.b1, self.w2, self.b2
+        if xp not in self._device:
+            self._device[xp] = tuple(to_device(w, xp) for w in (self.w1, self.b1, self.w2, self.b2))
+        return self._device[xp]
+
     def forward(self, x: Array):
-        """Logits z (N, F) and the cache of the backward."""
-        x = np.asarray(x, dtype=self.w1.dtype)
+        """Logits z (N, F) and the cache of the backward; x (N, D), NumPy or CuPy."""
+        xp = array_module(x)
+        x = (x if hasattr(x, "astype") else np.asarray(x)).astype(self.w1.dtype, copy=False)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"predictor input must be (N, dim={self.dim}), got shape {x.shape}")
-        z1 = x @ self.w1 + self.b1                                    # (N, R)
+        w1, b1, w2, b2 = self.weights_on(xp)
+        z1 = x @ w1 + b1                                              # (N, R)
         a1 = np.maximum(z1, 0)                                        # (N, R)
-        z2 = a1 @ self.w2 + self.b2                                   # (N, F)
+        z2 = a1 @ w2 + b2                                             # (N, F)
         return z2, (x, z1, a1)
 
     def backward(self, dz2: Array, cache):
@@ -120,7 +133,11 @@ class Predictor:
 
     def active(self, x: Array) -> Array:
         """Sorted indices (A,) of the neurons predicted active for *any* of the tokens in x."""
-        return np.flatnonzero(self.predict(x).any(axis=0))
+        return np.flatnonzero(self.active_mask(x))
+
+    def active_mask(self, x: Array) -> Array:
+        """Boolean mask (F,) of the neurons predicted active for any token of x (on x's device)."""
+        return self.predict(x).any(axis=0)
 
 
 def _sigmoid(z: Array) -> Array:
@@ -167,8 +184,10 @@ def train_predictor(x: Array, y: Array, *, rank: int = 32, epochs: int = 30, lr:
                     verbose: bool = False) -> Predictor:
     """Fit fc2(relu(fc1(x))) to boolean labels y (N, F) = "neuron nonzero" for inputs x (N, D).
 
-    Adam (Kingma & Ba 2015) with the class-weighted BCE above; rank is clipped to
-    min(D, F). Returns the predictor (threshold 0.5; see :func:`tune_threshold`).
+    Adam (Kingma & Ba 2015; :class:`minisparse.train.AdamW`, decoupled ``weight_decay``
+    on w1 and w2) with the class-weighted BCE above; rank is clipped to min(D, F).
+    Training runs on the host. Returns the predictor (threshold 0.5; see
+    :func:`tune_threshold`).
 
     Examples
     --------
@@ -181,8 +200,9 @@ def train_predictor(x: Array, y: Array, *, rank: int = 32, epochs: int = 30, lr:
     >>> float(evaluate(p, x, y)["recall"]) >= 0.95
     True
     """
-    x = np.asarray(x, dtype=np.float32)
-    y = np.asarray(y, dtype=bool)
+    from .train import AdamW
+    x = to_numpy(x).astype(np.float32, copy=False)
+    y = to_numpy(y).astype(bool, copy=False)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"need x (N, D) and y (N, F) with the same N, got {x.shape} and {y.shape}")
     if x.shape[0] == 0:
@@ -192,11 +212,8 @@ def train_predictor(x: Array, y: Array, *, rank: int = 32, epochs: int = 30, lr:
     pred = Predictor.init(D, F, max(1, min(rank, D, F)), seed)
     w_pos, w_neg = class_weights(y)
     rng = np.random.default_rng(seed + 1)
-    names = ("w1", "b1", "w2", "b2")
-    m = {k: np.zeros_like(getattr(pred, k)) for k in names}
-    v = {k: np.zeros_like(getattr(pred, k)) for k in names}
-    b1_, b2_, eps = 0.9, 0.999, 1e-8
-    step = 0
+    params = {k: getattr(pred, k) for k in ("w1", "b1", "w2", "b2")}   # the predictor's own arrays
+    opt = AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     for epoch in range(epochs):
         order = rng.permutation(N)
         total = 0.0
@@ -205,15 +222,7 @@ def train_predictor(x: Array, y: Array, *, rank: int = 32, epochs: int = 30, lr:
             z, cache = pred.forward(x[bi])                            # (B, F)
             total += bce_forward(z, y[bi], w_pos, w_neg) * bi.size
             grads = pred.backward(bce_backward(z, y[bi], w_pos, w_neg), cache)
-            step += 1
-            for k in names:
-                p = getattr(pred, k)
-                g = grads[k] + (weight_decay * p if k.startswith("w") else 0)
-                m[k] = b1_ * m[k] + (1 - b1_) * g
-                v[k] = b2_ * v[k] + (1 - b2_) * g * g
-                mh = m[k] / (1 - b1_ ** step)
-                vh = v[k] / (1 - b2_ ** step)
-                p -= (lr * mh / (np.sqrt(vh) + eps)).astype(p.dtype)
+            opt.step(params, {k: g.astype(np.float32, copy=False) for k, g in grads.items()})
         if verbose:
             print(f"  epoch {epoch + 1}/{epochs}: weighted BCE {total / N:.4f}")
     return pred
@@ -250,37 +259,23 @@ def tune_threshold(pred: Predictor, x: Array, y: Array, target_recall: float = 0
 # ======================================================================================
 # recording FFN inputs and labels from a model, and decoding with predicted masks
 # ======================================================================================
-def _routing(model, layer: int, x2: Array) -> Dict[int, Array]:
-    """Token rows of each expert of MoE layer ``layer`` (as minisparse.moe.moe_forward routes)."""
-    from .moe import expert_capacity, router_forward
-    c = model.config
-    pre = f"layers.{layer}.feed_forward."
-    _, idx, _ = router_forward(x2, model.params[pre + "router"], c.top_k, c.router)  # (N, k)
-    cap = expert_capacity(x2.shape[0], c.top_k, c.n_experts, c.capacity_factor)
-    rows = {}
-    for e in range(c.n_experts):
-        r, _ = np.nonzero(idx == e)
-        rows[e] = r[:cap] if cap is not None else r
-    return rows
-
-
 @contextmanager
 def _tap(model, make_hook):
-    """Run the model's FFNs with ``hook = make_hook(layer, x2, rows)``; restores the model.
+    """Run the model's FFNs with ``hook = make_hook(layer, x2)``; restores the model.
 
-    The model's ``ffn_hook(layer, expert, h)`` sees h only; the tap also knows the FFN's
-    input x2 (N, D) and, for MoE layers, the token rows of each expert.
+    The hook is called ``hook(layer, expert, h, rows)``: the model passes MoE experts the
+    token rows they were routed (``rows`` is None for a dense FFN), so the tap pairs each
+    h with its inputs without running the router again.
     """
     def tapped(ffn, i, x2, hook, train):
-        rows = _routing(model, i, x2) if model.config.is_moe_layer(i) else None
-        return ffn(i, x2, make_hook(i, x2, rows), train)
+        return ffn(i, x2, make_hook(i, x2), train)
 
     with model.wrap_ffn(tapped):
         yield model
 
 
-def _inputs_of(x2: Array, expert, rows) -> Array:
-    return x2 if expert is None or expert == -1 else x2[rows[expert]]
+def _inputs_of(x2: Array, rows) -> Array:
+    return x2 if rows is None else x2[rows]
 
 
 def record(model, token_batches: Iterable, threshold: float = 0.0) -> Dict[Key, Tuple[Array, Array]]:
@@ -288,17 +283,18 @@ def record(model, token_batches: Iterable, threshold: float = 0.0) -> Dict[Key, 
 
     ``token_batches``: int arrays (B, T) (or one such array). Labels are of the
     *activation output* h: for drelu a neuron counts only if both gate and up fire.
+    The pairs are returned as NumPy arrays (copied from the GPU for a model there).
     """
     if isinstance(token_batches, np.ndarray):
         token_batches = [token_batches]
     xs: Dict[Key, list] = {}
     ys: Dict[Key, list] = {}
 
-    def make_hook(layer, x2, rows):
-        def hook(lyr, expert, h):
+    def make_hook(layer, x2):
+        def hook(lyr, expert, h, rows=None):
             key = (lyr, expert)
-            xs.setdefault(key, []).append(_inputs_of(x2, expert, rows).astype(np.float32))
-            ys.setdefault(key, []).append(np.abs(h) > threshold)
+            xs.setdefault(key, []).append(to_numpy(_inputs_of(x2, rows).astype(np.float32)))
+            ys.setdefault(key, []).append(to_numpy(np.abs(h) > threshold))
             return None
         return hook
 
@@ -354,12 +350,12 @@ def loss_with_predictors(model, predictors: Dict[Key, Predictor], tokens, target
     of each token, which is exactly what ``sparse_ffn(x_t, ..., active=mask_t)`` computes.
     FFNs without a predictor run dense.
     """
-    def make_hook(layer, x2, rows):
-        def hook(lyr, expert, h):
+    def make_hook(layer, x2):
+        def hook(lyr, expert, h, rows=None):
             p = predictors.get((lyr, expert))
             if p is None:
                 return None
-            return h * p.predict(_inputs_of(x2, expert, rows))
+            return h * p.predict(_inputs_of(x2, rows))
         return hook
 
     with _tap(model, make_hook):
@@ -390,17 +386,18 @@ def predicted_decoding(model, predictors: Dict[Key, Predictor], backend: str = "
     3
     """
     from .kernels import sparse_ffn
+    from .model import FFNOut
+
     def predicted(ffn, i, x2, hook, train):
         p = predictors.get((i, None))
         if train or hook is not None or p is None or model.config.is_moe_layer(i):
             return ffn(i, x2, hook, train)
-        pre = f"layers.{i}.feed_forward."
-        prm = model.params
+        wg, wu, wd = model.ffn_weights(i)
         stats: dict = {}
-        y = sparse_ffn(x2, prm[pre + "w_gate"], prm.get(pre + "w_up"), prm[pre + "w_down"], model.act,
-                       backend=backend, active=p.active(x2), stats=stats)  # (N, D)
+        y = sparse_ffn(x2, wg, wu, wd, model.act, backend=backend,
+                       active=p.active_mask(x2), stats=stats)         # (N, D); the mask stays on x2's device
         model.ffn_stats.append(dict(layer=i, **stats))
-        return y, None
+        return y, FFNOut("kernel", None)
 
     with model.wrap_ffn(predicted):
         yield model
