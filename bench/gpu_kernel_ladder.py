@@ -1,0 +1,308 @@
+"""The GPU decode kernels rung by rung (llm.c dev/cuda style): validate each against NumPy, then time it.
+
+Kernels of ``minisparse/kernels/decode.cu`` (the graph decode step of
+:class:`minisparse.kernels.decode_cuda.GraphDecoder`), at Mistral-7B shapes, float16 and
+float32 weights, batch 1:
+
+* GEMV ``y = W x``: gemv_naive (a thread per row) -> gemv_warp (a warp per row, coalesced
+  scalar loads) -> gemv_warp_vec16 (a warp per row, 16-byte loads, 4 in flight per lane);
+  cuBLAS (``W @ x`` in CuPy, eager: it cannot be captured) for comparison;
+* decode attention: attn_decode_naive (a thread per head) -> attn_decode (a block per head);
+* the rest of a step: rmsnorm, qkv_rope (q/k/v GEMV + rotary + KV write), ffn_gateup
+  (dense gate + up + dReLU), argmax_advance, embed.
+
+Each kernel's output is poisoned (NaN) before the check and compared with a float64 NumPy
+result. Times are GPU times per call from CUDA-graph replays of n calls (no launch gaps of
+the host), median of repeats; weight-streaming kernels rotate among enough weight copies
+that the 60 MB L2 cannot hold them. GB/s counts the bytes a call must move (weights once,
+vectors once); "% copy" compares with a device-to-device copy measured in the same run
+(bytes read + written).
+
+    PYTHONPATH=. python3 bench/gpu_kernel_ladder.py [--quick] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+import numpy as np
+
+L2_BYTES = 60e6
+
+
+def graph_time(cp, fns, repeats, n_inner=20):
+    """GPU seconds per call: n_inner calls (cycling through fns) captured in a graph, replays
+    timed with events, median over repeats."""
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        for f in fns:
+            f()
+        s.synchronize()
+        s.begin_capture()
+        for i in range(n_inner):
+            fns[i % len(fns)]()
+        g = s.end_capture()
+        g.launch(s)
+        s.synchronize()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        ts = []
+        for _ in range(repeats):
+            start.record(s)
+            g.launch(s)
+            end.record(s)
+            end.synchronize()
+            ts.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / n_inner)
+    return float(np.median(ts))
+
+
+def eager_time(cp, fns, repeats, n_inner=20):
+    """GPU seconds per call of eager launches (for cuBLAS, which a graph cannot capture)."""
+    for f in fns:
+        f()
+    cp.cuda.Device().synchronize()
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    ts = []
+    for _ in range(repeats):
+        start.record()
+        for i in range(n_inner):
+            fns[i % len(fns)]()
+        end.record()
+        end.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / n_inner)
+    return float(np.median(ts))
+
+
+def rel_err(got, want) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if not np.isfinite(got).all():
+        return float("inf")                                            # an unwritten (NaN-poisoned) output
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def check(name, got, want, tol, failures):
+    e = rel_err(got, want)
+    ok = e <= tol
+    print(f"  validate {name}: rel err {e:.2e} ({'ok' if ok else 'FAIL'}, tol {tol:.0e})")
+    if not ok:
+        failures.append(name)
+    return e
+
+
+def print_table(rows, title):
+    print(f"\n{title}")
+    print(f"{'kernel':<24} {'shape':<26} {'us':>9} {'GB/s':>8} {'% copy':>7} {'x rung 1':>9}  rel err")
+    for r in rows:
+        print(f"{r['kernel']:<24} {r['shape']:<26} {r['us']:9.2f} {r['GBs']:8.0f} {r['pct_copy']:6.0f}% "
+              f"{r['x_first']:8.1f}x  {r['rel_err']:.1e}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--json", default=None, help="default bench/results/gpu_kernel_ladder.json")
+    args = ap.parse_args(argv)
+    try:
+        import cupy as cp
+        cp.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no CuPy / no GPU: say so, no traceback
+        print(f"error: this benchmark needs CuPy and a CUDA GPU ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from minisparse.kernels import decode_cuda as dc
+
+    repeats = args.repeats or (5 if args.quick else 15)
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    buf = cp.empty((256 if args.quick else 2048) * 1024 ** 2 // 4, dtype=cp.float32)
+    buf2 = cp.empty_like(buf)
+    t_copy = eager_time(cp, [lambda: cp.copyto(buf2, buf)], repeats, n_inner=5)
+    copy_GBs = 2 * buf.nbytes / t_copy / 1e9
+    del buf, buf2
+    print(f"GPU: {gpu}; copy bandwidth {copy_GBs:.0f} GB/s (read + write)")
+
+    if args.quick:
+        D, F, H, K, Dh, V, S_list = 512, 1792, 8, 2, 64, 4000, [16, 144]
+    else:
+        D, F, H, K, Dh, V, S_list = 4096, 14336, 32, 8, 128, 32000, [16, 144, 1024]
+    rng = cp.random.RandomState(0)
+    failures, rows = [], []
+    i32, f32 = np.int32, np.float32
+
+    def row(kernel, shape, dtype, t, nbytes, first_t, err):
+        r = dict(kernel=kernel, shape=shape, dtype=dtype, us=t * 1e6, GBs=nbytes / t / 1e9,
+                 pct_copy=100 * nbytes / t / 1e9 / copy_GBs, x_first=first_t / t, rel_err=err, bytes=nbytes)
+        rows.append(r)
+        return r
+
+    for wname, wdt in (("float16", np.float16), ("float32", np.float32)):
+        k = dc.kernels(wdt)
+        wb = np.dtype(wdt).itemsize
+        trows = []
+        # ------------------------------------------------------------------ GEMV ladder
+        for label, N, Kd in (("ffn gate/up", F, D), ("ffn down (W^T)", D, F), ("q,k,v", (H + 2 * K) * Dh, D),
+                             ("o-proj", D, H * Dh), ("LM head", V, D)):
+            nbytes = N * Kd * wb + 4 * (Kd + N)
+            sets = max(1, math.ceil(3 * L2_BYTES / (N * Kd * wb)))
+            Ws = [dc.pad_rows(cp, rng.standard_normal((N, Kd), dtype=cp.float32) * 0.02, wdt) for _ in range(sets)]
+            x = cp.zeros(Ws[0].shape[1], dtype=cp.float32)
+            x[:Kd] = rng.standard_normal(Kd, dtype=cp.float32)
+            want = Ws[0].get().astype(np.float64) @ x.get().astype(np.float64)
+            y = cp.empty(N, dtype=cp.float32)
+            first = None
+            for kind in ("naive", "warp", "vec16"):
+                y.fill(np.nan)
+                dc.gemv(Ws[0], x, y, kind=kind, K=Kd)
+                err = check(f"gemv_{kind} {label} {wname}", y.get(), want, 1e-5, failures)
+                reps = 3 if kind == "naive" else repeats
+                t = graph_time(cp, [lambda W=W: dc.gemv(W, x, y, kind=kind, K=Kd) for W in Ws], reps,
+                               n_inner=4 if kind == "naive" else 20)
+                first = first or t
+                trows.append(row(f"gemv_{kind}" if kind != "vec16" else "gemv_warp_vec16",
+                                 f"{label} {N}x{Kd}", wname, t, nbytes, first, err))
+            xw = x[:Kd].astype(wdt)
+            Wv = [W[:, :Kd] for W in Ws]                                 # strided views: cuBLAS lda
+            yb = Wv[0] @ xw
+            err = check(f"cublas {label} {wname}", yb.get(), want, 1e-5 if wdt == np.float32 else 3e-3, failures)
+            t = eager_time(cp, [lambda W=W: W @ xw for W in Wv], repeats)
+            trows.append(row("cuBLAS W @ x (eager)", f"{label} {N}x{Kd}", wname, t, nbytes, first, err))
+            del Ws, Wv
+            cp.get_default_memory_pool().free_all_blocks()
+        # ------------------------------------------------------------------ attention
+        for S in S_list:
+            q = rng.standard_normal(H * Dh, dtype=cp.float32)
+            kc = rng.standard_normal((K, S, Dh), dtype=cp.float32)
+            vc = rng.standard_normal((K, S, Dh), dtype=cp.float32)
+            o = cp.empty(H * Dh, dtype=cp.float32)
+            pos = cp.array([S - 1], dtype=cp.int32)
+            scratch = cp.empty((H, S), dtype=cp.float32)
+            scale = f32(1 / math.sqrt(Dh))
+            qh = q.get().astype(np.float64).reshape(H, Dh)
+            kh, vh = kc.get().astype(np.float64), vc.get().astype(np.float64)
+            rep = H // K
+            sc = np.einsum("hd,hsd->hs", qh, kh[np.arange(H) // rep]) / math.sqrt(Dh)
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            want = np.einsum("hs,hsd->hd", p, vh[np.arange(H) // rep]).reshape(-1)
+            calls = {
+                "attn_decode_naive": lambda: k["attn_naive"](((H + 31) // 32,), (32,),
+                                                             (q, kc, vc, o, pos, i32(H), i32(K), i32(Dh), i32(S),
+                                                              scale, scratch)),
+                "attn_decode": lambda: k["attn"]((H,), (256,), (q, kc, vc, o, pos, i32(H), i32(K), i32(Dh),
+                                                                i32(S), scale), shared_mem=4 * (S + 256)),
+            }
+            first = None
+            nbytes = 2 * K * S * Dh * 4 + 2 * H * Dh * 4
+            for name, f in calls.items():
+                o.fill(np.nan)
+                f()
+                err = check(f"{name} S={S}", o.get(), want, 1e-5, failures)
+                t = graph_time(cp, [f], repeats)
+                first = first or t
+                trows.append(row(name, f"H{H}/K{K} Dh{Dh} S{S}", "float32", t, nbytes, first, err))
+        # ------------------------------------------------------------------ the rest of a step
+        Dp = dc._pad(D)
+        x = cp.zeros(Dp, dtype=cp.float32)
+        x[:D] = rng.standard_normal(D, dtype=cp.float32)
+        sc_ = cp.zeros(Dp, dtype=cp.float32)
+        sc_[:D] = 1 + 0.1 * rng.standard_normal(D, dtype=cp.float32)
+        xn = cp.empty(Dp, dtype=cp.float32)
+        xh, sh = x.get()[:D].astype(np.float64), sc_.get()[:D].astype(np.float64)
+        want = xh / np.sqrt(np.mean(xh * xh) + 1e-5) * sh
+        f = lambda: k["rmsnorm"]((1,), (1024,), (x, dc._NULL, sc_, xn, i32(D), f32(1e-5)))
+        xn.fill(np.nan)
+        f()
+        err = check("rmsnorm", xn.get()[:D], want, 1e-5, failures)
+        t = graph_time(cp, [f], repeats)
+        trows.append(row("rmsnorm", f"D{D}", "float32", t, 12 * D, t, err))
+
+        S = 144
+        R = (H + 2 * K) * Dh
+        Wq = dc.pad_rows(cp, rng.standard_normal((R, D), dtype=cp.float32) * 0.02, wdt)
+        cos, sin = (cp.asarray(a[:, :Dh // 2].astype(np.float32))
+                    for a in __import__("minisparse.layers", fromlist=["rope_tables"]).rope_tables(Dh, S, 1e4, np.float64))
+        qb = cp.empty(H * Dh, dtype=cp.float32)
+        kc = cp.full((K, S, Dh), np.nan, dtype=cp.float32)
+        vc = cp.full((K, S, Dh), np.nan, dtype=cp.float32)
+        pos = cp.array([S - 5], dtype=cp.int32)
+        f = lambda: k["qkv_rope"](((R // 2 + 7) // 8,), (256,), (Wq, dc._NULL, x, i32(Dp), i32(H), i32(K), i32(Dh),
+                                                                  cos, sin, pos, qb, kc, vc, i32(S)))
+        qb.fill(np.nan)
+        f()
+        lin = Wq.get().astype(np.float64)[:, :D] @ xh
+        half, pp = Dh // 2, S - 5
+        c_, s_ = cos.get()[pp].astype(np.float64), sin.get()[pp].astype(np.float64)
+
+        def rot(v):                                                     # rotate-half, per head
+            v = v.reshape(-1, Dh)
+            a, b = v[:, :half], v[:, half:]
+            return np.concatenate([a * c_ - b * s_, b * c_ + a * s_], axis=1).reshape(-1)
+        want = np.concatenate([rot(lin[:H * Dh]), rot(lin[H * Dh:(H + K) * Dh]), lin[(H + K) * Dh:]])
+        got = np.concatenate([qb.get(), kc.get()[:, pp].reshape(-1), vc.get()[:, pp].reshape(-1)])
+        err = check(f"qkv_rope {wname}", got, want, 1e-5, failures)
+        t = graph_time(cp, [f], repeats)
+        nb = R * D * wb
+        trows.append(row("qkv_rope (fused)", f"{R}x{D}", wname, t, nb, t, err))
+        del Wq
+
+        Wg = dc.pad_rows(cp, rng.standard_normal((F, D), dtype=cp.float32) * 0.02, wdt)
+        Wu = dc.pad_rows(cp, rng.standard_normal((F, D), dtype=cp.float32) * 0.02, wdt)
+        h = cp.empty(dc._pad(F), dtype=cp.float32)
+        f = lambda: k["ffn_gateup"](((F + 7) // 8,), (256,), (Wg, Wu, x, h, i32(F), i32(Dp), i32(0), i32(0), f32(0),
+                                                              i32(1), dc._NULL, pos, i32(0), i32(1)))
+        h.fill(np.nan)
+        f()
+        g_ = Wg.get().astype(np.float64)[:, :D] @ xh
+        u_ = Wu.get().astype(np.float64)[:, :D] @ xh
+        want = np.maximum(g_, 0) * np.maximum(u_, 0)
+        err = check(f"ffn_gateup drelu {wname}", h.get()[:F], want, 1e-5, failures)
+        t = graph_time(cp, [f], repeats)
+        trows.append(row("ffn_gateup (dense drelu)", f"2 x {F}x{D}", wname, t, 2 * F * D * wb, t, err))
+        del Wg, Wu
+
+        logits = rng.standard_normal(V, dtype=cp.float32)
+        toks = cp.zeros(S + 1, dtype=cp.int32)
+        pos0 = cp.zeros(1, dtype=cp.int32)
+        npr = cp.zeros(1, dtype=cp.int32)
+        f = lambda: k["argmax"]((1,), (1024,), (logits, i32(V), toks, pos0, npr, i32(S + 1), dc._NULL))
+        f()
+        ok = int(toks.get()[1]) == int(np.argmax(logits.get()))
+        print(f"  validate argmax_advance: {'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append("argmax")
+        t = graph_time(cp, [f], repeats)
+        trows.append(row("argmax_advance", f"V{V}", "float32", t, 4 * V, t, 0.0 if ok else float("inf")))
+
+        table = dc.pad_rows(cp, rng.standard_normal((V, D), dtype=cp.float32), wdt)
+        toks[0] = 7
+        pos0.fill(0)
+        f = lambda: k["embed"](((D + 255) // 256,), (256,), (table, i32(Dp), toks, pos0, x, i32(D), f32(1), i32(0)))
+        x.fill(np.nan)
+        f()
+        err = check(f"embed {wname}", x.get()[:D], table.get()[7, :D].astype(np.float64), 1e-7, failures)
+        t = graph_time(cp, [f], repeats)
+        trows.append(row("embed", f"D{D}", wname, t, D * (wb + 4), t, err))
+        del table
+        cp.get_default_memory_pool().free_all_blocks()
+        print_table(trows, f"GPU {gpu}, {wname} weights, batch 1 (copy bandwidth {copy_GBs:.0f} GB/s)")
+
+    path = args.json or os.path.join(os.path.dirname(__file__), "results",
+                                     "gpu_kernel_ladder" + ("_quick" if args.quick else "") + ".json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(dict(gpu=gpu, copy_GBs=copy_GBs, cupy=cp.__version__, platform=platform.platform(),
+                       quick=args.quick, rows=rows, failures=failures), fh, indent=1)
+    print(f"\nwrote {path}")
+    if failures:
+        print(f"VALIDATION FAILED: {failures}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

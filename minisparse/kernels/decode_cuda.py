@@ -1,0 +1,649 @@
+"""A batch-1 greedy decode step as one CUDA graph (the CUDA source is ``decode.cu`` beside this file).
+
+The readable model (:class:`minisparse.Transformer` on CuPy arrays) decodes eagerly: a
+32-layer step is hundreds of small launches, each costing ~6 us of Python and CuPy on the
+host, more than the bytes of the weights take to read. :class:`GraphDecoder` issues the
+same step as a fixed sequence of kernels that read the position and the token id from
+device memory, captures that sequence once in a CUDA graph, and replays it per token::
+
+    tokens[pos] -> embed -> per layer:  rmsnorm -> qkv + rotary + KV write -> attention
+                                        -> o-proj + residual -> rmsnorm -> FFN + residual
+                -> rmsnorm -> LM head -> argmax -> tokens[pos + 1], pos += 1
+
+Nothing crosses to the host until the end: the prompt and the generated tokens live in one
+device array. CuPy cannot capture cuBLAS in a graph, so the matrix-vector products are
+our own warp-per-row GEMV kernels (16-byte loads, float32 accumulation).
+
+FFN modes
+---------
+``"dense"``  every neuron, with the GEMV kernels (gate + up + activation fused, then down)
+``"skip"``   the CuPy backend's neuron-skipping kernels (:mod:`minisparse.kernels.cupy_`):
+             gate dense, up and down only for the neurons the gate keeps
+``"given"``  a fixed active set per layer, passed as ``active=`` (with an exactly sparse
+             model whose active set is known, this is the *oracle* upper bound of a
+             predictor; label it so)
+
+Weights are the decoder's own copies in ``weight_dtype`` (float16: half weights, float32
+activations and accumulation), rows padded with zeros to a multiple of 8 elements; the
+model's parameters are only read at construction. Supported: dense (non-MoE) layers, the
+activations the compiled kernels know (:func:`minisparse.kernels.base.activation_codes`),
+GQA, tied or untied output, qkv bias (Qwen2), Gemma's norm offset and embedding scale.
+
+Dimension keys: D dim, H heads, K kv heads, Dh head dim, F ffn neurons, V vocab, L layers,
+S positions (max_len). ``*p`` = padded to a multiple of 8.
+
+Examples
+--------
+>>> import numpy as np, cupy as cp, minisparse as ms                   # doctest: +SKIP
+>>> model = ms.Transformer(ms.preset("nano", activation="drelu"), seed=0).to("cupy")
+>>> dec = GraphDecoder(model, mode="skip", weight_dtype="float32")
+>>> dec.generate([256, 104, 105], 8)                                   # greedy ids
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import layers as L
+from .base import activation_codes, cuda_activation_source
+
+MODES = ("dense", "skip", "given")
+SPARSE_KERNELS = ("fused", "split")   # the CuPy backend's FFN launch: ffn_device (1 launch) or gate/up/down
+WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32}
+PAD = 8                         # rows and vectors padded to a multiple of this many elements
+ATTN_THREADS = 256              # threads of an attention block
+MAX_LEN = 48 * 1024 // 4 - ATTN_THREADS   # attention: max_len scores + partial sums in 48 KB
+WARPS = 8                       # warps per block (WARPS in decode.cu)
+_SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
+_CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
+_MODULES: Dict[np.dtype, dict] = {}
+_NULL = np.uint64(0)            # a null pointer argument
+
+
+def _pad(n: int) -> int:
+    return (n + PAD - 1) // PAD * PAD
+
+
+def _cupy():
+    try:
+        import cupy as cp
+    except ImportError as e:
+        raise ImportError(f"GraphDecoder needs CuPy and a CUDA GPU ({e}); "
+                          "pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13)") from e
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver
+        raise ImportError(f"GraphDecoder: CuPy is installed but no CUDA device is usable ({e})") from e
+    if n < 1:
+        raise ImportError("GraphDecoder: CuPy is installed but no CUDA device is visible")
+    return cp
+
+
+def cuda_source() -> str:
+    """The CUDA source of the decode kernels: the shared activation definitions + ``decode.cu``."""
+    with open(_SRC_PATH) as fh:
+        return cuda_activation_source() + fh.read()
+
+
+def kernels(weight_dtype) -> dict:
+    """Compiled decode kernels for one weight dtype (NVRTC via cupy.RawModule, cached).
+
+    Keys: ``gemv_naive``, ``gemv_warp``, ``gemv_vec16`` (y = W x), ``gemv_vec16_add``
+    (y += W x), ``embed``, ``rmsnorm``, ``qkv_rope``, ``attn_naive``, ``attn``,
+    ``ffn_gateup``, ``argmax``.
+    """
+    wdt = np.dtype(weight_dtype)
+    if wdt not in _CTYPE:
+        raise ValueError(f"weight dtype must be float16 or float32, got {wdt}")
+    if wdt not in _MODULES:
+        cp = _cupy()
+        W = _CTYPE[wdt]
+        names = dict(gemv_naive=f"gemv_naive<{W}>", gemv_warp=f"gemv_warp<{W}>",
+                     gemv_vec16=f"gemv_warp_vec16<{W}, 0>", gemv_vec16_add=f"gemv_warp_vec16<{W}, 1>",
+                     embed=f"embed<{W}>", qkv_rope=f"qkv_rope<{W}>", ffn_gateup=f"ffn_gateup<{W}>",
+                     rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
+                     argmax="argmax_advance")
+        # C++ names (mangled): every kernel, template or not, is found by its name expression
+        mod = cp.RawModule(code=cuda_source(), options=("-std=c++17",), name_expressions=list(names.values()))
+        _MODULES[wdt] = {k: mod.get_function(v) for k, v in names.items()}
+    return _MODULES[wdt]
+
+
+def pad_rows(cp, w, dtype, rows: Optional[int] = None):
+    """(N, K) device array -> (rows or N, K padded) C-contiguous ``dtype`` copy, zeros in the padding."""
+    N, K = w.shape
+    out = cp.zeros((rows or N, _pad(K)), dtype=dtype)
+    out[:N, :K] = w
+    return out
+
+
+def gemv(w, x, y=None, *, kind: str = "vec16", add: bool = False, K: Optional[int] = None):
+    """y = w @ x (or y += w @ x) with one of the ladder's GEMV kernels, eagerly.
+
+    Parameters
+    ----------
+    w : (N, ld) CuPy float16/float32 array, C-contiguous. For ``kind="vec16"`` ld must be a
+        multiple of 8 and the columns past the valid K zero (see :func:`pad_rows`).
+    x : (ld,) CuPy float32, zero past K.
+    y : (N,) CuPy float32, optional (allocated when None).
+    kind : "naive" | "warp" | "vec16"
+    add : y += w @ x (vec16 only).
+    K : valid columns (naive / warp; default ld).
+
+    Returns
+    -------
+    y : (N,) float32.
+    """
+    import cupy as cp                        # no device query here: gemv may run inside a graph capture
+    k = kernels(w.dtype)
+    N, ld = w.shape
+    if y is None:
+        y = cp.empty(N, dtype=cp.float32)
+    i32 = np.int32
+    if kind == "naive":
+        k["gemv_naive"](((N + 127) // 128,), (128,), (w, x, y, i32(N), i32(K or ld), i32(ld)))
+    elif kind == "warp":
+        k["gemv_warp"](((N + WARPS - 1) // WARPS,), (32 * WARPS,), (w, x, y, i32(N), i32(K or ld), i32(ld)))
+    elif kind == "vec16":
+        if ld % PAD or w.data.ptr % 16 or x.data.ptr % 16:
+            raise ValueError(f"gemv vec16 needs rows padded to a multiple of {PAD} and 16-byte aligned "
+                             f"arrays (ld={ld}); use pad_rows")
+        f = k["gemv_vec16_add" if add else "gemv_vec16"]
+        f(((N + WARPS - 1) // WARPS,), (32 * WARPS,), (w, x, y, i32(N), i32(ld)))
+    else:
+        raise ValueError(f"unknown gemv kind {kind!r}; use 'naive', 'warp' or 'vec16'")
+    return y
+
+
+def exactly_sparse_params(config, *, sparsity: float = 0.9, seed: int = 0, xp=np, dtype=np.float32,
+                          margin: float = 10.0):
+    """Random parameters of a whole model whose FFN neurons are exactly zero for every token,
+    except a fixed active set per layer: the bias-feature trick of
+    :func:`minisparse.kernels.testing.make_ffn`, carried through the residual stream.
+
+    Construction (D dim, F ffn neurons, A = round((1 - sparsity) F) active per layer):
+
+    * coordinate 0 of the residual stream is a bias feature: every token embedding has
+      ``x[0] = c = 0.8 ||x[1:]||`` and no layer writes to it (column 0 of ``wo`` and of
+      ``w_down`` is zero), so after RMSNorm ``xn[0] = sqrt(D) c / ||x||`` stays positive and
+      close to its start as long as the residual grows little (the output scales below
+      keep each layer's addition to ~5% of a coordinate);
+    * ``w_gate[f, 0] = -beta`` for inactive neurons and ``+beta`` for active ones (and
+      ``w_up[f, 0] = +beta`` for active neurons when the up factor is a ReLU), where
+      ``beta * xn[0]`` is ``margin`` standard deviations of the rest of the dot product:
+      the sign of every gate is fixed with a margin no rounding can cross. The zeros are
+      exact; check them by counting (``GraphDecoder(..., count_active=True)`` or an
+      ``ffn_hook``), as the tests and ``bench/decode_gpu.py`` do.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Dense layers; an activation whose gate is a ReLU or ReLU^2 with threshold 0
+        (relu, reglu, drelu, relu2glu ...).
+    sparsity : fraction of inactive neurons per layer.
+    seed : int
+    xp : numpy or cupy
+        Where the arrays are made (CuPy's RNG builds a 7B model in seconds on a GPU).
+    dtype : float32 or float64.
+    margin : float
+        Gate margin in standard deviations of the token-dependent part.
+
+    Returns
+    -------
+    params : dict of str to array
+        Names and shapes of :meth:`Transformer.param_shapes`.
+    active : list of L int arrays
+        The sorted active neurons of each layer.
+    """
+    from ..activations import get_activation
+    c = config
+    act = get_activation(c.activation)
+    if c.n_experts:
+        raise NotImplementedError("exactly_sparse_params makes dense FFN layers only (n_experts=0)")
+    if act.gate_kind not in ("relu", "relu2") or act.threshold != 0.0:
+        raise ValueError(f"exactly_sparse_params needs an activation whose gate is a ReLU (threshold 0), "
+                         f"got {act.name!r}")
+    D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+    if D < 2:
+        raise ValueError("exactly_sparse_params needs dim >= 2 (coordinate 0 is the bias feature)")
+    n_active = int(round((1.0 - sparsity) * F))
+    if xp is np:
+        g = np.random.default_rng(seed)
+        normal = lambda shape, std: (g.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
+        perm = g.permutation
+    else:
+        g = xp.random.RandomState(seed)
+        normal = lambda shape, std: (g.standard_normal(shape, dtype=xp.float32) * np.float32(std)).astype(dtype)
+        perm = g.permutation
+    rho = 0.8                                            # c / ||x[1:]||
+    e_std = 0.02 / (math.sqrt(D) if c.embed_scale else 1.0)
+    kappa = 0.05                                         # a layer adds ~kappa * e_std per coordinate
+    s_w = 1.0 / math.sqrt(D)                             # gate / up rows
+    s0 = 1.0 / math.sqrt(1.0 + rho * rho)                # std of the rest of a gate dot (unit gamma)
+    beta = margin * s_w / rho                            # beta * xn[0] = margin * s0
+    gamma = 0.1 / (margin * s0)                          # ffn_norm weight: active |g| ~ 0.1
+    s_v = 0.01 / math.sqrt(D)
+    x_coord = 0.02 * (math.sqrt(D) if c.embed_scale else 1.0) * 1.0  # a residual coordinate
+    s_o = kappa * x_coord / (math.sqrt(D) * s_v * math.sqrt(H * Dh))
+    h_typ = 0.1 * 0.1 if act.gated else 0.1
+    s_d = kappa * x_coord / (h_typ * math.sqrt(max(n_active, 1)))
+    one = 0.0 if c.norm_offset else 1.0                  # Gemma stores w with scale 1 + w
+
+    def const(shape, v):
+        return xp.full(shape, v, dtype=dtype)
+
+    p = {}
+    emb = normal((V, D), e_std)
+    emb[:, 0] = rho * e_std * math.sqrt(D - 1)
+    p["tok_embeddings"] = emb
+    active = []
+    for i in range(c.n_layers):
+        q = f"layers.{i}."
+        p[q + "attention_norm"] = const((D,), one)
+        p[q + "attention.wq"] = normal((D, H * Dh), 1.0 / math.sqrt(D))
+        p[q + "attention.wk"] = normal((D, K * Dh), 1.0 / math.sqrt(D))
+        p[q + "attention.wv"] = normal((D, K * Dh), s_v)
+        wo = normal((H * Dh, D), s_o)
+        wo[:, 0] = 0                                     # nobody writes the bias feature
+        p[q + "attention.wo"] = wo
+        if c.qkv_bias:
+            p[q + "attention.bq"] = normal((H * Dh,), 0.1)
+            p[q + "attention.bk"] = normal((K * Dh,), 0.1)
+            p[q + "attention.bv"] = normal((K * Dh,), 0.01)
+        p[q + "ffn_norm"] = const((D,), gamma - 1.0 + one)
+        idx = xp.sort(perm(F)[:n_active])
+        sign = xp.full((F,), -1.0, dtype=dtype)
+        sign[idx] = 1.0
+        wg = normal((F, D), s_w)
+        wg[:, 0] = beta * sign
+        p[q + "feed_forward.w_gate"] = wg
+        if act.gated:
+            wu = normal((F, D), s_w)
+            if act.up_kind != "identity":                # a ReLU up factor: make it positive too
+                wu[idx, 0] = beta
+            p[q + "feed_forward.w_up"] = wu
+        wd = normal((F, D), s_d)
+        wd[:, 0] = 0
+        p[q + "feed_forward.w_down"] = wd
+        active.append(idx)
+    p["norm"] = const((D,), one)
+    if not c.tie_embeddings:
+        out = normal((V, D), 1.0 / math.sqrt(D))
+        out[:, 0] = 0                                    # the bias feature shifts no logit
+        p["output"] = out
+    return p, active
+
+
+class GraphDecoder:
+    """Greedy batch-1 decoding of a device-resident :class:`~minisparse.Transformer`, one CUDA graph per step.
+
+    Parameters
+    ----------
+    model : Transformer
+        Its ``params`` must be CuPy arrays (``model.to("cupy")``); only ``model.config``,
+        ``model.params`` and ``model.act`` are read, once, here.
+    mode : "dense" | "skip" | "given"
+        The FFN (module docstring). ``"given"`` needs ``active``.
+    weight_dtype : "float16" (default) or "float32"
+        The decoder's own weight copies; activations and sums are float32 either way.
+    max_len : int, optional
+        Positions of the KV buffers (default ``config.max_seq_len``); prompt + new tokens
+        - 1 must fit.
+    active : sequence of L arrays, optional
+        ``mode="given"``: per layer, the neurons to compute (int indices or a bool mask of
+        length F; NumPy or CuPy). Every other neuron is taken as zero.
+    count_active : bool
+        ``mode="dense"`` only: count the nonzero entries of h per (position, layer) in
+        ``self.counts`` (S, L) int32 (a check of exact sparsity; costs a few atomics).
+    sparse_kernel : "fused" (default) or "split"
+        ``skip``/``given``: the CuPy backend's one-launch FFN
+        (:func:`minisparse.kernels.cupy_.ffn_device`) or its three-launch gate/up/down path.
+
+    Attributes
+    ----------
+    logits : (V,) CuPy float32, the logits of the last step.
+    counts : (S, L) CuPy int32 or None.
+    last_timing : dict
+        Of the last :meth:`generate`: ``prefill_s``, ``decode_s`` (device time, CUDA
+        events), ``decode_steps``.
+    n_launches : int
+        Kernel launches per step.
+
+    Raises
+    ------
+    TypeError
+        The parameters are NumPy arrays (move the model first: ``model.to("cupy")``).
+    NotImplementedError
+        MoE layers (use the model's eager device path: ``model.to("cupy")`` then
+        ``minisparse.generate``).
+    ValueError
+        An unknown mode or dtype, a missing ``active`` for ``"given"``, an activation the
+        compiled kernels do not know.
+    """
+
+    def __init__(self, model, *, mode: str = "dense", weight_dtype: str = "float16",
+                 max_len: Optional[int] = None, active: Optional[Sequence] = None,
+                 count_active: bool = False, sparse_kernel: str = "fused"):
+        c = model.config
+        p = model.params
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if str(weight_dtype) not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+        if sparse_kernel not in SPARSE_KERNELS:
+            raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
+        if c.n_experts > 0:
+            moe = [i for i in range(c.n_layers) if c.is_moe_layer(i)]
+            raise NotImplementedError(f"GraphDecoder has no MoE FFN (layers {moe} are MoE); decode this model "
+                                      "with its eager device path: model.to('cupy') then minisparse.generate")
+        emb = p["tok_embeddings"]
+        if isinstance(emb, np.ndarray):
+            raise TypeError("GraphDecoder needs the model's parameters on the GPU (CuPy arrays), got NumPy "
+                            "arrays; move the model first: model.to('cupy')")
+        cp = _cupy()
+        self.cp = cp
+        if not isinstance(emb, cp.ndarray):
+            raise TypeError(f"GraphDecoder needs CuPy parameters, got {type(emb).__module__}."
+                            f"{type(emb).__name__}; move the model first: model.to('cupy')")
+        act = model.act
+        self.gate_kind, self.up_kind, self.act_thr = activation_codes(act, "decode_cuda")
+        if mode == "given" and active is None:
+            raise ValueError("mode='given' needs active=: per layer, the neurons to compute")
+        if mode != "given" and active is not None:
+            raise ValueError(f"active= is only used with mode='given', not mode={mode!r}")
+        if count_active and mode != "dense":
+            raise ValueError("count_active=True needs mode='dense' (it counts the nonzeros of the dense h)")
+        if active is not None and len(active) != c.n_layers:
+            raise ValueError(f"active must have one entry per layer ({c.n_layers}), got {len(active)}")
+        self.config, self.mode, self.act, self.sparse_kernel = c, mode, act, sparse_kernel
+        self.wdt = np.dtype(WEIGHT_DTYPES[str(weight_dtype)])
+        self.max_len = int(max_len or c.max_seq_len)
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if self.max_len > MAX_LEN:
+            raise ValueError(f"max_len={self.max_len}: the attention kernel keeps max_len float scores in "
+                             f"48 KB of shared memory (at most {MAX_LEN} positions)")
+        D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+        self.Dp, self.Fp, self.HDp = _pad(D), _pad(F), _pad(H * Dh)
+        wdt = self.wdt
+        self.k = kernels(wdt)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        S = self.max_len
+        f32 = cp.float32
+
+        def norm_scale(w):                                            # (Dp,) float32
+            s = (1.0 + w) if c.norm_offset else w                     # in the model's dtype, as the reference
+            out = cp.zeros(self.Dp, dtype=f32)
+            out[:D] = s
+            return out
+
+        with self.stream:
+            # ---- weights: own copies, rows padded -----------------------------------------
+            self.emb = pad_rows(cp, emb, wdt)                                   # (V, Dp)
+            self.w_out = self.emb if c.tie_embeddings else pad_rows(cp, p["output"], wdt)  # (V, Dp)
+            self.norm = norm_scale(p["norm"])
+            self.layers = []
+            for i in range(c.n_layers):
+                q = f"layers.{i}."
+                a = q + "attention."
+                wqkv = cp.concatenate([p[a + "wq"].T, p[a + "wk"].T, p[a + "wv"].T], axis=0)
+                lw = dict(attn_norm=norm_scale(p[q + "attention_norm"]),
+                          ffn_norm=norm_scale(p[q + "ffn_norm"]),
+                          wqkv=pad_rows(cp, wqkv, wdt),                         # ((H+2K)Dh, Dp)
+                          wo=pad_rows(cp, p[a + "wo"].T, wdt),                  # (D, HDp)
+                          bqkv=None)
+                del wqkv
+                if c.qkv_bias:
+                    lw["bqkv"] = cp.concatenate([p[a + "bq"], p[a + "bk"], p[a + "bv"]]).astype(f32)
+                fq = q + "feed_forward."
+                wg, wu, wd = p[fq + "w_gate"], p.get(fq + "w_up"), p[fq + "w_down"]
+                lw["wg"] = pad_rows(cp, wg, wdt)                                 # (F, Dp)
+                lw["wu"] = pad_rows(cp, wu, wdt) if act.gated else None          # (F, Dp)
+                if mode == "dense":
+                    lw["wdT"] = pad_rows(cp, wd.T, wdt)                          # (D, Fp)
+                else:
+                    lw["wd"] = pad_rows(cp, wd, wdt)                             # (F, Dp)
+                if mode == "given":
+                    lw["mask"] = self._mask(active[i], F)
+                self.layers.append(lw)
+            cos, sin = L.rope_tables(Dh, S, c.rope_theta, np.float64)           # (S, Dh)
+            self.cos = cp.asarray(cos[:, :Dh // 2].astype(np.float32))          # (S, Dh/2)
+            self.sin = cp.asarray(sin[:, :Dh // 2].astype(np.float32))
+            # ---- activations and state (padding stays zero) ------------------------------
+            self.x = cp.zeros(self.Dp, dtype=f32)                               # residual stream
+            self.xn = cp.zeros(self.Dp, dtype=f32)                              # normed input
+            self.q = cp.zeros(H * Dh, dtype=f32)
+            self.o = cp.zeros(self.HDp, dtype=f32)                              # attention output
+            self.h = cp.zeros(self.Fp, dtype=f32)                               # dense FFN h
+            self.y = cp.zeros(self.Dp, dtype=f32)                               # skipping FFN output
+            self.logits = cp.zeros(V, dtype=f32)
+            self.kc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
+            self.vc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
+            self.tokens = cp.zeros(S + 1, dtype=cp.int32)                      # prompt, then new ids
+            self.pos = cp.zeros(1, dtype=cp.int32)
+            self.n_prompt = cp.zeros(1, dtype=cp.int32)
+            self.counts = cp.zeros((S, c.n_layers), dtype=cp.int32) if count_active else None
+            if mode != "dense":
+                self._plan_sparse()
+            self.stream.synchronize()
+        self._graph = None
+        self.last_timing: dict = {}
+        self.n_launches = self._issue_step(count_only=True)
+
+    # ------------------------------------------------------------------------------------
+    def _mask(self, a, F: int):
+        cp = self.cp
+        if isinstance(a, cp.ndarray):
+            a = a.get()
+        a = np.asarray(a)
+        if a.dtype == bool:
+            if a.shape != (F,):
+                raise ValueError(f"an active mask must have shape ({F},), got {a.shape}")
+            return cp.asarray(a.astype(np.uint8))
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"active entries must be int indices or bool masks, got dtype {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() >= F):
+            raise ValueError(f"active indices must lie in [0, ffn_dim={F})")
+        m = np.zeros(F, dtype=np.uint8)
+        m[a] = 1
+        return cp.asarray(m)
+
+    def _plan_sparse(self):
+        """Plans of the CuPy backend's neuron-skipping FFN on our fixed buffers (made on our
+        stream, so their workspace is ours; nothing is allocated after this)."""
+        from . import cupy_
+        cupy_.check_usable()
+        self._cupy_ = cupy_
+        x2, y2 = self.xn.reshape(1, self.Dp), self.y.reshape(1, self.Dp)
+        self._x2, self._y2 = x2, y2
+        if self.sparse_kernel == "fused":
+            if not hasattr(cupy_, "ffn_device"):
+                raise ValueError("sparse_kernel='fused' needs minisparse.kernels.cupy_.ffn_device; "
+                                 "this version has none: use sparse_kernel='split'")
+            for lw in self.layers:                             # the first call plans and allocates
+                cupy_.ffn_device(x2, lw["wg"], lw["wu"], lw["wd"], self.act.name, active=lw.get("mask"), out=y2)
+            return
+        for lw in self.layers:
+            lw["plan"] = cupy_._plan(x2, lw["wg"], lw["wu"], lw["wd"], self.act, 0.0, self.mode == "given")
+        # the skipping FFN alternates between two device counters: each launch counts into one
+        # and zeroes the other, which the next launch uses. A step of L launches leaves the
+        # counter its first launch used dirty when L is odd: argmax_advance zeroes it (see
+        # _issue_step), so every step, eager or replayed, starts as the captured one did.
+        self._ws = self.layers[0]["plan"]["ws"]
+        self._ws["cnt"].fill(0)
+        self._ws["parity"] = 0
+
+    # ------------------------------------------------------------------------------------
+    def _issue_step(self, count_only: bool = False) -> int:
+        """Issue one decode step's kernels on the current stream (or count them)."""
+        c, k = self.config, self.k
+        i32, f32 = np.int32, np.float32
+        D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+        Dp, Fp, HDp, S = self.Dp, self.Fp, self.HDp, self.max_len
+        n = 0
+        dirty = _NULL                                          # see _plan_sparse
+        if self.mode != "dense" and self.sparse_kernel == "split" and c.n_layers % 2:
+            p0 = self._ws["parity"]
+            dirty = self._ws["cnt"][p0:p0 + 1]
+
+        def launch(fn, grid, block, args, shared_mem=0):
+            nonlocal n
+            n += 1
+            if not count_only:
+                fn(grid, block, args, shared_mem=shared_mem)
+
+        def gemv_grid(N):
+            return ((N + WARPS - 1) // WARPS,)
+
+        blk = (32 * WARPS,)
+        eps = f32(c.norm_eps)
+        launch(k["embed"], ((D + 255) // 256,), (256,),
+               (self.emb, i32(Dp), self.tokens, self.pos, self.x, i32(D), f32(math.sqrt(D)), i32(c.embed_scale)))
+        pending_add = None                                     # skip/given: y to add to x before the next norm
+        for i, lw in enumerate(self.layers):
+            launch(k["rmsnorm"], (1,), (1024,),
+                   (self.x, pending_add if pending_add is not None else _NULL, lw["attn_norm"], self.xn, i32(D), eps))
+            pending_add = None
+            launch(k["qkv_rope"], gemv_grid((H + 2 * K) * Dh // 2), blk,
+                   (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.xn, i32(Dp), i32(H), i32(K),
+                    i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
+            launch(k["attn"], (H,), (ATTN_THREADS,),
+                   (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
+                    f32(1.0 / math.sqrt(Dh))), shared_mem=4 * (S + ATTN_THREADS))
+            launch(k["gemv_vec16_add"], gemv_grid(D), blk, (lw["wo"], self.o, self.x, i32(D), i32(HDp)))
+            launch(k["rmsnorm"], (1,), (1024,), (self.x, _NULL, lw["ffn_norm"], self.xn, i32(D), eps))
+            if self.mode == "dense":
+                launch(k["ffn_gateup"], gemv_grid(F), blk,
+                       (lw["wg"], lw["wu"] if lw["wu"] is not None else lw["wg"], self.xn, self.h, i32(F), i32(Dp),
+                        i32(self.gate_kind), i32(self.up_kind), f32(self.act_thr), i32(self.act.gated),
+                        self.counts if self.counts is not None else _NULL, self.pos, i32(i), i32(c.n_layers)))
+                launch(k["gemv_vec16_add"], gemv_grid(D), blk, (lw["wdT"], self.h, self.x, i32(D), i32(Fp)))
+            elif self.sparse_kernel == "fused":                # y = FFN(xn), one launch, no sync
+                n += 1
+                if not count_only:
+                    self._cupy_.ffn_device(self._x2, lw["wg"], lw["wu"], lw["wd"], self.act.name,
+                                           active=lw.get("mask"), out=self._y2)
+                pending_add = self.y
+            else:                                              # gate [+ up] + down, y accumulated
+                plan = lw["plan"]
+                n += 2 if plan["up"] is None else 3
+                if not count_only:
+                    self._cupy_._launch(plan, self._x2, lw["wg"], lw["wu"], lw["wd"], lw.get("mask"), self._y2)
+                pending_add = self.y
+        launch(k["rmsnorm"], (1,), (1024,),
+               (self.x, pending_add if pending_add is not None else _NULL, self.norm, self.xn, i32(D), eps))
+        launch(k["gemv_vec16"], gemv_grid(V), blk, (self.w_out, self.xn, self.logits, i32(V), i32(Dp)))
+        launch(k["argmax"], (1,), (1024,),
+               (self.logits, i32(V), self.tokens, self.pos, self.n_prompt, i32(S + 1), dirty))
+        return n
+
+    def _capture(self):
+        """Capture one step in a CUDA graph (once). The kernels are warm: the caller ran a step."""
+        s = self.stream
+        with s:
+            s.begin_capture()
+            try:
+                self._issue_step()
+            finally:
+                g = s.end_capture()
+        self._graph = g
+
+    def step(self, graph: bool = True) -> None:
+        """One decode step (asynchronous, on ``self.stream``): embeds ``tokens[pos]``, writes
+        the greedy next token, advances ``pos``."""
+        if graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.launch(self.stream)
+        else:
+            with self.stream:
+                self._issue_step()
+
+    # ------------------------------------------------------------------------------------
+    def generate(self, prompt_ids, max_new_tokens: int, *, graph: bool = True,
+                 return_logits: bool = False):
+        """Greedy ids of ``max_new_tokens`` tokens after ``prompt_ids``.
+
+        The prompt is run through the same step, one position at a time (its argmax is
+        discarded); then each step's argmax is the next input. Nothing is read back until
+        the end, unless ``return_logits``.
+
+        Parameters
+        ----------
+        prompt_ids : 1-D sequence of int, at least one token.
+        max_new_tokens : int >= 0.
+        graph : bool
+            Replay the captured CUDA graph (default), or issue the same kernels eagerly
+            (for debugging; same tokens).
+        return_logits : bool
+            Also return the logits that chose each new token, (max_new_tokens, V) NumPy
+            float32 (one device read per step).
+
+        Returns
+        -------
+        list of int (and the logits when asked).
+        """
+        cp = self.cp
+        prompt = np.asarray(list(prompt_ids) if not isinstance(prompt_ids, np.ndarray) else prompt_ids)
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of ints, got shape {prompt.shape}")
+        if prompt.dtype.kind not in "iu":
+            raise TypeError(f"prompt_ids must be integers, got dtype {prompt.dtype}")
+        V = self.config.vocab_size
+        if prompt.min() < 0 or prompt.max() >= V:
+            raise ValueError(f"prompt_ids contain an id outside [0, vocab_size={V})")
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        n, m = int(prompt.size), int(max_new_tokens)
+        if m == 0:
+            return ([], np.zeros((0, V), np.float32)) if return_logits else []
+        if n + m - 1 > self.max_len:                          # positions 0 .. n+m-2 enter the cache
+            raise ValueError(f"prompt ({n}) + max_new_tokens ({m}) - 1 = {n + m - 1} positions exceed "
+                             f"max_len={self.max_len}; pass a larger max_len to GraphDecoder")
+        s = self.stream
+        toks = np.zeros(self.max_len + 1, dtype=np.int32)
+        toks[:n] = prompt
+        with s:
+            self.tokens.set(toks, stream=s)
+            self.pos.fill(0)
+            self.n_prompt.fill(n)
+            if self.counts is not None:
+                self.counts.fill(0)
+        if graph and self._graph is None:                     # warm the kernels (compile, load) first
+            self.step(graph=False)
+            with s:
+                self.pos.fill(0)
+                if self.counts is not None:
+                    self.counts.fill(0)
+        logits = []
+        ev = [cp.cuda.Event() for _ in range(3)]
+        ev[0].record(s)
+        for _ in range(n - 1):                                # prefill: positions 0 .. n-2
+            self.step(graph)
+        ev[1].record(s)
+        for _ in range(m):                                    # position n-1+j chooses new token j
+            self.step(graph)
+            if return_logits:
+                logits.append(self.logits.get(stream=s))
+        ev[2].record(s)
+        ev[2].synchronize()
+        out = self.tokens[n:n + m].get(stream=s).tolist()
+        self.last_timing = dict(prefill_s=cp.cuda.get_elapsed_time(ev[0], ev[1]) / 1e3,
+                                decode_s=cp.cuda.get_elapsed_time(ev[1], ev[2]) / 1e3,
+                                decode_steps=m, graph=graph)
+        if return_logits:
+            return out, np.stack(logits)
+        return out
+
+    # ------------------------------------------------------------------------------------
+    def bytes_per_step(self) -> int:
+        """Bytes of weights one dense step must read (the bytes floor's numerator): every
+        weight matrix once (unpadded), one embedding row, the LM head."""
+        c = self.config
+        D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+        per_layer = D * (H + 2 * K) * Dh + H * Dh * D + (3 if self.act.gated else 2) * F * D
+        return int(self.wdt.itemsize * (c.n_layers * per_layer + V * D + D))

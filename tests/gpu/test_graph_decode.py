@@ -1,0 +1,250 @@
+"""GraphDecoder (minisparse.kernels.decode_cuda): the CUDA-graph decode step against the NumPy model.
+
+On small awkward shapes (dim 40, ffn 70, 5 query heads on 1 KV head, odd layer counts,
+qkv bias, Gemma's norm offset and embedding scale, tied and untied heads):
+
+* graph replay == eager kernels == NumPy greedy tokens, in float32 weights, logits to
+  float32 rounding against a float64 reference;
+* float16 weights: logits close to a float64 reference run on the same half-rounded
+  weights, tokens identical;
+* on exactly sparse models: skip and given-active modes == dense == NumPy tokens, and the
+  dense step counts exactly the constructed number of nonzero neurons per position and
+  layer.
+
+Marked ``gpu`` where a GPU is needed: they skip (never pass) without CuPy or a device.
+The input checks that need no GPU run everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minisparse as ms
+from minisparse.activations import get_activation
+from minisparse.kernels.decode_cuda import GraphDecoder, exactly_sparse_params
+from minisparse.model import KVCache
+
+
+@pytest.fixture(scope="module")
+def cp():
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device visible")
+    except Exception as e:  # ImportError, CUDARuntimeError
+        pytest.skip(f"needs CuPy and a CUDA GPU ({type(e).__name__}: {e})")
+    return cupy
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+CONFIGS = {
+    # dim 40, 5 query heads on 1 KV head (Dh 8), ffn 70, 3 layers (odd), untied
+    "d40-gqa5/1-drelu": dict(dim=40, n_layers=3, n_heads=5, n_kv_heads=1, ffn_dim=70, vocab_size=97,
+                             activation="drelu", tie_embeddings=False),
+    # qkv bias (Qwen2), tied, plain relu, Dh 12, ffn 33
+    "d48-bias-relu": dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=33, vocab_size=61,
+                          activation="relu", qkv_bias=True),
+    # Gemma: head_dim set apart (2 x 16 != 24), norm offset, embedding scale, reglu
+    "d24-gemma-reglu": dict(dim=24, head_dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=50, vocab_size=61,
+                            activation="reglu", norm_offset=True, embed_scale=True),
+    # a non-sparse activation (the FFN is dense; skip mode must still be exact), 7 layers
+    "d33x2-swiglu": dict(dim=66, n_layers=7, n_heads=3, n_kv_heads=3, ffn_dim=7, vocab_size=33,
+                         activation="swiglu", tie_embeddings=False),
+}
+PROMPT = [3, 1, 4, 1, 5, 9, 2]
+NEW = 10
+
+
+def random_params(cfg, seed):
+    """float64 parameters with O(1) activations (larger than the init, so logits spread)."""
+    rng = np.random.default_rng(seed)
+    p = {}
+    for name, shape in ms.Transformer.param_shapes(cfg).items():
+        if name.endswith("norm"):
+            w = rng.uniform(0.5, 1.5, shape) - (1.0 if cfg.norm_offset else 0.0)
+        elif name.split(".")[-1] in ("bq", "bk", "bv"):
+            w = rng.normal(0.0, 0.3, shape)
+        else:
+            w = rng.normal(0.0, 1.0 / np.sqrt(shape[0] if name.endswith(("wq", "wk", "wv", "wo")) else shape[-1]),
+                           shape)
+        p[name] = w
+    return p
+
+
+def to_device(cp, model):
+    """The model on the GPU: model.to("cupy") where the model has it, else a copy with CuPy params."""
+    if hasattr(model, "to"):
+        moved = model.to("cupy")
+        return moved if moved is not None else model
+    return ms.Transformer(model.config, params={k: cp.asarray(v) for k, v in model.params.items()})
+
+
+def reference(model, prompt, n_new):
+    """NumPy greedy decode: new ids and the logits (n_new, V) that chose them."""
+    cache = KVCache(model.config, 1, model.dtype, max_len=len(prompt) + n_new)
+    logits = model(np.array([prompt]), cache=cache)[0, -1]
+    ids, out = [], []
+    for _ in range(n_new):
+        out.append(np.asarray(logits, dtype=np.float64))
+        ids.append(int(np.argmax(logits)))
+        logits = model(np.array([[ids[-1]]]), cache=cache)[0, -1]
+    return ids, np.stack(out)
+
+
+def assert_logits_close(got, want, rtol, what):
+    scale = np.abs(want).max()
+    err = np.abs(got - want).max() / scale
+    assert err <= rtol, f"{what}: max |logits - ref| / max |ref| = {err:.2e} > {rtol:.0e}"
+
+
+def models(cfg_kw, seed, weights_f16=False, sparse=False):
+    cfg = ms.ModelConfig(max_seq_len=64, **cfg_kw)
+    if sparse:
+        p, active = exactly_sparse_params(cfg, sparsity=0.8, seed=seed, dtype=np.float64)
+    else:
+        p, active = random_params(cfg, seed), None
+    if weights_f16:                                 # the reference sees the same half-rounded weights
+        p = {k: (v.astype(np.float16).astype(np.float64) if not k.endswith("norm") else v) for k, v in p.items()}
+    ref = ms.Transformer(cfg, params=p)                                     # float64 truth
+    dev = ms.Transformer(cfg, params={k: v.astype(np.float32) for k, v in p.items()})
+    return cfg, ref, dev, active
+
+
+# --------------------------------------------------------------------------------------
+# graph == eager == NumPy
+# --------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["dense", "skip", "given", "skip/split", "given/split"])
+def test_graph_equals_eager_equals_numpy_fp32(cp, name, mode):
+    mode, _, kernel = mode.partition("/")
+    cfg, ref, dev, _ = models(CONFIGS[name], seed=len(name))
+    want_ids, want_logits = reference(ref, PROMPT, NEW)
+    act = get_activation(cfg.activation)
+    if mode != "dense" and not act.exact_zeros:
+        pytest.skip(f"{cfg.activation} has no exact zeros to skip")
+    active = [np.arange(cfg.ffn_dim)] * cfg.n_layers if mode == "given" else None   # every neuron: dense
+    dec = GraphDecoder(to_device(cp, dev), mode=mode, weight_dtype="float32", active=active,
+                       sparse_kernel=kernel or "fused")
+    for graph in (False, True, True):              # eager, then the graph twice (capture, then reuse)
+        ids, logits = dec.generate(PROMPT, NEW, graph=graph, return_logits=True)
+        assert ids == want_ids, f"{name} {mode} graph={graph}: {ids} != NumPy {want_ids}"
+        assert_logits_close(logits, want_logits, 1e-4, f"{name} {mode} graph={graph}")
+    # without the per-step reads, and from another prompt: nothing read back until the end
+    ids2 = dec.generate(PROMPT[:3], NEW)
+    assert ids2 == reference(ref, PROMPT[:3], NEW)[0]
+    assert dec.n_launches > 4 * cfg.n_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["d40-gqa5/1-drelu", "d24-gemma-reglu", "d33x2-swiglu"])
+def test_fp16_weights_logits_close(cp, name):
+    cfg, ref, dev, _ = models(CONFIGS[name], seed=7, weights_f16=True)
+    want_ids, want_logits = reference(ref, PROMPT, NEW)
+    dec = GraphDecoder(to_device(cp, dev), mode="dense", weight_dtype="float16")
+    ids, logits = dec.generate(PROMPT, NEW, return_logits=True)
+    # half weights read exactly; float32 activations and sums against float64: rounding only
+    assert_logits_close(logits, want_logits, 1e-4, f"{name} fp16")
+    assert ids == want_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["d40-gqa5/1-drelu", "d48-bias-relu", "d24-gemma-reglu"])
+@pytest.mark.parametrize("wdt", ["float32", "float16"])
+def test_modes_agree_on_exactly_sparse_model(cp, name, wdt):
+    cfg, ref, dev, active = models(CONFIGS[name], seed=3, weights_f16=(wdt == "float16"), sparse=True)
+    want_ids, want_logits = reference(ref, PROMPT, NEW)
+    n_active = int(round(0.2 * cfg.ffn_dim))
+    dmodel = to_device(cp, dev)
+    dense = GraphDecoder(dmodel, mode="dense", weight_dtype=wdt, count_active=True)
+    ids = dense.generate(PROMPT, NEW)
+    steps = len(PROMPT) + NEW - 1
+    counts = dense.counts.get()[:steps]
+    assert (counts == n_active).all(), f"nonzero neurons per (position, layer) {np.unique(counts)} != {n_active}"
+    assert (dense.counts.get()[steps:] == 0).all()
+    assert ids == want_ids
+    for mode in ("skip", "given"):
+        for kernel in ("fused", "split"):
+            dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
+                               sparse_kernel=kernel)
+            got, logits = dec.generate(PROMPT, NEW, return_logits=True)
+            assert got == want_ids, f"{mode} {kernel}: {got} != {want_ids}"
+            assert_logits_close(logits, want_logits, 1e-4, f"{name} {mode} {kernel} {wdt}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["fused", "split"])
+def test_given_mode_really_skips(cp, kernel):
+    """A wrong active set changes the result: the given mode reads only what it is given."""
+    cfg, ref, dev, active = models(CONFIGS["d40-gqa5/1-drelu"], seed=3, sparse=True)
+    dmodel = to_device(cp, dev)
+    good = GraphDecoder(dmodel, mode="given", weight_dtype="float32", active=active, sparse_kernel=kernel)
+    bad = GraphDecoder(dmodel, mode="given", weight_dtype="float32", active=[a[:1] for a in active],
+                       sparse_kernel=kernel)
+    _, lg = good.generate(PROMPT, 3, return_logits=True)
+    _, lb = bad.generate(PROMPT, 3, return_logits=True)
+    assert np.abs(lg - lb).max() > 1e-6
+
+
+@pytest.mark.gpu
+def test_device_errors(cp):
+    cfg, ref, dev, _ = models(CONFIGS["d48-bias-relu"], seed=1)
+    dec = GraphDecoder(to_device(cp, dev), mode="dense", weight_dtype="float32", max_len=12)
+    with pytest.raises(ValueError, match="max_len"):
+        dec.generate(PROMPT, 7)                     # 7 + 7 - 1 = 13 > 12
+    assert len(dec.generate(PROMPT, 6)) == 6        # 12 positions: fits exactly
+    assert dec.generate(PROMPT, 0) == []
+    with pytest.raises(ValueError, match="vocab_size"):
+        dec.generate([1, 999], 2)
+    with pytest.raises(ValueError, match="given"):
+        GraphDecoder(to_device(cp, dev), mode="given")
+    with pytest.raises(ValueError, match="one entry per layer"):
+        GraphDecoder(to_device(cp, dev), mode="given", active=[np.arange(3)])
+
+
+# --------------------------------------------------------------------------------------
+# input checks that need no GPU
+# --------------------------------------------------------------------------------------
+def test_numpy_params_are_refused_with_the_fix():
+    model = ms.Transformer(ms.preset("nano", activation="drelu"), seed=0)
+    with pytest.raises(TypeError, match=r"model.to\('cupy'\)"):
+        GraphDecoder(model)
+
+
+def test_moe_is_refused_with_the_eager_path_named():
+    model = ms.Transformer(ms.preset("tiny-moe", n_layers=1), seed=0)
+    with pytest.raises(NotImplementedError, match="eager device path"):
+        GraphDecoder(model)
+
+
+def test_bad_mode_and_dtype():
+    model = ms.Transformer(ms.preset("nano"), seed=0)
+    with pytest.raises(ValueError, match="mode"):
+        GraphDecoder(model, mode="fast")
+    with pytest.raises(ValueError, match="weight_dtype"):
+        GraphDecoder(model, weight_dtype="bfloat16")
+    with pytest.raises(ValueError, match="sparse_kernel"):
+        GraphDecoder(model, sparse_kernel="magic")
+
+
+@pytest.mark.parametrize("act", ["drelu", "relu", "reglu", "relu2glu"])
+def test_exactly_sparse_params_are_exact(act):
+    cfg = ms.ModelConfig(dim=40, n_layers=3, n_heads=5, n_kv_heads=1, ffn_dim=70, vocab_size=97,
+                         activation=act, tie_embeddings=False, max_seq_len=64)
+    p, active = exactly_sparse_params(cfg, sparsity=0.9, seed=2)
+    model = ms.Transformer(cfg, params=p)
+    seen = []
+    model(np.random.default_rng(0).integers(0, 97, size=(2, 50)),
+          ffn_hook=lambda layer, expert, h: seen.append((layer, h != 0)))
+    for layer, nz in seen:
+        want = np.zeros(cfg.ffn_dim, dtype=bool)
+        want[active[layer]] = True
+        assert (nz == want[None, :]).all(), f"layer {layer}: the nonzero neurons are not the constructed set"
+
+
+def test_exactly_sparse_params_refuses_non_relu():
+    cfg = ms.preset("nano", activation="swiglu")
+    with pytest.raises(ValueError, match="ReLU"):
+        exactly_sparse_params(cfg)
