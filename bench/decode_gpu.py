@@ -78,7 +78,10 @@ def device_model(cfg, params):
     """A Transformer over CuPy params (or, if this version's constructor refuses them, the
     three attributes GraphDecoder reads)."""
     try:
-        return ms.Transformer(cfg, params=params)
+        m = ms.Transformer(cfg, params=params)
+        if hasattr(m, "to"):
+            m.to("cupy")                                # the rotary tables too (params stay where they are)
+        return m
     except Exception as e:  # pragma: no cover - depends on the model's device support
         from types import SimpleNamespace
         print(f"  note: Transformer(params=CuPy) refused ({type(e).__name__}: {e}); using a plain namespace")
