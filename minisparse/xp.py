@@ -10,7 +10,7 @@ follow the arrays is listed here, one small helper each:
 NumPy code                             why it needs a helper
 =====================================  ================================================
 ``np.zeros(shape)``, ``np.arange(n)``  no array argument to dispatch on: ``array_module(x).zeros``
-``np.add.at(a, idx, v)``               CuPy's ufuncs have no ``.at``: :func:`add_at`
+``np.add.at(a, idx, v)``               not dispatched to CuPy: :func:`add_at`
 ``np.asarray(device_array)``           CuPy refuses implicit copies to the host: :func:`to_numpy`
 a NumPy array inside a CuPy expression CuPy refuses it (no implicit upload): :func:`to_device`
 =====================================  ================================================
@@ -102,8 +102,12 @@ def to_device(a, xp):
 def add_at(a, idx, v) -> None:
     """``a[idx] += v`` with repeated indices accumulating (``np.add.at``; CuPy's scatter_add)."""
     if is_device_array(a):
-        import cupyx
-        cupyx.scatter_add(a, idx, v)
+        at = getattr(array_module(a).add, "at", None)   # CuPy >= 13 has ufunc.at; older: cupyx.scatter_add
+        if at is not None:
+            at(a, idx, v)
+        else:
+            import cupyx
+            cupyx.scatter_add(a, idx, v)
     else:
         np.add.at(a, idx, v)
 
