@@ -342,8 +342,8 @@ class Transformer:
 
         >>> import minisparse as ms
         >>> m = ms.Transformer(ms.preset("nano", activation="drelu"), seed=0)
-        >>> [w.shape for w in m.ffn_weights(0)]
-        [(172, 64), (172, 64), (172, 64)]
+        >>> tuple(w.shape for w in m.ffn_weights(0))
+        ((172, 64), (172, 64), (172, 64))
         """
         c = self.config
         if not (isinstance(layer, (int, np.integer)) and 0 <= layer < c.n_layers):
