@@ -522,6 +522,8 @@ class Transformer:
         use_kernel = backend is not None and not train and hook is None
         if c.is_moe_layer(i):
             from .moe import moe_forward
+            if use_kernel:
+                self._warn_host_weights(backend)
             y, cache, aux = moe_forward(x2, self.params, f"layers.{i}.feed_forward.", c, self.act, layer=i,
                                         hook=hook, backend=backend if use_kernel else None)
             for st in aux.pop("ffn_stats", []):
@@ -532,6 +534,7 @@ class Transformer:
         wg, wu, wd = self.ffn_weights(i)
         if use_kernel:
             from .kernels import sparse_ffn
+            self._warn_host_weights(backend)
             stats: dict = {}
             y = sparse_ffn(x2, wg, wu, wd, self.act, backend=backend, stats=stats)
             self.ffn_stats.append(dict(layer=i, **stats))
@@ -539,6 +542,15 @@ class Transformer:
         h_hook = (lambda h: hook(i, None, h)) if hook is not None else None
         y, cache = L.ffn_forward(x2, wg, wu, wd, self.act, hook=h_hook)
         return y, FFNOut("dense", cache)
+
+    def _warn_host_weights(self, backend: str) -> None:
+        """Once per model: the GPU backend on host parameters copies every FFN at every call."""
+        if backend == "cupy" and self.device == "numpy" and not getattr(self, "_warned_host", False):
+            import warnings
+            self._warned_host = True
+            warnings.warn("backend='cupy' on a model whose parameters are NumPy arrays: every FFN's weights "
+                          "are copied to the GPU at every call, which is slower than the CPU. Move the model "
+                          "once with model.to('cupy').", stacklevel=4)
 
     def _forward(self, tokens: Array, cache: Optional[KVCache], ffn_hook, train: bool,
                  backend: Optional[str] = None):

@@ -78,6 +78,9 @@ def test_cupy_kernels_inside_a_device_model(cp, name):
     assert ms.generate(dev, prompt, max_new_tokens=12, temperature=0, backend="cupy") == want
     dev(np.array([[5]]), backend="cupy")
     assert dev.ffn_stats and all(s["backend"] == "cupy" for s in dev.ffn_stats)
+    host = ms.Transformer(cfg, seed=4, dtype=np.float32, backend="cupy")      # weights left on the host
+    with pytest.warns(UserWarning, match=r"model.to\('cupy'\)"):
+        host(np.array([[5, 6]]))
 
 
 def test_hf_loaded_model_on_device(cp, tmp_path):
