@@ -106,6 +106,8 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     Parent folders are created. Returns ``path``.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise IsADirectoryError(21, "not a regular file: refusing to replace it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -6,10 +6,29 @@ name of the field and the fix, rather than deep inside a matmul.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional, Tuple
 
 ROUTERS = ("topk_softmax", "softmax_topk", "softmax_topk_norm")
+
+
+def _bad(name: str, msg: str) -> None:
+    raise ValueError(f"ModelConfig.{name}: {msg}")
+
+
+def _is_int(v) -> bool:
+    """An integer, but not a bool (``True`` is an int to Python, not a size to us)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _need_int(name: str, v, minimum: int, what: str = "") -> None:
+    if not _is_int(v) or v < minimum:
+        _bad(name, f"must be {what or ('a positive int' if minimum == 1 else f'an int >= {minimum}')}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -63,67 +82,78 @@ class ModelConfig:
     capacity_factor: Optional[float] = None  # None: no token is ever dropped
 
     def __post_init__(self) -> None:
-        def bad(name: str, msg: str) -> None:
-            raise ValueError(f"ModelConfig.{name}: {msg}")
-
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(name, f"must be a positive int, got {v!r}")
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None:
-            if self.dim % self.n_heads:
-                bad("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
-                    "choose n_heads dividing dim, or set head_dim explicitly")
-            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1:
-            bad("n_kv_heads", f"must be a positive int, got {self.n_kv_heads!r}")
-        if self.n_heads % self.n_kv_heads:
-            bad("n_kv_heads", f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
-                "(each KV head serves n_heads // n_kv_heads query heads)")
-        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
-            bad("head_dim", f"must be an even int >= 2 (rotary embeddings rotate pairs), got {self.head_dim!r}")
-        if not self.norm_eps > 0:
-            bad("norm_eps", f"must be > 0, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            bad("rope_theta", f"must be > 0, got {self.rope_theta!r}")
+        self._check_shape()
+        self._check_numbers()
         # activation: resolved through the registry (also accepts parameters like 'fatrelu:0.1')
         from .activations import get_activation
         try:
             get_activation(self.activation)
-        except (KeyError, ValueError) as e:
-            bad("activation", str(e).strip('"'))
-        # MoE
-        if not isinstance(self.n_experts, int) or self.n_experts < 0:
-            bad("n_experts", f"must be an int >= 0 (0 = dense FFN), got {self.n_experts!r}")
-        if self.n_experts > 0:
-            if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.n_experts:
-                bad("top_k", f"must be between 1 and n_experts={self.n_experts}, got {self.top_k!r}")
-        if self.router not in ROUTERS:
-            bad("router", f"unknown router {self.router!r}; choose one of {ROUTERS}")
+        except (KeyError, ValueError, TypeError) as e:
+            _bad("activation", str(e).strip('"'))
+        self._check_moe()
+
+    def _check_shape(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            _need_int(name, getattr(self, name), 1)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                _bad("n_heads", f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                     "choose n_heads dividing dim, or set head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        _need_int("n_kv_heads", self.n_kv_heads, 1)
+        if self.n_heads % self.n_kv_heads:
+            _bad("n_kv_heads", f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+                 "(each KV head serves n_heads // n_kv_heads query heads)")
+        if not _is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
+            _bad("head_dim", f"must be an even int >= 2 (rotary embeddings rotate pairs), got {self.head_dim!r}")
+        for f in fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                _bad(f.name, f"must be True or False, got {getattr(self, f.name)!r}")
+
+    def _check_numbers(self) -> None:
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not v > 0:
+                _bad(name, f"must be a finite number > 0, got {v!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if not getattr(self, name) >= 0:
-                bad(name, f"loss coefficients must be >= 0, got {getattr(self, name)!r}")
-        if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
-            bad("n_shared_experts", f"must be an int >= 0, got {self.n_shared_experts!r}")
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not v >= 0:
+                _bad(name, f"loss coefficients must be finite numbers >= 0, got {v!r}")
+        cf = self.capacity_factor
+        if cf is not None and (not _is_real(cf) or not math.isfinite(cf) or not cf > 0):
+            _bad("capacity_factor", f"must be a finite number > 0 or None, got {cf!r}")
+        if not isinstance(self.router, str) or self.router not in ROUTERS:
+            _bad("router", f"unknown router {self.router!r}; choose one of {ROUTERS}")
+        if not isinstance(self.activation, str):
+            _bad("activation", f"must be a name (str), got {self.activation!r}")
+
+    def _check_moe(self) -> None:
+        _need_int("n_experts", self.n_experts, 0, "an int >= 0 (0 = dense FFN)")
+        if self.n_experts > 0:
+            if not _is_int(self.top_k) or not 1 <= self.top_k <= self.n_experts:
+                _bad("top_k", f"must be between 1 and n_experts={self.n_experts}, got {self.top_k!r}")
+        _need_int("n_shared_experts", self.n_shared_experts, 0)
         if self.n_shared_experts > 0 and self.n_experts == 0:
-            bad("n_shared_experts", "shared experts belong to MoE layers; set n_experts > 0 "
-                "(or n_shared_experts=0 for a dense model)")
+            _bad("n_shared_experts", "shared experts belong to MoE layers; set n_experts > 0 "
+                 "(or n_shared_experts=0 for a dense model)")
         if self.shared_ffn_dim is None:
             object.__setattr__(self, "shared_ffn_dim", self.ffn_dim)
-        if not isinstance(self.shared_ffn_dim, int) or self.shared_ffn_dim < 1:
-            bad("shared_ffn_dim", f"must be a positive int or None (= ffn_dim), got {self.shared_ffn_dim!r}")
+        _need_int("shared_ffn_dim", self.shared_ffn_dim, 1, "a positive int or None (= ffn_dim)")
         if self.moe_layers is not None:
-            ml = tuple(int(i) for i in self.moe_layers)
+            ml = self.moe_layers
+            if isinstance(ml, (str, bytes)) or not isinstance(ml, (tuple, list)) or not all(_is_int(i) for i in ml):
+                _bad("moe_layers", f"must be a tuple of layer indices (ints) or None, got {ml!r}")
+            ml = tuple(int(i) for i in ml)
             for i in ml:
                 if not 0 <= i < self.n_layers:
-                    bad("moe_layers", f"layer {i} out of range 0..{self.n_layers - 1}")
+                    _bad("moe_layers", f"layer {i} out of range 0..{self.n_layers - 1}")
+            if len(set(ml)) != len(ml):
+                _bad("moe_layers", f"lists a layer twice: {ml}")
             if self.n_experts == 0 and ml:
-                bad("moe_layers", "set n_experts > 0 to have MoE layers")
+                _bad("moe_layers", "set n_experts > 0 to have MoE layers")
             object.__setattr__(self, "moe_layers", ml)
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            bad("capacity_factor", f"must be > 0 or None, got {self.capacity_factor!r}")
 
     # ------------------------------------------------------------------------------------
     def is_moe_layer(self, layer: int) -> bool:

@@ -124,35 +124,100 @@ def _looks_binary(head: bytes) -> bool:
     return b"\0" in head
 
 
+def _head(p: Path, n: int = 8192) -> bytes:
+    with open(p, "rb") as f:
+        return f.read(n)
+
+
 def _text_files(folder: Path) -> List[Path]:
-    """Every non-hidden file under ``folder`` that does not look binary, sorted by path."""
+    """Every non-hidden regular file under ``folder`` that does not look binary, sorted by path."""
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue                                  # is_file(): regular files only (no FIFOs, devices)
+        if _looks_binary(_head(p)):
             continue
-        with open(p, "rb") as f:
-            if _looks_binary(f.read(8192)):
-                continue
         out.append(p)
     return out
 
 
-def _read_docs(files: List[Path], max_bytes: Optional[int]) -> List[bytes]:
-    """File contents in order, stopping (and cutting the last one) at ``max_bytes``."""
-    docs, total = [], 0
+def _plan_docs(files: List[Path], max_bytes: Optional[int]) -> List[Tuple[Path, int]]:
+    """(file, bytes to read) in order, stopping (and cutting the last one) at ``max_bytes``.
+    Sizes come from ``stat``: nothing is read yet."""
+    plan, total = [], 0
     for p in files:
-        data = p.read_bytes()
-        if not data:
-            continue
-        if max_bytes is not None and total + len(data) > max_bytes:
-            data = data[: max_bytes - total]
-        if data:
-            docs.append(data)
-            total += len(data)
+        n = p.stat().st_size
+        if max_bytes is not None:
+            n = min(n, max_bytes - total)
+        if n > 0:
+            plan.append((p, n))
+            total += n
         if max_bytes is not None and total >= max_bytes:
             break
-    return docs
+    return plan
+
+
+_BLOCK = 1 << 20                                      # bytes read at a time
+
+
+def _token_pieces(plan: List[Tuple[Path, int]]):
+    """The token stream of the planned documents, BOS before each, in pieces of <= 1 MiB:
+    yields uint8/uint16 arrays (never more than one block of a file in memory)."""
+    bos = np.array([BOS], dtype=np.uint16)
+    for p, n in plan:
+        yield bos
+        with open(p, "rb") as f:
+            left = n
+            while left:
+                block = f.read(min(left, _BLOCK))
+                if not block:
+                    raise ValueError(f"{str(p)!r} became shorter while it was read ({n - left} of {n} bytes); "
+                                     "is another program writing it?")
+                yield np.frombuffer(block, dtype=np.uint8)
+                left -= len(block)
+
+
+def _split_plan(n: int, val_fraction: float, seed: int, chunk_size: Optional[int]) -> Tuple[int, Array]:
+    """(chunk_size, is_val per chunk) of :func:`split_tokens` for a stream of n tokens."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if chunk_size is None:
+        chunk_size = max(1, min(8192, n // 20))
+    n_chunks = max(1, -(-n // chunk_size))
+    n_val = int(round(n_chunks * val_fraction))
+    if val_fraction > 0 and n_chunks > 1:
+        n_val = min(max(n_val, 1), n_chunks - 1)
+    else:
+        n_val = 0
+    is_val = np.zeros(n_chunks, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n_chunks)[:n_val]] = True
+    return chunk_size, is_val
+
+
+def _stream_split(pieces, n: int, val_fraction: float, seed: int) -> Tuple[Array, Array]:
+    """:func:`split_tokens` of a stream given as pieces, written straight into the two
+    uint16 splits: peak memory is the splits (2 bytes a token) plus one piece."""
+    chunk, is_val = _split_plan(n, val_fraction, seed, None)
+    lengths = np.full(len(is_val), chunk)
+    lengths[-1] = n - chunk * (len(is_val) - 1)                             # the last chunk may be short
+    n_val = int(lengths[is_val].sum())
+    out = {False: np.empty(n - n_val, dtype=np.uint16), True: np.empty(n_val, dtype=np.uint16)}
+    at = {False: 0, True: 0}
+    pos = 0
+    for piece in pieces:
+        i = 0
+        while i < len(piece):
+            c = pos // chunk
+            take = min(len(piece) - i, (c + 1) * chunk - pos)
+            dest = bool(is_val[c])
+            out[dest][at[dest]:at[dest] + take] = piece[i:i + take]
+            at[dest] += take
+            pos += take
+            i += take
+    if pos != n:
+        raise ValueError(f"expected {n} tokens, read {pos} (a file changed while it was read)")
+    return out[False], out[True]
 
 
 def _encode_docs(docs: List[bytes]) -> Array:
@@ -173,21 +238,10 @@ def split_tokens(tokens: Array, val_fraction: float = 0.1, seed: int = 0,
     ``val_fraction > 0``), drawn with ``seed``, form the validation split. Chunks keep
     their order inside each split.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     n = len(tokens)
-    if chunk_size is None:
-        chunk_size = max(1, min(8192, n // 20))
-    n_chunks = max(1, -(-n // chunk_size))
-    n_val = int(round(n_chunks * val_fraction))
-    if val_fraction > 0 and n_chunks > 1:
-        n_val = min(max(n_val, 1), n_chunks - 1)
-    else:
-        n_val = 0
-    is_val = np.zeros(n_chunks, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n_chunks)[:n_val]] = True
-    chunk_of = np.arange(n) // chunk_size                                   # (n,)
-    return tokens[~is_val[chunk_of]], tokens[is_val[chunk_of]]
+    chunk_size, is_val = _split_plan(n, val_fraction, seed, chunk_size)
+    mask = np.repeat(is_val, chunk_size)[:n]                                # (n,) bool
+    return tokens[~mask], tokens[mask]
 
 
 def corpus_from_text(text: Union[str, bytes], val_fraction: float = 0.1, seed: int = 0,
@@ -231,31 +285,37 @@ def load_corpus(path: Union[str, os.PathLike, None] = None, max_bytes: Optional[
         raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if path is None:
-        name = DEFAULT_CORPUS
-        files = _stdlib_files()
-    else:
-        p = Path(path).expanduser()
-        name = str(p)
-        if not p.exists():
-            raise FileNotFoundError(f"data path {str(p)!r} does not exist; pass a text file, a folder "
-                                    "of text files, or nothing for the embedded Python-stdlib corpus")
-        if p.is_dir():
-            files = _text_files(p)
-            if not files:
-                raise ValueError(f"folder {str(p)!r} contains no text files (hidden and binary files "
-                                 "are skipped); nothing to train on")
-        else:
-            files = [p]
-    docs = _read_docs(files, max_bytes)
-    n_bytes = sum(len(d) for d in docs)
+    name, files = _corpus_files(path)
+    plan = _plan_docs(files, max_bytes)
+    n_bytes = sum(n for _, n in plan)
     if n_bytes == 0:
         raise ValueError(f"corpus {name!r} is empty ({len(files)} file(s), 0 bytes of text); "
                          "nothing to train on")
-    if path is not None and len(files) == 1 and _looks_binary(docs[0][:8192]):
+    if path is not None and len(files) == 1 and _looks_binary(_head(plan[0][0], min(8192, plan[0][1]))):
         raise ValueError(f"{name!r} looks like a binary file (it contains NUL bytes); pass text")
-    train, val = split_tokens(_encode_docs(docs), val_fraction, seed)
+    train, val = _stream_split(_token_pieces(plan), n_bytes + len(plan), val_fraction, seed)
     source = {"path": None if path is None else str(Path(path).expanduser().resolve()),
               "max_bytes": None if max_bytes is None else int(max_bytes),
               "val_fraction": float(val_fraction), "seed": int(seed)}
-    return Corpus(train, val, name, n_bytes, len(docs), source)
+    return Corpus(train, val, name, n_bytes, len(plan), source)
+
+
+def _corpus_files(path) -> Tuple[str, List[Path]]:
+    """(name, files) of a corpus path: the stdlib, a folder's text files, or one regular file."""
+    if path is None:
+        return DEFAULT_CORPUS, _stdlib_files()
+    p = Path(path).expanduser()
+    name = str(p)
+    if not p.exists():
+        raise FileNotFoundError(f"data path {str(p)!r} does not exist; pass a text file, a folder "
+                                "of text files, or nothing for the embedded Python-stdlib corpus")
+    if p.is_dir():
+        files = _text_files(p)
+        if not files:
+            raise ValueError(f"folder {str(p)!r} contains no text files (hidden and binary files "
+                             "are skipped); nothing to train on")
+        return name, files
+    if not p.is_file():
+        raise ValueError(f"data path {str(p)!r} is not a regular file (a device, FIFO or socket); "
+                         "pass a text file or a folder of text files")
+    return name, [p]

@@ -436,8 +436,30 @@ def write_metrics(path, history: List[dict]) -> None:
 
 
 def read_metrics(path) -> List[dict]:
+    """The records of a ``metrics.jsonl``. A torn last line (a run killed mid-write) is
+    dropped with a warning; a bad line elsewhere raises ``ValueError`` naming the file and line."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a record with an integer 'step'")
+        except (ValueError, RecursionError) as e:
+            if i == len(lines) - 1:
+                import warnings
+                warnings.warn(f"{path}: dropped a torn last line ({len(line)} characters; the run was "
+                              "interrupted while writing it)", stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a metrics record ({e}); fix or delete that "
+                             "line to resume") from None
+        out.append(rec)
+    return out
 
 
 def plot_loss(history: List[dict], path, title: str = "training loss") -> Optional[Path]:
@@ -494,6 +516,95 @@ def _check_resume(model: Transformer, state) -> None:
                          f"model dtype {model.dtype}")
 
 
+def _resume_into(model: Transformer, opt: "AdamW", rng: np.random.Generator, cfg: TrainConfig,
+                 resume, out_dir: Optional[Path]) -> Tuple[int, List[dict]]:
+    """Load a checkpoint's weights, optimizer moments and batch-generator state into the
+    fresh ``model``, ``opt`` and ``rng``; returns (the step to start from, the metrics
+    records of the steps before it). Stray temporary files of the run are removed."""
+    from .checkpoint import FILENAME, load_training_state, remove_stale_tmp
+    state = load_training_state(resume)
+    _check_resume(model, state)
+    for k, v in state.model.params.items():
+        model.params[k][...] = to_device(v, model.xp)
+    if state.optimizer is None:
+        raise ValueError(f"cannot resume from {state.path}: it holds no optimizer state "
+                         "(it was saved for inference)")
+    opt.load_state_dict(state.optimizer)
+    if "rng_state" not in state.extra:
+        raise ValueError(f"cannot resume from {state.path}: no batch-generator state recorded")
+    rng.bit_generator.state = state.extra["rng_state"]
+    start = int(state.step or 0)
+    saved = state.extra.get("train_config") or {}
+    changed = sorted(k for k in _RUN_DEFINING if k in saved and saved[k] != cfg.to_dict()[k])
+    if changed:
+        import warnings
+        warnings.warn(f"resuming {state.path} with a different {', '.join(changed)} than the saved run: "
+                      "the continuation will not be the run an uninterrupted training would give",
+                      stacklevel=3)
+    if start > cfg.steps:
+        raise ValueError(f"the checkpoint is at step {start}, beyond cfg.steps={cfg.steps}; "
+                         "raise steps to continue training")
+    past: List[dict] = []
+    if out_dir is not None:
+        remove_stale_tmp(out_dir / FILENAME)
+        if (out_dir / "metrics.jsonl").is_file():
+            past = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["step"] < start]
+    return start, past
+
+
+class _Saver:
+    """Writes the run's checkpoint; remembers the last good one, and names it when a save fails."""
+
+    def __init__(self, model, opt, rng, cfg: TrainConfig, corpus: Corpus, out_dir: Optional[Path], resume):
+        self.model, self.opt, self.rng, self.cfg, self.corpus, self.out_dir = model, opt, rng, cfg, corpus, out_dir
+        self.last: Optional[Tuple[Path, int]] = None
+        if resume is not None:
+            from .checkpoint import checkpoint_path
+            p = checkpoint_path(resume)
+            self.last = (p, -1)
+
+    def __call__(self, step_done: int) -> Optional[Path]:
+        if self.out_dir is None:
+            return None
+        from .checkpoint import save
+        extra = {"train_config": self.cfg.to_dict(), "rng_state": self.rng.bit_generator.state,
+                 "corpus": {"name": self.corpus.name, **(self.corpus.source or {})}}
+        target = self.out_dir / "checkpoint.safetensors"
+        try:
+            path = save(self.model, target, optimizer=self.opt, step=step_done, extra=extra)
+        except OSError as e:
+            if self.last is None:
+                keep = "no earlier checkpoint of this run exists"
+            else:
+                at = "" if self.last[1] < 0 else f" (step {self.last[1]})"
+                keep = f"the last good checkpoint is {self.last[0]}{at}, unchanged"
+            raise OSError(e.errno, f"could not save step {step_done}: {e.strerror or e}; {keep}",
+                          str(target)) from e
+        self.last = (path, step_done)
+        return path
+
+
+def _train_step(model: Transformer, corpus: Corpus, cfg: TrainConfig, opt: "AdamW", rng, step: int,
+                t_run: float) -> dict:
+    """One optimizer step (with accumulation and clipping); returns its metrics record."""
+    t0 = time.perf_counter()
+    lr = lr_at(step, cfg)
+    batches = [corpus.get_batch("train", cfg.batch_size, cfg.seq_len, rng) for _ in range(cfg.grad_accum)]
+    loss, grads, ce = accumulate_grads(model, batches, cfg.l1)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate "
+                                 f"(lr={cfg.lr}) or raise warmup")
+    gnorm = clip_grads(grads, cfg.grad_clip)
+    opt.step(model.params, grads, lr)
+    dt = time.perf_counter() - t0
+    rec = {"step": step, "loss": float(loss), "ce_loss": float(ce), "lr": lr, "grad_norm": gnorm,
+           "tokens": (step + 1) * cfg.tokens_per_step, "tokens_per_s": cfg.tokens_per_step / dt,
+           "time_s": time.perf_counter() - t_run}
+    if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+        rec["val_loss"] = evaluate(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    return rec
+
+
 def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None, *,
           resume: Optional[str] = None, callback: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
     """Train ``model`` in place on ``corpus``.
@@ -548,39 +659,8 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     rng = np.random.default_rng(cfg.seed)              # the batch sampler: its state is checkpointed
     start, past = 0, []
     if resume is not None:
-        from .checkpoint import load_training_state
-        state = load_training_state(resume)
-        _check_resume(model, state)
-        for k, v in state.model.params.items():
-            model.params[k][...] = to_device(v, model.xp)
-        if state.optimizer is None:
-            raise ValueError(f"cannot resume from {state.path}: it holds no optimizer state "
-                             "(it was saved for inference)")
-        opt.load_state_dict(state.optimizer)
-        if "rng_state" not in state.extra:
-            raise ValueError(f"cannot resume from {state.path}: no batch-generator state recorded")
-        rng.bit_generator.state = state.extra["rng_state"]
-        start = int(state.step or 0)
-        saved = state.extra.get("train_config") or {}
-        changed = sorted(k for k in _RUN_DEFINING if k in saved and saved[k] != cfg.to_dict()[k])
-        if changed:
-            import warnings
-            warnings.warn(f"resuming {state.path} with a different {', '.join(changed)} than the saved run: "
-                          "the continuation will not be the run an uninterrupted training would give",
-                          stacklevel=2)
-        if start > cfg.steps:
-            raise ValueError(f"the checkpoint is at step {start}, beyond cfg.steps={cfg.steps}; "
-                             "raise steps to continue training")
-        if out_dir is not None and (out_dir / "metrics.jsonl").is_file():
-            past = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["step"] < start]
-
-    def save_ckpt(step_done: int) -> Optional[Path]:
-        if out_dir is None:
-            return None
-        from .checkpoint import save
-        extra = {"train_config": cfg.to_dict(), "rng_state": rng.bit_generator.state,
-                 "corpus": {"name": corpus.name, **(corpus.source or {})}}
-        return save(model, out_dir / "checkpoint.safetensors", optimizer=opt, step=step_done, extra=extra)
+        start, past = _resume_into(model, opt, rng, cfg, resume, out_dir)
+    save_ckpt = _Saver(model, opt, rng, cfg, corpus, out_dir, resume)
 
     history: List[dict] = []
     metrics_f = None
@@ -593,24 +673,8 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     t_run = time.perf_counter()
     try:
         for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            batches = [corpus.get_batch("train", cfg.batch_size, cfg.seq_len, rng) for _ in range(cfg.grad_accum)]
-            loss, grads, ce = accumulate_grads(model, batches, cfg.l1)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate "
-                                         f"(lr={cfg.lr}) or raise warmup")
-            gnorm = clip_grads(grads, cfg.grad_clip)
-            opt.step(model.params, grads, lr)
-            dt = time.perf_counter() - t0
-            rec = {"step": step, "loss": float(loss), "ce_loss": float(ce), "lr": lr, "grad_norm": gnorm,
-                   "tokens": (step + 1) * cfg.tokens_per_step, "tokens_per_s": cfg.tokens_per_step / dt,
-                   "time_s": time.perf_counter() - t_run}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                rec["val_loss"] = evaluate(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-            if step + 1 == cfg.steps:
-                val_loss = evaluate(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-                rec["val_loss"] = val_loss
+            rec = _train_step(model, corpus, cfg, opt, rng, step, t_run)
+            val_loss = rec.get("val_loss", val_loss)
             history.append(rec)
             if metrics_f is not None:
                 metrics_f.write(json.dumps(rec) + "\n")

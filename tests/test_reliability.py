@@ -360,3 +360,248 @@ def test_non_string_weight_map_values_are_refused(hf_folder, value):
     _shard(hf_folder, edit)
     with pytest.raises(HFFormatError, match="not a file name"):
         ms.load_hf(hf_folder)
+
+
+# --------------------------------------------------------------------------------------
+# 2. a fresh run does not silently replace another
+# --------------------------------------------------------------------------------------
+TRAIN = ["train", "--preset", "nano", "--batch-size", 2, "--seq-len", 16, "--eval-every", 0, "--no-progress"]
+
+
+def test_train_refuses_a_folder_that_holds_a_run(tmp_path, data):
+    out = tmp_path / "run"
+    assert cli.main([str(a) for a in TRAIN + ["--steps", 3, "--data", data, "--out", out]]) == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+    rc, _, err = run_cli(*TRAIN, "--steps", 1, "--data", data, "--out", out)
+    assert_one_error_line(rc, err, "--resume", "--overwrite")
+    assert (out / "checkpoint.safetensors").read_bytes() == before           # the step-3 run is intact
+    rc, _, err = run_cli(*TRAIN, "--steps", 1, "--data", data, "--out", out, "--overwrite")
+    assert rc == 0, err
+    assert ms.checkpoint.read_metadata(out)["step"] == 1
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0]                                    # nothing of the old run mixed in
+
+
+# --------------------------------------------------------------------------------------
+# 3. OSError: one line naming the path and the cause; outputs checked before the work
+# --------------------------------------------------------------------------------------
+def test_profile_and_bench_check_their_output_before_working(tmp_path, nano_ckpt):
+    import time
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    t0 = time.perf_counter()
+    rc, out, err = run_cli("profile", nano_ckpt, "--out", blocker / "prof", "--no-progress")
+    assert_one_error_line(rc, err, str(blocker))
+    assert "layer" not in out                                                  # no table: no work was done
+    rc, out, err = run_cli("bench", "--quick", "--backend", "numpy", "--json", blocker / "b.json")
+    assert_one_error_line(rc, err, str(blocker))
+    assert "numpy skip" not in out
+    rc, out, err = run_cli("bench", "--quick", "--backend", "numpy", "--json", tmp_path / "missing" / "b.json")
+    assert_one_error_line(rc, err, "does not exist")
+    assert time.perf_counter() - t0 < 30
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch, capsys):
+    import errno
+    out = tmp_path / "run"
+    assert cli.main([str(a) for a in TRAIN + ["--steps", 2, "--data", data, "--out", out]]) == 0
+    good = (out / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    rc = cli.main(["train", "--resume", str(out), "--steps", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert_one_error_line(rc, err, "No space left on device", "checkpoint.safetensors", "last good checkpoint")
+    assert (out / "checkpoint.safetensors").read_bytes() == good
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_permission_and_missing_paths_are_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    from minisparse.cli import bench
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "b.json"))
+    monkeypatch.setattr(bench, "run_bench", denied)
+    rc = cli.main(["bench", "--quick", "--backend", "numpy", "--json", str(tmp_path / "b.json")])
+    err = capsys.readouterr().err
+    assert_one_error_line(rc, err, "Permission denied", "b.json")
+
+
+# --------------------------------------------------------------------------------------
+# 4. a torn last line of metrics.jsonl
+# --------------------------------------------------------------------------------------
+def test_torn_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert cli.main([str(a) for a in TRAIN + ["--steps", 2, "--data", data, "--out", out]]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss": 1.2')                                    # killed mid-line
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert cli.main(["train", "--resume", str(out), "--steps", "3", "--no-progress"]) == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2]
+
+
+def test_a_bad_metrics_line_in_the_middle_names_the_file(tmp_path):
+    from minisparse.train import read_metrics
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
+        read_metrics(p)
+
+
+# --------------------------------------------------------------------------------------
+# 6. the corpus reader reads what is asked, as uint16, regular files only
+# --------------------------------------------------------------------------------------
+CORPUS_RSS = r"""
+import sys
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+import numpy, minisparse.data as d
+before = hwm()
+c = d.load_corpus(sys.argv[1], max_bytes=int(sys.argv[2]))
+print(hwm() - before, c.n_bytes / 2**20, c.train.dtype)
+"""
+
+
+def test_corpus_reader_reads_only_what_is_asked(tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        for _ in range(40):
+            f.write(b"def f(x):\n    return x + 1\n" * 40_000)                # ~40 MB
+    p = subprocess.run([sys.executable, "-c", CORPUS_RSS, str(big), "1000000"], capture_output=True, text=True)
+    grown, used, dtype = p.stdout.split()
+    assert dtype == "uint16", p.stderr
+    assert float(grown) < 2 * float(used) + 8, f"{grown} MB of RSS for {used} MB of text"
+    p = subprocess.run([sys.executable, "-c", CORPUS_RSS, str(big), "100000000"], capture_output=True, text=True)
+    grown, used, _ = p.stdout.split()
+    assert float(grown) <= 2 * float(used) + 8, f"{grown} MB of RSS for {used} MB of text"
+
+
+def test_corpus_reader_refuses_devices_and_fifos(tmp_path):
+    from minisparse.data import load_corpus
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_corpus("/dev/zero", max_bytes=1000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_corpus(fifo)                                                      # used to hang
+    rc, _, err = run_cli("train", "--data", "/dev/zero", "--out", tmp_path / "o")
+    assert_one_error_line(rc, err, "/dev/zero")
+
+
+# --------------------------------------------------------------------------------------
+# 9, 10: generate's inputs, ModelConfig, Transformer(backend=...)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt", [[1.7, 2.2], [True, False], np.array([1.5]), ["a"]])
+def test_generate_refuses_non_integer_prompts(prompt):
+    m = ms.Transformer(ms.preset("nano"), seed=0)
+    with pytest.raises((ValueError, TypeError)):
+        ms.generate(m, prompt, 2, temperature=0)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_generate_refuses_bad_temperatures(temperature):
+    m = ms.Transformer(ms.preset("nano"), seed=0)
+    with pytest.raises(ValueError, match="temperature"):
+        ms.generate(m, [256, 1], 2, temperature=temperature)
+
+
+def test_tiny_temperature_is_greedy():
+    m = ms.Transformer(ms.preset("nano"), seed=0)
+    assert ms.generate(m, [256, 1], 4, temperature=1e-320, seed=0) == ms.generate(m, [256, 1], 4, temperature=0)
+
+
+def test_nan_weights_are_reported_not_sampled(tmp_path):
+    m = ms.Transformer(ms.preset("nano"), seed=0)
+    m.params["norm"][:] = np.nan
+    for t in (0, 0.8):
+        with pytest.raises(FloatingPointError, match="NaN"):
+            ms.generate(m, [256, 1], 2, temperature=t, seed=0)
+    ms.save(m, tmp_path)
+    rc, _, err = run_cli("generate", "--model", tmp_path, "--prompt", "a", "--max-new-tokens", 2, "--temperature", 0)
+    assert_one_error_line(rc, err, "NaN")
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(norm_eps=float("inf")), "norm_eps"), (dict(rope_theta=float("inf")), "rope_theta"),
+    (dict(norm_eps=float("nan")), "norm_eps"), (dict(activation="fatrelu:-1"), "activation"),
+    (dict(n_experts=4, moe_layers=(1.7,)), "moe_layers"), (dict(n_experts=4, moe_layers="01"), "moe_layers"),
+    (dict(n_experts=4, moe_layers=(True,)), "moe_layers"), (dict(n_experts=4, moe_layers=(0, 0)), "moe_layers"),
+    (dict(n_experts=True), "n_experts"), (dict(n_experts=4, top_k=True), "top_k"),
+    (dict(n_shared_experts=True, n_experts=2), "n_shared_experts"), (dict(dim=64.0), "dim"),
+    (dict(tie_embeddings=1), "tie_embeddings"), (dict(router_aux_loss_coef=float("inf")), "router_aux_loss_coef"),
+    (dict(capacity_factor=float("nan")), "capacity_factor"), (dict(activation=3), "activation"),
+])
+def test_model_config_refuses_non_finite_and_mistyped_values(kw, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+        ms.preset("nano", **kw)
+
+
+def test_unknown_backend_is_refused_at_construction():
+    with pytest.raises(ValueError, match="bogus"):
+        ms.Transformer(ms.preset("nano"), backend="bogus")
+
+
+def test_kv_cache_overflow_says_so():
+    m = ms.Transformer(ms.preset("nano"), seed=0)
+    cache = ms.KVCache(m.config, 1, m.dtype, max_len=4)
+    m(np.array([[256, 1, 2]]), cache=cache)
+    with pytest.raises(ValueError, match="KV cache"):
+        m(np.array([[3, 4]]), cache=cache)
+
+
+# --------------------------------------------------------------------------------------
+# 12 and the done-criterion: every subcommand, a battery of bad arguments, one error line each
+# --------------------------------------------------------------------------------------
+BATTERY = {
+    "demo": [["--steps", "0"], ["--steps", "x"], ["--seed", "-1"], ["--threads", "0"], ["--bogus"],
+             ["--out", "{file}"]],
+    "train": [["--lr", "-1e-3"], ["--lr", "nan"], ["--lr", "inf"], ["--steps", "0"], ["--dtype", "float16"],
+              ["--preset", "huge"], ["--activation", "nope"], ["--activation", "drelu_shift:nan"],
+              ["--heads", "3", "--preset", "nano"], ["--data", "/dev/zero"], ["--data", "/does/not/exist"],
+              ["--val-fraction", "1.5"], ["--resume", "/does/not/exist"], ["--resume", "{file}"],
+              ["--out", "{file}"], ["--experts", "-2"], ["--max-bytes", "0"]],
+    "generate": [[], ["--model", "/does/not/exist"], ["--model", "{file}"], ["--model", "{ckpt}", "--top-p", "1.5"],
+                 ["--model", "{ckpt}", "--temperature", "nan"], ["--model", "{ckpt}", "--temperature", "-1"],
+                 ["--model", "{ckpt}", "--top-k", "0"], ["--model", "{ckpt}", "--backend", "bogus"],
+                 ["--model", "{ckpt}", "--max-new-tokens", "-5"]],
+    "profile": [[], ["/does/not/exist"], ["{file}"], ["{ckpt}", "--topk", "2"], ["{ckpt}", "--batches", "0"],
+                ["{ckpt}", "--out", "{file}"], ["{ckpt}", "--cett", "-1"], ["{ckpt}", "--data", "/dev/zero"]],
+    "relufy": [[], ["{ckpt}", "--shift", "nan"], ["{ckpt}", "--shift", "inf"], ["{ckpt}", "--to", "bogus", "--steps", "0"],
+               ["{ckpt}", "--steps", "-1"], ["{ckpt}", "--lr", "-1e-3"], ["{ckpt}", "--out", "{file}"],
+               ["/does/not/exist"]],
+    "bench": [["--activation", "bogus"], ["--dtype", "float16", "--backend", "numba"], ["--dim", "100000000"],
+              ["--repeats", "0"], ["--backend", "bogus"], ["--sparsity", "1.5"], ["--activation", "swiglu"],
+              ["--dim", "-4"], ["--json", "{file}/x.json"], ["--tokens", "0"]],
+}
+
+
+@pytest.mark.parametrize("command", sorted(BATTERY))
+def test_every_subcommand_answers_bad_arguments_with_one_error_line(command, tmp_path, nano_ckpt, capsys):
+    """In process (a traceback would be an exception escaping main); see the subprocess tests above
+    for the same through the console script."""
+    afile = tmp_path / "a_file.txt"
+    afile.write_text("x")
+    for argv in BATTERY[command]:
+        argv = [a.format(file=afile, ckpt=nano_ckpt) for a in argv]
+        try:
+            rc = cli.main([command, *argv, *(["--out", str(tmp_path / "o")] if command == "train"
+                                              and "--out" not in argv else [])])
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc not in (0, None), (command, argv, err)
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and "Traceback" not in err, (command, argv, err)
+
+
+def test_bad_arguments_through_the_console_script(tmp_path):
+    for argv in (["bench", "--activation", "bogus"], ["bench", "--dim", "100000000"], ["bench", "--repeats", "0"],
+                 ["train", "--lr", "-1e-3"], ["bench", "--dtype", "float16", "--backend", "numba"]):
+        rc, out, err = run_cli(*argv)
+        assert_one_error_line(rc, err)
+        assert "nan us" not in out

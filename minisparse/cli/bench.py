@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
+
+from .common import UserError, check_out_file, fraction, positive_int
 
 
 def register(subparsers) -> None:
@@ -25,14 +28,14 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--backend", action="append", default=None,
                    help="backend to time (repeatable; default: every usable one)")
-    p.add_argument("--dim", type=int, default=1024, help="model dim D (default 1024)")
-    p.add_argument("--ffn-dim", type=int, default=3584, help="FFN neurons F (default 3584)")
-    p.add_argument("--sparsity", type=float, default=0.9, help="fraction of inactive neurons (default 0.9)")
-    p.add_argument("--tokens", type=int, default=1, help="tokens per call T (default 1: decoding)")
+    p.add_argument("--dim", type=positive_int, default=1024, help="model dim D (default 1024)")
+    p.add_argument("--ffn-dim", type=positive_int, default=3584, help="FFN neurons F (default 3584)")
+    p.add_argument("--sparsity", type=fraction, default=0.9, help="fraction of inactive neurons, in [0, 1) (default 0.9)")
+    p.add_argument("--tokens", type=positive_int, default=1, help="tokens per call T (default 1: decoding)")
     p.add_argument("--activation", default="drelu", help="a ReLU-family activation (default drelu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"],
                    help="weights' dtype (float16: cupy and numpy only)")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats, median reported (default 7)")
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed repeats, median reported (default 7)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (dim 128, ffn 384)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench)
@@ -121,9 +124,39 @@ def run_bench(dim=1024, ffn_dim=3584, sparsity=0.9, tokens=1, activation="drelu"
     return rows
 
 
+def _check_args(args) -> None:
+    """Every argument mistake, before any work: the activation, each backend and its dtypes,
+    the memory the weights need, the output file."""
+    from ..activations import get_activation
+    from ..kernels import get_backend
+    try:
+        act = get_activation(args.activation)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"--activation: {str(e).strip(chr(34))}") from None
+    if not act.exact_zeros:
+        raise UserError(f"--activation {args.activation!r}: bench needs a ReLU-family activation (exact zeros), "
+                        "e.g. drelu, reglu, relu")
+    for name in args.backend or ():
+        try:
+            b = get_backend(name)
+        except ValueError as e:
+            raise UserError(f"--backend: {e}") from None
+        if np.dtype(args.dtype) not in [np.dtype(d) for d in b.WEIGHT_DTYPES]:
+            raise UserError(f"--backend {name} does not take --dtype {args.dtype}; it takes "
+                            f"{', '.join(str(np.dtype(d)) for d in b.WEIGHT_DTYPES)}")
+    need = 4 * args.dim * args.ffn_dim * 8 + 2 * args.tokens * (args.dim + args.ffn_dim) * 8   # + float64 reference
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if have and need > have // 2:
+        raise UserError(f"--dim {args.dim} x --ffn-dim {args.ffn_dim} needs about {need / 2**30:.1f} GiB of weights "
+                        f"and references; this machine has {have / 2**30:.1f} GiB: choose smaller sizes")
+    if args.json:
+        check_out_file(args.json, "--json")
+
+
 def cmd_bench(args) -> int:
     if args.quick:
         args.dim, args.ffn_dim, args.repeats = 128, 384, 3
+    _check_args(args)
     rows = run_bench(args.dim, args.ffn_dim, args.sparsity, args.tokens, args.activation, args.dtype,
                      args.backend, args.repeats)
     print(f"FFN {args.activation}: dim {args.dim}, ffn {args.ffn_dim}, {args.tokens} token(s), "
@@ -135,6 +168,7 @@ def cmd_bench(args) -> int:
         print(f"{r['method']:<24} {ts:>11} {r['speedup']:>8.2f}x {r['ideal']:>6.2f}x {r['path']:>7} "
               f"{r['rel_err']:>9.1e}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows), fh, indent=1)
+        from ..checkpoint import atomic_write
+        doc = dict(args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows)
+        atomic_write(check_out_file(args.json, "--json"), lambda fh: fh.write(json.dumps(doc, indent=1).encode()))
     return 0

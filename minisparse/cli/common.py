@@ -37,6 +37,12 @@ def check_out_file(path: str, flag: str) -> Path:
     out = Path(path).expanduser()
     if out.is_dir():
         raise UserError(f"{flag} {str(path)!r} is a folder; pass a file path")
+    if out.exists() and not out.is_file():
+        raise UserError(f"{flag} {str(path)!r} is not a regular file (a device or FIFO); pass a file path")
+    if not out.parent.is_dir() and out.parent.exists():
+        raise UserError(f"{flag} {str(path)!r}: {str(out.parent)!r} is a file, not a folder")
+    if not out.parent.exists():
+        raise UserError(f"{flag} {str(path)!r}: the folder {str(out.parent)!r} does not exist")
     if out.exists() and not os.access(out, os.W_OK):
         raise UserError(f"{flag} {str(path)!r}: permission denied (the file is not writable)")
     _check_writable(out.parent, flag, path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,8 @@ from typing import List, Optional
 import numpy as np
 
 from . import bench, profile, relufy
-from .common import (UserError, check_out_dir, load_any, nonneg_float, nonneg_int, positive_float,
-                     positive_int, unit_float)
+from .common import (UserError, check_out_dir, fraction, load_any, nonneg_float, nonneg_int, os_error_line,
+                     positive_float, positive_int, unit_float)
 
 SUBCOMMANDS = (profile, relufy, bench)    # modules with register(subparsers)
 
@@ -189,6 +190,27 @@ def _model_config_from_args(args):
         raise UserError(str(e).strip('"')) from None
 
 
+RUN_FILES = ("checkpoint.safetensors", "metrics.jsonl", "loss.png", "routing.png", "routing.jsonl")
+
+
+def _claim_run_folder(out: Path, overwrite: bool) -> None:
+    """A fresh run may not write over another run: refuse a folder that holds files, unless
+    ``--overwrite`` (which deletes the earlier run's files first, so nothing of it is mixed in)."""
+    if not out.is_dir():
+        return
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    if not overwrite:
+        shown = ", ".join(present[:4]) + (" ..." if len(present) > 4 else "")
+        raise UserError(f"--out {str(out)!r} already holds files ({shown}); continue that run with "
+                        f"--resume {out}, replace it with --overwrite, or choose another --out")
+    from ..checkpoint import FILENAME, remove_stale_tmp
+    remove_stale_tmp(out / FILENAME)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def cmd_train(args) -> int:
     from ..checkpoint import load_training_state
     from ..data import load_corpus
@@ -225,6 +247,7 @@ def cmd_train(args) -> int:
         tc = dict(given_train)
         out = args.out or "runs/train"
         start = 0
+        _claim_run_folder(check_out_dir(out), args.overwrite)
     check_out_dir(out)
     tc.update(out_dir=out, progress=not args.no_progress)
     try:
@@ -327,9 +350,11 @@ def _register_train(sub) -> None:
     g = p.add_argument_group("data and outputs")
     g.add_argument("--data", help="text file or folder of text files (default: the Python stdlib)")
     g.add_argument("--max-bytes", type=positive_int, help="read at most this many bytes (default 2000000)")
-    g.add_argument("--val-fraction", type=float, help="share held out for validation (default 0.1)")
+    g.add_argument("--val-fraction", type=fraction, help="share held out for validation, in [0, 1) (default 0.1)")
     g.add_argument("--out", help="output folder (default runs/train; with --resume, the checkpoint's)")
     g.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out folder that holds an earlier run (its files are deleted)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_train)
@@ -350,27 +375,57 @@ def _register_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d)")
+
+
+def _join_negative_values(argv: List[str]) -> List[str]:
+    """``--lr -1e-3`` -> ``--lr=-1e-3``: argparse takes ``-1e-3`` for an option (it knows only
+    plain negative numbers), so the value's own check can say what is wrong with it."""
+    out: List[str] = []
+    for tok in argv:
+        if out and _NEGATIVE_NUMBER.match(tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    text = str(e).strip().strip('"') or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``minisparse`` console script; returns the exit status."""
+    """Entry point of the ``minisparse`` console script; returns the exit status.
+
+    A mistake in the arguments or the inputs ends in one ``minisparse COMMAND: error: ...``
+    line on stderr and a non-zero status, never in a traceback (``MINISPARSE_DEBUG=1``
+    shows the traceback of errors that are not argument mistakes).
+    """
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args = ap.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         ap.print_help()
         return 2
     try:
         rc = args.func(args)
     except UserError as e:
-        print(f"minisparse {args.command}: error: {e}", file=sys.stderr)
+        print(f"minisparse {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, ImportError, FloatingPointError) as e:
-        if os.environ.get("MINISPARSE_DEBUG"):
-            raise
-        print(f"minisparse {args.command}: error: {e}\n(set MINISPARSE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except (OSError, ValueError, KeyError, TypeError, ImportError, FloatingPointError, MemoryError,
+            RuntimeError, RecursionError) as e:
+        if os.environ.get("MINISPARSE_DEBUG"):
+            raise
+        what = "" if isinstance(e, (OSError, ValueError, KeyError, ImportError, FloatingPointError)) \
+            else f"{type(e).__name__}: "
+        print(f"minisparse {args.command}: error: {what}{_one_line(e)}\n(set MINISPARSE_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
     return 0 if rc is None else int(rc)
 
 
