@@ -12,7 +12,8 @@ Gated activations combine the gate and up pre-activations::
     relu2glu = relu(g)**2 * u             squared-ReLU gate (ReLU^2 Wins, Zhang et al. 2024)
 
 The ReLU family outputs *exact* zeros, which is what the sparse kernels skip. A threshold
-turns relu into FATReLU (ProSparse, Song et al. 2024): write it after a colon,
+turns relu into FATReLU, ``x if x >= t else 0`` (Kurtz et al. 2020; ProSparse, Song et al.
+2024, applies it after L1 training): write it after a colon,
 ``"fatrelu:0.05"``, ``"reglu:0.05"`` or ``"drelu:0.05"``; the threshold applies to every
 ReLU of the activation.
 
@@ -170,11 +171,13 @@ def relu2_grad(x: Array) -> Array:
 
 
 def make_fatrelu(threshold: float):
-    """FATReLU(x) = x if x > threshold else 0 (ProSparse, Song et al. 2024).
+    """FATReLU(x) = x if x >= threshold else 0 (Kurtz et al. 2020, "Inducing and exploiting
+    activation sparsity for fast inference on deep neural networks"; used again by
+    ProSparse, Song et al. 2024, after its L1 stage).
 
-    Returns the pair ``(f, df)``: the function and its derivative (1 above the threshold,
-    0 below). Registry names with a threshold, ``"fatrelu:0.05"``, ``"drelu:0.05"``, build
-    activations from it.
+    Returns the pair ``(f, df)``: the function and its derivative (1 from the threshold up,
+    0 below). With threshold 0 it is plain ReLU (x > 0). Registry names with a threshold,
+    ``"fatrelu:0.05"``, ``"drelu:0.05"``, build activations from it.
 
     Examples
     --------
@@ -185,11 +188,14 @@ def make_fatrelu(threshold: float):
     """
     t = float(threshold)
 
+    def keep(x: Array) -> Array:
+        return x >= t if t > 0 else x > 0
+
     def fatrelu(x: Array) -> Array:
-        return np.where(x > t, x, 0).astype(x.dtype, copy=False)
+        return np.where(keep(x), x, 0).astype(x.dtype, copy=False)
 
     def fatrelu_grad(x: Array) -> Array:
-        return (x > t).astype(x.dtype)
+        return keep(x).astype(x.dtype)
 
     return fatrelu, fatrelu_grad
 
@@ -408,10 +414,11 @@ def make_shifted_relu(kind: str, shift: float, threshold: float = 0.0):
     if kind == "relu":
         def f(z: Array) -> Array:
             s = z - np.asarray(b, dtype=z.dtype)
-            return np.where(s > t, s, 0).astype(z.dtype, copy=False)
+            return np.where(s >= t if t > 0 else s > 0, s, 0).astype(z.dtype, copy=False)  # FATReLU: >= t
 
         def df(z: Array) -> Array:
-            return ((z - np.asarray(b, dtype=z.dtype)) > t).astype(z.dtype)
+            s = z - np.asarray(b, dtype=z.dtype)
+            return (s >= t if t > 0 else s > 0).astype(z.dtype)
         return f, df
     if kind == "relu2":
         if t:

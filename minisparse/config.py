@@ -70,6 +70,7 @@ class ModelConfig:
     max_seq_len: int = 256           # longest sequence (rotary table and KV cache size)
     tie_embeddings: bool = True      # LM head shares the token-embedding matrix
     qkv_bias: bool = False           # Qwen2: biases on the q, k, v projections
+    norm_relu: bool = False          # ReLU after each block's two RMSNorms (ReLU Strikes Back, stage 2)
     # --- Mixture-of-Experts (0 experts = every FFN is dense) -----------------------------
     n_experts: int = 0               # E: experts per MoE layer
     top_k: int = 2                   # experts each token is sent to

@@ -110,8 +110,8 @@ def test_relu_family_gives_exact_zeros_and_swiglu_does_not(rng):
 def test_fatrelu_threshold():
     act = ms.get_activation("fatrelu:0.5")
     x = np.array([-1.0, 0.2, 0.5, 0.6, 2.0])
-    np.testing.assert_array_equal(act(x), [0, 0, 0, 0.6, 2.0])
-    np.testing.assert_array_equal(act.backward(np.ones(5), x)[0], [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(act(x), [0, 0, 0.5, 0.6, 2.0])        # x >= t kept (Kurtz et al. 2020)
+    np.testing.assert_array_equal(act.backward(np.ones(5), x)[0], [0, 0, 1, 1, 1])
     d = ms.get_activation("drelu:0.5")
     assert d.threshold == 0.5 and d.gated
     np.testing.assert_array_equal(d(np.array([0.6, 0.6, 0.4]), np.array([0.6, 0.4, 0.6])), [0.36, 0, 0])

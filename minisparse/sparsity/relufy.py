@@ -2,19 +2,23 @@
 
 Recipes implemented
 
-* **ReLUfication** (Mirzadeh et al. 2023, "ReLU Strikes Back"): replace SiLU/GELU by ReLU in
-  a trained model (``swiglu -> reglu``) and continue training; sparsity jumps, the loss
-  first rises, then recovers.
+* **ReLUfication** (Mirzadeh et al. 2023, "ReLU Strikes Back"), **stage 1**: replace
+  SiLU/GELU by ReLU in a trained model (``swiglu -> reglu``) and continue training; sparsity
+  jumps, the loss first rises, then recovers. **Stage 2** (``norm_relu=True``) also inserts
+  ReLUs after the normalisation layers (each block's two RMSNorms, so the inputs of the
+  attention and FFN projections are sparse too; ``ModelConfig.norm_relu``).
 * **dReLU** (Song et al. 2024, TurboSparse, eq. 2): ``relu(x Wg^T) * relu(x Wu^T)`` --
   a ReLU on the up projection too, so a neuron is zero when *either* branch is negative.
-* **Shifted ReLU** (Mirzadeh et al. 2023, stage 2): ``relu(z - b)`` with a constant shift
+* **Shifted ReLU** (Mirzadeh et al. 2023, a variant separate from the stages): ``relu(z - b)`` with a constant shift
   ``b > 0`` moves the kink right so more neurons are exactly zero. It is continuous
   (unlike FATReLU below); the shift applies to every ReLU of the activation (both branches
   of dReLU). A parameterised registry name, ``"<base>_shift:<b>"``, e.g.
   ``"drelu_shift:0.1"``, that checkpoints and ``save_hf`` carry; see :func:`shifted_activation`.
-* **ProSparse** (Song et al. 2024): an L1 penalty ``l1 * mean|h|`` on the FFN activations
-  during recovery (``TrainConfig.l1``), then **FATReLU** -- ``z if z > t else 0`` -- with a
-  small threshold ``t`` at the end (registry names ``"drelu:0.05"``).
+* **ProSparse** (Song et al. 2024): an L1 penalty ``l1 * sum|h|`` on the FFN activations
+  (summed over neurons, averaged over tokens; ``TrainConfig.l1``) during recovery, constant
+  or raised progressively along sine-shaped ramps (``l1_schedule="progressive"``,
+  :func:`progressive_l1`), then **FATReLU** (Kurtz et al. 2020) -- ``z if z >= t else 0``
+  -- with a small threshold ``t`` at the end (registry names ``"drelu:0.05"``).
 
 :func:`relufy` reports the validation loss and exact-zero sparsity before the swap, right
 after it, after recovery training, and after the FATReLU threshold.
@@ -37,7 +41,29 @@ from ..activations import Activation, get_activation, shifted_name
 Array = np.ndarray
 
 __all__ = ["relufy", "RelufyResult", "swap_activation", "shifted_activation", "ensure_activation",
-           "measure", "format_report"]
+           "measure", "format_report", "progressive_l1"]
+
+
+def progressive_l1(step: int, steps: int, l1: float, stages: int = 1) -> float:
+    """ProSparse's progressive L1 coefficient at (0-based) ``step`` of ``steps``.
+
+    The run is cut into ``stages`` equal parts; in stage ``i`` (0-based) the coefficient
+    rises from ``l1 * i / stages`` to ``l1 * (i + 1) / stages`` along a sine ramp,
+    ``lo + (hi - lo) * sin(pi / 2 * r)`` with ``r`` the progress through the stage (0 at its
+    first step, 1 at its end), so it starts gently and flattens before each stage ends.
+
+    >>> [round(progressive_l1(s, 4, 1.0), 4) for s in range(4)]
+    [0.0, 0.3827, 0.7071, 0.9239]
+    >>> [round(progressive_l1(s, 4, 1.0, stages=2), 4) for s in range(4)]
+    [0.0, 0.3536, 0.5, 0.8536]
+    """
+    if steps < 1 or stages < 1 or not 0 <= step < steps:
+        raise ValueError(f"need 0 <= step < steps and stages >= 1, got step={step}, steps={steps}, stages={stages}")
+    per = steps / stages
+    i = min(int(step // per), stages - 1)
+    r = (step - i * per) / per
+    lo, hi = l1 * i / stages, l1 * (i + 1) / stages
+    return float(lo + (hi - lo) * np.sin(np.pi / 2 * r))
 
 # targets whose zeros come from ReLUs (what a shift or a FATReLU threshold applies to)
 _RELU_KINDS = ("relu", "relu2")
@@ -101,12 +127,14 @@ def _target_name(model, to: str, shift: float, threshold: Optional[float]) -> st
     return act.name
 
 
-def swap_activation(model, to: str, *, shift: float = 0.0, threshold: Optional[float] = None):
+def swap_activation(model, to: str, *, shift: float = 0.0, threshold: Optional[float] = None,
+                    norm_relu: Optional[bool] = None):
     """A new Transformer with ``model``'s weights (copied) and the FFN activation ``to``.
 
     Every parameter keeps its name, shape and values; only ``config.activation`` changes
     (gated -> gated, plain -> plain). ``shift``: ReLUs become ``relu(z - shift)``;
-    ``threshold``: FATReLU threshold.
+    ``threshold``: FATReLU threshold; ``norm_relu=True``: ReLU Strikes Back's stage 2, ReLUs
+    after the norms (None keeps the model's setting).
 
     >>> import minisparse as ms
     >>> m = ms.Transformer(ms.preset("nano"), seed=0)
@@ -116,6 +144,8 @@ def swap_activation(model, to: str, *, shift: float = 0.0, threshold: Optional[f
     from ..model import Transformer
     name = _target_name(model, to, shift, threshold)
     cfg = model.config.replace(activation=name)
+    if norm_relu is not None:
+        cfg = cfg.replace(norm_relu=bool(norm_relu))
     params = {k: v.copy() for k, v in model.params.items()}
     return Transformer(cfg, params=params, backend=model.backend)
 
@@ -168,7 +198,8 @@ class RelufyResult:
 
 def relufy(model, to: str = "drelu", *, shift: float = 0.0, corpus=None, steps: int = 0, l1: float = 0.0,
            fatrelu_threshold: Optional[float] = None, train_config=None, eval_batches: int = 8,
-           eval_batch_size: int = 16, eval_seq_len: int = 128) -> RelufyResult:
+           eval_batch_size: int = 16, eval_seq_len: int = 128, norm_relu: bool = False,
+           l1_schedule: str = "constant", l1_stages: int = 1) -> RelufyResult:
     """Swap ``model``'s FFN activation for a ReLU-family one and (optionally) recover.
 
     Parameters
@@ -184,7 +215,12 @@ def relufy(model, to: str = "drelu", *, shift: float = 0.0, corpus=None, steps: 
     steps : int
         Recovery training steps (0: none).
     l1 : float
-        ProSparse L1 penalty on the activations during recovery (``TrainConfig.l1``).
+        ProSparse L1 penalty ``l1 * sum|h|`` per token during recovery (``TrainConfig.l1``).
+    l1_schedule : "constant" | "progressive"
+        "progressive": the coefficient follows :func:`progressive_l1` (sine ramps in
+        ``l1_stages`` stages, up to ``l1`` at the end), as ProSparse raises it.
+    norm_relu : bool
+        ReLU Strikes Back's stage 2: also put ReLUs after the norms (``ModelConfig.norm_relu``).
     fatrelu_threshold : float, optional
         After recovery, every ReLU becomes FATReLU with this threshold (``"drelu:t"``).
     train_config : minisparse.train.TrainConfig, optional
@@ -218,12 +254,14 @@ def relufy(model, to: str = "drelu", *, shift: float = 0.0, corpus=None, steps: 
         raise ValueError("relufy: recovery training (steps > 0) needs a corpus; pass corpus=load_corpus(...)")
     if fatrelu_threshold is not None and fatrelu_threshold < 0:
         raise ValueError(f"fatrelu_threshold must be >= 0, got {fatrelu_threshold}")
+    if l1_schedule not in ("constant", "progressive"):
+        raise ValueError(f"l1_schedule must be 'constant' or 'progressive', got {l1_schedule!r}")
     _target_name(model, to, shift, fatrelu_threshold)       # a bad target fails before any work
     ek = dict(batch_size=eval_batch_size, seq_len=eval_seq_len, n_batches=eval_batches)
     stages: Dict[str, dict] = {}
     if corpus is not None:
         stages["before"] = measure(model, corpus, **ek)
-    new = swap_activation(model, to, shift=shift)
+    new = swap_activation(model, to, shift=shift, norm_relu=norm_relu or None)
     if corpus is not None:
         stages["swapped"] = measure(new, corpus, **ek)
     history: List[dict] = []
@@ -234,7 +272,15 @@ def relufy(model, to: str = "drelu", *, shift: float = 0.0, corpus=None, steps: 
                               eval_every=0, eval_batches=eval_batches)
         else:
             cfg = dataclasses.replace(copy.deepcopy(train_config), steps=steps, l1=l1 or train_config.l1)
-        res = train(new, corpus, cfg)
+        callback = None
+        if l1_schedule == "progressive" and cfg.l1:
+            peak = cfg.l1
+            cfg.l1 = progressive_l1(0, steps, peak, l1_stages)
+
+            def callback(step, rec):   # the trainer reads cfg.l1 at every step: set the next one's
+                if step + 1 < steps:
+                    cfg.l1 = progressive_l1(step + 1, steps, peak, l1_stages)
+        res = train(new, corpus, cfg, callback=callback)
         history = res.history
         stages["recovered"] = measure(new, corpus, **ek)
     if fatrelu_threshold:
@@ -242,7 +288,7 @@ def relufy(model, to: str = "drelu", *, shift: float = 0.0, corpus=None, steps: 
         if corpus is not None:
             stages["fatrelu"] = measure(new, corpus, **ek)
     report = {"from": model.act.name, "to": to, "activation": new.config.activation, "shift": float(shift),
-              "l1": float(l1), "steps": int(steps), "fatrelu_threshold": fatrelu_threshold, "stages": stages}
+              "l1": float(l1), "l1_schedule": l1_schedule, "norm_relu": bool(new.config.norm_relu), "steps": int(steps), "fatrelu_threshold": fatrelu_threshold, "stages": stages}
     return RelufyResult(new, report, history)
 
 
