@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                          ffn_dim=a.ffn_dim, max_seq_len=256, activation="drelu", tie_embeddings=False)
     try:
         from minisparse.kernels.decode_cuda import exactly_sparse_params
-        params = exactly_sparse_params(cfg, sparsity=0.9, seed=0, dtype=np.float32)
+        params, _active = exactly_sparse_params(cfg, sparsity=0.9, seed=0, dtype=np.float32)
         construction = "exactly_sparse_params(sparsity=0.9)"
     except Exception as e:  # noqa: BLE001 - report and fall back to random weights
         params = ms.Transformer.init_params(cfg, seed=0, dtype=np.float32)
