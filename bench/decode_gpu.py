@@ -236,16 +236,17 @@ def validate_slice(args, cp, torch):
 
     for wdt in ("float32", "float16"):
         want, want_lg = (ids32, lg32) if wdt == "float32" else (ids16, lg16)
-        for mode in ("dense", "skip", "given", "skip/split", "given/split"):
+        for mode in ("dense", "skip", "given", "skip/fused", "given/fused", "skip/split", "given/split"):
             mode, _, kernel = mode.partition("/")
-            kernel = kernel or "fused"
+            kernel = kernel or "decode"
             try:
                 dec = GraphDecoder(model, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
-                                   count_active=(mode == "dense"), sparse_kernel=kernel)
+                                   count_active=(mode == "dense" or (mode == "skip" and kernel == "decode")),
+                                   sparse_kernel=kernel)
                 for graph in (True, False):
                     ids, lg = dec.generate(prompt, n_val, graph=graph, return_logits=True)
                     extra = {}
-                    if mode == "dense":
+                    if dec.counts is not None:
                         c = dec.counts.get()[:len(prompt) + n_val - 1]
                         extra = dict(nonzero_min=int(c.min()), nonzero_max=int(c.max()),
                                      n_active=int(round(0.1 * cfg.ffn_dim)))
@@ -313,13 +314,15 @@ def bench_minisparse(args, cp, copy_GBs):
         out["exactness"] = dict(error=f"{type(e).__name__}: {e}")
         print(f"  exactness check: ERROR {type(e).__name__}: {e}")
     rows = []
-    runs = [("minisparse dense [graph]", "dense", "float16", True, args.new, "fused"),
-            ("minisparse skip [graph]", "skip", "float16", True, args.new, "fused"),
-            ("minisparse skip, split FFN kernels [graph]", "skip", "float16", True, args.new, "split"),
-            ("minisparse given active, ORACLE [graph]", "given", "float16", True, args.new, "fused"),
-            ("minisparse given, ORACLE, split kernels [graph]", "given", "float16", True, args.new, "split"),
-            ("minisparse dense, eager kernels (no graph)", "dense", "float16", False, min(32, args.new), "fused"),
-            ("minisparse dense fp32 weights [graph]", "dense", "float32", True, args.new, "fused")]
+    runs = [("minisparse dense [graph]", "dense", "float16", True, args.new, "decode"),
+            ("minisparse skip [graph]", "skip", "float16", True, args.new, "decode"),
+            ("minisparse given active, ORACLE [graph]", "given", "float16", True, args.new, "decode"),
+            ("  skip, CuPy backend ffn_device [graph]", "skip", "float16", True, args.new, "fused"),
+            ("  skip, CuPy backend split kernels [graph]", "skip", "float16", True, args.new, "split"),
+            ("  given ORACLE, CuPy backend ffn_device [graph]", "given", "float16", True, args.new, "fused"),
+            ("  given ORACLE, CuPy backend split [graph]", "given", "float16", True, args.new, "split"),
+            ("minisparse dense, eager kernels (no graph)", "dense", "float16", False, min(32, args.new), "decode"),
+            ("minisparse dense fp32 weights [graph]", "dense", "float32", True, args.new, "decode")]
     dense_ids = None
     for label, mode, wdt, graph, n_new, kernel in runs:
         try:
@@ -341,6 +344,20 @@ def bench_minisparse(args, cp, copy_GBs):
                      prefill_s=dec.last_timing["prefill_s"], tokens=ids, spread=[min(per), max(per)])
             if mode == "dense" and wdt == "float16" and graph:
                 dense_ids = ids
+            if kernel == "decode" and mode != "dense" and graph:   # grid of the down projection
+                sweep = {}
+                for dbs in (1, 2, 4):
+                    dec.down_blocks_per_sm = dbs
+                    dec._graph = None                           # re-capture with the new grid
+                    dec.generate(prompt, 4)
+                    ts = []
+                    for _ in range(2):
+                        dec.generate(prompt, n_new)
+                        ts.append(dec.last_timing["decode_s"] / dec.last_timing["decode_steps"])
+                    sweep[dbs] = min(ts)
+                r["down_blocks_per_sm_sweep_s"] = sweep
+                print(f"    down_rows blocks/SM sweep (ms/token): "
+                      + ", ".join(f"{k_}: {v * 1e3:.3f}" for k_, v in sweep.items()))
             if dense_ids is not None:
                 m = min(len(ids), len(dense_ids))
                 r["same_tokens_as_dense"] = int(sum(a == b for a, b in zip(ids[:m], dense_ids[:m])))

@@ -8,8 +8,10 @@ float32 weights, batch 1:
   scalar loads) -> gemv_warp_vec16 (a warp per row, 16-byte loads, 4 in flight per lane);
   cuBLAS (``W @ x`` in CuPy, eager: it cannot be captured) for comparison;
 * decode attention: attn_decode_naive (a thread per head) -> attn_decode (a block per head);
-* the rest of a step: rmsnorm, qkv_rope (q/k/v GEMV + rotary + KV write), ffn_gateup
-  (dense gate + up + dReLU), argmax_advance, embed.
+* the rest of a step: qkv_rope (RMSNorm + q/k/v GEMV + rotary + KV write), one FFN of a
+  Mistral-7B layer at 90% sparsity (dense: ffn_gateup + GEMV; skip: ffn_gate_select +
+  ffn_down_rows; given active set, an oracle: ffn_gateup_list + ffn_down_rows; the
+  residual add included), argmax_advance, embed, rmsnorm (used by the CuPy-backend paths).
 
 Each kernel's output is poisoned (NaN) before the check and compared with a float64 NumPy
 result. Times are GPU times per call from CUDA-graph replays of n calls (no launch gaps of
@@ -95,9 +97,9 @@ def check(name, got, want, tol, failures):
 
 def print_table(rows, title):
     print(f"\n{title}")
-    print(f"{'kernel':<24} {'shape':<26} {'us':>9} {'GB/s':>8} {'% copy':>7} {'x rung 1':>9}  rel err")
+    print(f"{'kernel':<44} {'shape':<26} {'us':>9} {'GB/s':>8} {'% copy':>7} {'x rung 1':>9}  rel err")
     for r in rows:
-        print(f"{r['kernel']:<24} {r['shape']:<26} {r['us']:9.2f} {r['GBs']:8.0f} {r['pct_copy']:6.0f}% "
+        print(f"{r['kernel']:<44} {r['shape']:<26} {r['us']:9.2f} {r['GBs']:8.0f} {r['pct_copy']:6.0f}% "
               f"{r['x_first']:8.1f}x  {r['rel_err']:.1e}")
 
 
@@ -115,6 +117,8 @@ def main(argv=None):
         return 2
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from minisparse.kernels import decode_cuda as dc
+    from minisparse.kernels.testing import make_ffn
+    from minisparse.layers import rope_tables
 
     repeats = args.repeats or (5 if args.quick else 15)
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -193,8 +197,9 @@ def main(argv=None):
                 "attn_decode_naive": lambda: k["attn_naive"](((H + 31) // 32,), (32,),
                                                              (q, kc, vc, o, pos, i32(H), i32(K), i32(Dh), i32(S),
                                                               scale, scratch)),
-                "attn_decode": lambda: k["attn"]((H,), (256,), (q, kc, vc, o, pos, i32(H), i32(K), i32(Dh),
-                                                                i32(S), scale), shared_mem=4 * (S + 256)),
+                "attn_decode": lambda: k["attn"]((H,), (dc.ATTN_THREADS,), (q, kc, vc, o, pos, i32(H), i32(K), i32(Dh),
+                                                                          i32(S), scale),
+                                                 shared_mem=dc.attn_shared_bytes(S, Dh)),
             }
             first = None
             nbytes = 2 * K * S * Dh * 4 + 2 * H * Dh * 4
@@ -214,7 +219,7 @@ def main(argv=None):
         xn = cp.empty(Dp, dtype=cp.float32)
         xh, sh = x.get()[:D].astype(np.float64), sc_.get()[:D].astype(np.float64)
         want = xh / np.sqrt(np.mean(xh * xh) + 1e-5) * sh
-        f = lambda: k["rmsnorm"]((1,), (1024,), (x, dc._NULL, sc_, xn, i32(D), f32(1e-5)))
+        f = lambda: k["rmsnorm"]((1,), (1024,), (x, dc._NULL, sc_, xn, i32(D), f32(1e-5)))  # (backend FFN paths)
         xn.fill(np.nan)
         f()
         err = check("rmsnorm", xn.get()[:D], want, 1e-5, failures)
@@ -222,19 +227,22 @@ def main(argv=None):
         trows.append(row("rmsnorm", f"D{D}", "float32", t, 12 * D, t, err))
 
         S = 144
+        eps = 1e-5
+        rstd = 1.0 / np.sqrt(np.mean(xh * xh) + eps)                  # RMSNorm is fused into the GEMVs below
         R = (H + 2 * K) * Dh
-        Wq = dc.pad_rows(cp, rng.standard_normal((R, D), dtype=cp.float32) * 0.02, wdt)
-        cos, sin = (cp.asarray(a[:, :Dh // 2].astype(np.float32))
-                    for a in __import__("minisparse.layers", fromlist=["rope_tables"]).rope_tables(Dh, S, 1e4, np.float64))
+        sets = max(1, math.ceil(3 * L2_BYTES / (R * D * wb)))
+        Wqs = [dc.pad_rows(cp, rng.standard_normal((R, D), dtype=cp.float32) * 0.02, wdt) for _ in range(sets)]
+        cos, sin = (cp.asarray(a[:, :Dh // 2].astype(np.float32)) for a in rope_tables(Dh, S, 1e4, np.float64))
         qb = cp.empty(H * Dh, dtype=cp.float32)
         kc = cp.full((K, S, Dh), np.nan, dtype=cp.float32)
         vc = cp.full((K, S, Dh), np.nan, dtype=cp.float32)
         pos = cp.array([S - 5], dtype=cp.int32)
-        f = lambda: k["qkv_rope"](((R // 2 + 7) // 8,), (256,), (Wq, dc._NULL, x, i32(Dp), i32(H), i32(K), i32(Dh),
-                                                                  cos, sin, pos, qb, kc, vc, i32(S)))
+        fq = [lambda W=W: k["qkv_rope"](((R // 2 + 7) // 8,), (256,),
+                                        (W, dc._NULL, x, i32(Dp), i32(D), f32(eps), i32(H), i32(K), i32(Dh),
+                                         cos, sin, pos, qb, kc, vc, i32(S))) for W in Wqs]
         qb.fill(np.nan)
-        f()
-        lin = Wq.get().astype(np.float64)[:, :D] @ xh
+        fq[0]()
+        lin = rstd * (Wqs[0].get().astype(np.float64)[:, :D] @ xh)
         half, pp = Dh // 2, S - 5
         c_, s_ = cos.get()[pp].astype(np.float64), sin.get()[pp].astype(np.float64)
 
@@ -244,32 +252,76 @@ def main(argv=None):
             return np.concatenate([a * c_ - b * s_, b * c_ + a * s_], axis=1).reshape(-1)
         want = np.concatenate([rot(lin[:H * Dh]), rot(lin[H * Dh:(H + K) * Dh]), lin[(H + K) * Dh:]])
         got = np.concatenate([qb.get(), kc.get()[:, pp].reshape(-1), vc.get()[:, pp].reshape(-1)])
-        err = check(f"qkv_rope {wname}", got, want, 1e-5, failures)
-        t = graph_time(cp, [f], repeats)
-        nb = R * D * wb
-        trows.append(row("qkv_rope (fused)", f"{R}x{D}", wname, t, nb, t, err))
-        del Wq
+        err = check(f"qkv_rope (norm fused) {wname}", got, want, 1e-5, failures)
+        t = graph_time(cp, fq, repeats)
+        trows.append(row("qkv_rope (norm+rope+KV)", f"{R}x{D}", wname, t, R * D * wb, t, err))
+        del Wqs, fq
 
-        Wg = dc.pad_rows(cp, rng.standard_normal((F, D), dtype=cp.float32) * 0.02, wdt)
-        Wu = dc.pad_rows(cp, rng.standard_normal((F, D), dtype=cp.float32) * 0.02, wdt)
+        # ------------------------------------------------------------------ one FFN at 90% sparsity
+        # x raw (the norm is fused), exactly 10% of the neurons active (kernels.testing.make_ffn)
+        pf = make_ffn(D, F, tokens=1, sparsity=0.9, activation="drelu", dtype=np.float32, seed=0)
+        A = int(pf["active"].size)
+        x0 = cp.zeros(Dp, dtype=cp.float32)
+        x0[:D] = cp.asarray(pf["x"][0])
+        xr = cp.zeros(Dp, dtype=cp.float32)                            # the residual the FFN adds to
+        xh0 = pf["x"][0].astype(np.float64)
+        xn0 = xh0 / np.sqrt(np.mean(xh0 * xh0) + eps)
+        Wg = dc.pad_rows(cp, cp.asarray(pf["w_gate"]), wdt)
+        Wu = dc.pad_rows(cp, cp.asarray(pf["w_up"]), wdt)
+        Wd = dc.pad_rows(cp, cp.asarray(pf["w_down"]), wdt)             # (F, Dp) neuron-major
+        WdT = dc.pad_rows(cp, cp.asarray(pf["w_down"]).T, wdt)          # (D, Fp)
+        f64 = lambda a: a.get().astype(np.float64)
+        wg64, wu64, wd64 = f64(Wg)[:, :D], f64(Wu)[:, :D], f64(Wd)[:, :D]
+        want = (np.maximum(wg64 @ xn0, 0) * np.maximum(wu64 @ xn0, 0)) @ wd64
         h = cp.empty(dc._pad(F), dtype=cp.float32)
-        f = lambda: k["ffn_gateup"](((F + 7) // 8,), (256,), (Wg, Wu, x, h, i32(F), i32(Dp), i32(0), i32(0), f32(0),
-                                                              i32(1), dc._NULL, pos, i32(0), i32(1)))
-        h.fill(np.nan)
-        f()
-        g_ = Wg.get().astype(np.float64)[:, :D] @ xh
-        u_ = Wu.get().astype(np.float64)[:, :D] @ xh
-        want = np.maximum(g_, 0) * np.maximum(u_, 0)
-        err = check(f"ffn_gateup drelu {wname}", h.get()[:F], want, 1e-5, failures)
-        t = graph_time(cp, [f], repeats)
-        trows.append(row("ffn_gateup (dense drelu)", f"2 x {F}x{D}", wname, t, 2 * F * D * wb, t, err))
-        del Wg, Wu
+        hv = cp.empty(F, dtype=cp.float32)
+        idx = cp.empty(F, dtype=cp.int32)
+        cnt = cp.zeros(1, dtype=cp.int32)
+        gidx = cp.asarray(pf["active"].astype(np.int32))
+        gcnt = cp.asarray(np.array([A], dtype=np.int32))
+        V16 = 16 // wb
+        ncol = (Dp + 32 * V16 * dc.NV - 1) // (32 * V16 * dc.NV)
+        sms = int(props["multiProcessorCount"])
+        G = max(1, -(-dc.DOWN_BLOCKS_PER_SM * sms // ncol))
+        dense_args = lambda: (Wg, Wu, x0, h, i32(F), i32(Dp), i32(D), f32(eps), i32(0), i32(0), f32(0), i32(1),
+                              dc._NULL, pos, i32(0), i32(1))
+        ffns = {
+            "FFN dense: ffn_gateup + gemv": [
+                lambda: k["ffn_gateup"](((F + 7) // 8,), (256,), dense_args()),
+                lambda: k["gemv_vec16_add"](((D + 7) // 8,), (256,), (WdT, h, xr, i32(D), i32(dc._pad(F)), i32(D), f32(eps)))],
+            "FFN skip: gate_select + down_rows": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_select"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                       i32(0), i32(0), f32(0), i32(1), cnt, idx, hv)),
+                lambda: k["ffn_down_rows"]((ncol, G), (256,), (cnt, idx, hv, Wd, xr, i32(Dp)))],
+            "FFN given (oracle): gateup_list + down_rows": [
+                lambda: k["ffn_gateup_list"](((A + 7) // 8,), (256,), (Wg, Wu, x0, i32(Dp), i32(D), f32(eps), i32(0),
+                                                                        i32(0), f32(0), i32(1), gcnt, gidx, hv)),
+                lambda: k["ffn_down_rows"]((ncol, G), (256,), (gcnt, gidx, hv, Wd, xr, i32(Dp)))],
+        }
+        nbytes = {"dense": 3 * F * D * wb, "skip": (F + 2 * A) * D * wb, "given": 3 * A * D * wb}
+        t_dense = None
+        for name, calls in ffns.items():
+            xr.fill(0)
+            for f in calls:
+                f()
+            err = check(f"{name} {wname}", xr.get()[:D], want, 1e-5, failures)
+            call = lambda calls=calls: [f() for f in calls]
+            t = graph_time(cp, [call], repeats)
+            t_dense = t_dense or t
+            kind = name.split()[1].rstrip(":")
+            r = row(name, f"{F}x{D} A={A}", wname, t, nbytes[kind], t_dense, err)
+            r["x_rung1_is"] = "speed-up over the dense FFN"
+            trows.append(r)
+        del Wg, Wu, Wd, WdT
+        cp.get_default_memory_pool().free_all_blocks()
 
         logits = rng.standard_normal(V, dtype=cp.float32)
         toks = cp.zeros(S + 1, dtype=cp.int32)
         pos0 = cp.zeros(1, dtype=cp.int32)
         npr = cp.zeros(1, dtype=cp.int32)
-        f = lambda: k["argmax"]((1,), (1024,), (logits, i32(V), toks, pos0, npr, i32(S + 1), dc._NULL))
+        f = lambda: k["argmax"]((1,), (1024,), (logits, i32(V), toks, pos0, npr, i32(S + 1), dc._NULL, i32(0),
+                                                 dc._NULL))
         f()
         ok = int(toks.get()[1]) == int(np.argmax(logits.get()))
         print(f"  validate argmax_advance: {'ok' if ok else 'FAIL'}")

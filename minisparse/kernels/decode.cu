@@ -18,8 +18,15 @@
 //   norm    rmsnorm (one block; optional residual add fused)
 //   attn    attn_decode_naive (thread per head)  ->  attn_decode (block per query head,
 //           a warp per key, scores in shared memory)
-//   others  embed, qkv_rope (q/k/v GEMV + bias + rotary + KV write, rows in rotary pairs),
-//           ffn_gateup (dense gate + up + activation, warp per neuron), argmax_advance.
+//   others  embed, qkv_rope (RMSNorm + q/k/v GEMV + bias + rotary + KV write, rows in
+//           rotary pairs), ffn_gateup (RMSNorm + dense gate + up + activation, warp per
+//           neuron), ffn_gate_select / ffn_gateup_list + ffn_down_rows (neuron skipping,
+//           the down projection added straight into the residual stream), argmax_advance.
+//
+// RMSNorm is fused into the GEMV that consumes it: every warp streams all of x for its dot
+// product anyway, so it also sums x^2 and scales its result by rstd; the norm's weight is
+// folded into the weight rows when the decoder copies them (w[:, d] * g[d], rounded once).
+// rmsnorm stays as a kernel for the CuPy-backend FFN paths, which take a normed input.
 //
 // act_fn<A>(v, kind, thr) and m_exp/m_erf/m_tanh are prepended from
 // minisparse.kernels.base.cuda_activation_source() (the one definition of the activations).
@@ -41,20 +48,6 @@ __device__ __forceinline__ float to_f(unsigned short v) { return h2f(v); }
 
 template <typename W> struct VecOf { enum { N = 16 / sizeof(W) }; };
 
-// 16 bytes of weights (aligned) -> VecOf<W>::N floats
-__device__ __forceinline__ void ld16(const float* p, float* o) {
-    float4 v = __ldg(reinterpret_cast<const float4*>(p));
-    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
-}
-__device__ __forceinline__ void ld16(const unsigned short* p, float* o) {
-    uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    unsigned int w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        o[2 * k] = h2f((unsigned short)(w[k] & 0xffffu));
-        o[2 * k + 1] = h2f((unsigned short)(w[k] >> 16));
-    }
-}
 // N consecutive floats of an activation vector (16-byte aligned), N = 4 or 8
 template <int N>
 __device__ __forceinline__ void ldx(const float* p, float* o) {
@@ -71,78 +64,88 @@ __device__ __forceinline__ float warp_sum(float s) {
     return s;
 }
 
-// dot of one weight row (ld elements, ld % VecOf<W>::N == 0, 16-byte aligned) with x,
-// by one warp: each lane keeps 4 independent 16-byte loads in flight, then a shuffle sum
+// raw 16-byte loads (kept raw while in flight: 4 registers each) and their conversion
+__device__ __forceinline__ uint4 ld16raw(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ void cvt16(uint4 v, float* o, float) {           // 4 floats
+    o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y); o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void cvt16(uint4 v, float* o, unsigned short) {  // 8 halves
+    unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        o[2 * k] = h2f((unsigned short)(w[k] & 0xffffu));
+        o[2 * k + 1] = h2f((unsigned short)(w[k] >> 16));
+    }
+}
+
+// Dot products of NR (1 or 2) weight rows (ld elements, ld % VecOf<W>::N == 0, 16-byte
+// aligned, zero-padded) with x by one warp: each lane keeps U = 4 sixteen-byte loads per
+// row in flight, then a shuffle sum. SQ: also ss = x . x (each warp reads all of x anyway,
+// so RMSNorm's statistic costs no extra memory traffic: the norm is fused into the GEMV).
+template <typename W, int NR, bool SQ>
+__device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __restrict__ r1,
+                                          const float* __restrict__ x, int ld, int lane,
+                                          float* d0, float* d1, float* ss) {
+    const int V = VecOf<W>::N;
+    const int U = 4;
+    const int n = ld / V;
+    float s0 = 0.f, s1 = 0.f, q = 0.f;
+    int v = lane;
+    for (; v + 32 * (U - 1) < n; v += 32 * U) {
+        uint4 a[U], b[U];
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            a[j] = ld16raw(r0 + (size_t)(v + 32 * j) * V);
+            if (NR == 2) b[j] = ld16raw(r1 + (size_t)(v + 32 * j) * V);
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            float xv[V], w[V];
+            ldx<V>(x + (size_t)(v + 32 * j) * V, xv);
+            cvt16(a[j], w, W());
+#pragma unroll
+            for (int k = 0; k < V; ++k) s0 = fmaf(w[k], xv[k], s0);
+            if (NR == 2) {
+                cvt16(b[j], w, W());
+#pragma unroll
+                for (int k = 0; k < V; ++k) s1 = fmaf(w[k], xv[k], s1);
+            }
+            if (SQ) {
+#pragma unroll
+                for (int k = 0; k < V; ++k) q = fmaf(xv[k], xv[k], q);
+            }
+        }
+    }
+    for (; v < n; v += 32) {
+        float xv[V], w[V];
+        ldx<V>(x + (size_t)v * V, xv);
+        cvt16(ld16raw(r0 + (size_t)v * V), w, W());
+#pragma unroll
+        for (int k = 0; k < V; ++k) s0 = fmaf(w[k], xv[k], s0);
+        if (NR == 2) {
+            cvt16(ld16raw(r1 + (size_t)v * V), w, W());
+#pragma unroll
+            for (int k = 0; k < V; ++k) s1 = fmaf(w[k], xv[k], s1);
+        }
+        if (SQ) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) q = fmaf(xv[k], xv[k], q);
+        }
+    }
+    *d0 = warp_sum(s0);
+    if (NR == 2) *d1 = warp_sum(s1);
+    if (SQ) *ss = warp_sum(q);
+}
+
+// 1 / sqrt(mean(x^2) + eps) from the sum of squares (as layers.rms_norm_forward)
+__device__ __forceinline__ float rstd_of(float ss, int D, float eps) { return 1.0f / sqrtf(ss / (float)D + eps); }
+
 template <typename W>
 __device__ __forceinline__ float warp_dot_vec16(const W* __restrict__ row, const float* __restrict__ x,
                                                 int ld, int lane) {
-    const int V = VecOf<W>::N;
-    const int n = ld / V;
-    float s0 = 0.f, s1 = 0.f;
-    int v = lane;
-    for (; v + 96 < n; v += 128) {
-        float w[4][V], xv[4][V];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) ld16(row + (size_t)(v + 32 * j) * V, w[j]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) ldx<V>(x + (size_t)(v + 32 * j) * V, xv[j]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                if (j & 1) s1 = fmaf(w[j][k], xv[j][k], s1);
-                else s0 = fmaf(w[j][k], xv[j][k], s0);
-            }
-    }
-    for (; v < n; v += 32) {
-        float w[V], xv[V];
-        ld16(row + (size_t)v * V, w);
-        ldx<V>(x + (size_t)v * V, xv);
-#pragma unroll
-        for (int k = 0; k < V; ++k) s0 = fmaf(w[k], xv[k], s0);
-    }
-    return warp_sum(s0 + s1);
-}
-
-// two rows at once (their loads interleaved): a = row0 . x, b = row1 . x
-template <typename W>
-__device__ __forceinline__ void warp_dot2_vec16(const W* __restrict__ row0, const W* __restrict__ row1,
-                                                const float* __restrict__ x, int ld, int lane,
-                                                float* a, float* b) {
-    const int V = VecOf<W>::N;
-    const int n = ld / V;
-    float s0 = 0.f, s1 = 0.f;
-    int v = lane;
-    for (; v + 32 < n; v += 64) {
-        float w0[2][V], w1[2][V], xv[2][V];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            ld16(row0 + (size_t)(v + 32 * j) * V, w0[j]);
-            ld16(row1 + (size_t)(v + 32 * j) * V, w1[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) ldx<V>(x + (size_t)(v + 32 * j) * V, xv[j]);
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                s0 = fmaf(w0[j][k], xv[j][k], s0);
-                s1 = fmaf(w1[j][k], xv[j][k], s1);
-            }
-    }
-    for (; v < n; v += 32) {
-        float w0[V], w1[V], xv[V];
-        ld16(row0 + (size_t)v * V, w0);
-        ld16(row1 + (size_t)v * V, w1);
-        ldx<V>(x + (size_t)v * V, xv);
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            s0 = fmaf(w0[k], xv[k], s0);
-            s1 = fmaf(w1[k], xv[k], s1);
-        }
-    }
-    *a = warp_sum(s0);
-    *b = warp_sum(s1);
+    float d, unused;
+    warp_dots<W, 1, false>(row, row, x, ld, lane, &d, &unused, &unused);
+    return d;
 }
 
 // ====================================================================================
@@ -175,18 +178,21 @@ __global__ void __launch_bounds__(NTHREADS) gemv_warp(const W* __restrict__ w, c
     if (lane == 0) y[r] = s;
 }
 
-// 3. one warp per row, 16-byte loads, 4 loads in flight per lane (warp_dot_vec16); rows
-//    padded to ld % VecOf<W>::N == 0 with zeros, x zero-padded to ld.
-//    EPI 0: y[r] = dot      EPI 1: y[r] += dot (the residual add of o-proj / down-proj)
+// 3. one warp per row, 16-byte loads, 4 in flight per lane (warp_dots); rows padded to
+//    ld % VecOf<W>::N == 0 with zeros, x zero-padded to ld.
+//    EPI 0: y[r] = dot     EPI 1: y[r] += dot (the residual add of o-proj / down-proj)
+//    EPI 2: y[r] = rstd(x) * dot: RMSNorm fused (its weight folded into w; D, eps used)
 template <typename W, int EPI>
 __global__ void __launch_bounds__(NTHREADS) gemv_warp_vec16(const W* __restrict__ w, const float* __restrict__ x,
-                                                            float* __restrict__ y, int N, int ld) {
+                                                            float* __restrict__ y, int N, int ld, int D, float eps) {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * WARPS + (threadIdx.x >> 5);
     if (r >= N) return;
-    const float s = warp_dot_vec16<W>(w + (size_t)r * ld, x, ld, lane);
+    float s, ss, unused;
+    warp_dots<W, 1, EPI == 2>(w + (size_t)r * ld, w, x, ld, lane, &s, &unused, &ss);
     if (lane == 0) {
         if (EPI == 1) y[r] += s;
+        else if (EPI == 2) y[r] = s * rstd_of(ss, D, eps);
         else y[r] = s;
     }
 }
@@ -254,16 +260,19 @@ __global__ void rmsnorm(float* __restrict__ x, const float* __restrict__ add, co
 }
 
 // ====================================================================================
-// q, k, v projections + bias + rotary (rotate-half) + KV-cache write, one launch.
-// w: ((H + 2K) * Dh, ld) rows = [q heads | k heads | v heads]. One warp per rotary pair
-// (rows i and i + Dh/2 of one head): both dots, then
+// RMSNorm + q, k, v projections + bias + rotary (rotate-half) + KV-cache write, one launch.
+// x is the raw residual stream; the attention norm's weight is folded into w, and each warp
+// computes rstd from the x it streams anyway. w: ((H + 2K) * Dh, ld) rows = [q heads | k
+// heads | v heads]. One warp per rotary pair (rows i and i + Dh/2 of one head):
+//     a, b = rstd * (w_i . x), rstd * (w_{i+half} . x)  (+ bias)
 //     out_i = a cos - b sin,   out_{i+half} = b cos + a sin       (q and k; v unrotated)
 // q -> q[h * Dh + i]; k, v -> kc / vc[(kh * max_len + pos) * Dh + i]. bias may be null.
 // cos_t, sin_t: (max_len, Dh/2) float tables.
 // ====================================================================================
 template <typename W>
 __global__ void __launch_bounds__(NTHREADS) qkv_rope(const W* __restrict__ w, const float* __restrict__ bias,
-                                                     const float* __restrict__ x, int ld, int H, int K, int Dh,
+                                                     const float* __restrict__ x, int ld, int D, float eps,
+                                                     int H, int K, int Dh,
                                                      const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                                      const int* __restrict__ pos_p, float* __restrict__ q,
                                                      float* __restrict__ kc, float* __restrict__ vc, int max_len) {
@@ -273,9 +282,12 @@ __global__ void __launch_bounds__(NTHREADS) qkv_rope(const W* __restrict__ w, co
     if (item >= (H + 2 * K) * half) return;
     const int head = item / half, i = item - head * half;
     const int r0 = head * Dh + i, r1 = r0 + half;
-    float a, b;
-    warp_dot2_vec16<W>(w + (size_t)r0 * ld, w + (size_t)r1 * ld, x, ld, lane, &a, &b);
+    float a, b, ss;
+    warp_dots<W, 2, true>(w + (size_t)r0 * ld, w + (size_t)r1 * ld, x, ld, lane, &a, &b, &ss);
     if (lane != 0) return;
+    const float rs = rstd_of(ss, D, eps);
+    a *= rs;
+    b *= rs;
     if (bias != nullptr) { a += bias[r0]; b += bias[r1]; }
     const int pos = *pos_p;
     if (head < H + K) {                                     // q or k: rotate the pair
@@ -325,31 +337,53 @@ __global__ void attn_decode_naive(const float* __restrict__ q, const float* __re
 
 // ====================================================================================
 // decode attention: one block per query head h (KV head h / (H/K)), over the pos+1
-// cached keys. Dynamic shared memory: max_len scores + blockDim.x partial sums.
-//   p = softmax(q . k_s / sqrt(Dh)),  o[h] = sum_s p_s v_s
+// cached keys.   p = softmax(q . k_s / sqrt(Dh)),  o[h] = sum_s p_s v_s
+// Scores: a THREAD per key (q in shared memory, the key row read with 16-byte loads), so
+// all keys are in flight at once. Output: the block is split into G groups of Dh/4
+// threads, each group sums every G-th key with 16-byte loads of v; the groups' partial
+// sums are added in shared memory. Dynamic shared memory (floats): max_len scores, then Dh
+// (q), each rounded up to a multiple of 4, then 4 * blockDim.x partial sums. Dh % 4 != 0
+// falls back to scalar loops.
 // ====================================================================================
 __global__ void attn_decode(const float* __restrict__ q, const float* __restrict__ kc,
                             const float* __restrict__ vc, float* __restrict__ o, const int* __restrict__ pos_p,
                             int H, int K, int Dh, int max_len, float scale) {
-    extern __shared__ float sc[];                           // (max_len + blockDim.x,): scores, then
-    float* part = sc + max_len;                             // partial sums of the output
+    extern __shared__ float4 smem4[];                       // float4: 16-byte aligned
+    float* smem = reinterpret_cast<float*>(smem4);
+    float* sc = smem;                                       // (max_len,)
+    float* qs = smem + ((max_len + 3) & ~3);                // (Dh,)
+    float* part = qs + ((Dh + 3) & ~3);                     // (4 * blockDim.x,), 16-byte aligned
     __shared__ float sh[32];
     const int h = blockIdx.x;
     const int kh = h / (H / K);
     const int S = *pos_p + 1;
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const float* qh = q + (size_t)h * Dh;
     const float* kb = kc + (size_t)kh * max_len * Dh;
     const float* vb = vc + (size_t)kh * max_len * Dh;
-    for (int s = wid; s < S; s += nw) {                     // a warp per key
-        float d = 0.f;
-        for (int j = lane; j < Dh; j += 32) d = fmaf(qh[j], kb[(size_t)s * Dh + j], d);
-        d = warp_sum(d);
-        if (lane == 0) sc[s] = d * scale;
-    }
+    const bool v4 = (Dh & 3) == 0;
+    for (int j = threadIdx.x; j < Dh; j += blockDim.x) qs[j] = q[(size_t)h * Dh + j];
     __syncthreads();
     float m = NEG_INF;
-    for (int s = threadIdx.x; s < S; s += blockDim.x) m = fmaxf(m, sc[s]);
+    for (int s = threadIdx.x; s < S; s += blockDim.x) {      // a thread per key
+        const float* kr = kb + (size_t)s * Dh;
+        float d0 = 0.f, d1 = 0.f;
+        if (v4) {
+            for (int j = 0; j < Dh; j += 8) {
+                const float4 ka = *reinterpret_cast<const float4*>(kr + j);
+                d0 = fmaf(qs[j], ka.x, d0); d0 = fmaf(qs[j + 1], ka.y, d0);
+                d0 = fmaf(qs[j + 2], ka.z, d0); d0 = fmaf(qs[j + 3], ka.w, d0);
+                if (j + 4 < Dh) {
+                    const float4 kb4 = *reinterpret_cast<const float4*>(kr + j + 4);
+                    d1 = fmaf(qs[j + 4], kb4.x, d1); d1 = fmaf(qs[j + 5], kb4.y, d1);
+                    d1 = fmaf(qs[j + 6], kb4.z, d1); d1 = fmaf(qs[j + 7], kb4.w, d1);
+                }
+            }
+        } else {
+            for (int j = 0; j < Dh; ++j) d0 = fmaf(qs[j], kr[j], d0);
+        }
+        const float sv = (d0 + d1) * scale;
+        sc[s] = sv;
+        m = fmaxf(m, sv);
+    }
     m = block_max(m, sh);                                    // subtract the max: exp never overflows
     float l = 0.f;
     for (int s = threadIdx.x; s < S; s += blockDim.x) {
@@ -359,19 +393,26 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
     }
     l = block_sum(l, sh);                                    // (syncs: every sc[s] is written)
     const float inv = 1.0f / l;
-    if (Dh <= (int)blockDim.x) {                            // G groups of Dh threads split the keys
-        const int G = blockDim.x / Dh;
-        const int j = threadIdx.x % Dh, g = threadIdx.x / Dh;
-        float acc = 0.f;
-        if (g < G)
+    const int C = Dh / 4;                                    // float4 columns of a row
+    if (v4 && C <= (int)blockDim.x) {
+        const int G = blockDim.x / C;
+        const int c = threadIdx.x % C, g = threadIdx.x / C;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (g < G) {
 #pragma unroll 4
-            for (int s = g; s < S; s += G) acc = fmaf(sc[s], vb[(size_t)s * Dh + j], acc);
-        part[threadIdx.x] = acc;
+            for (int s = g; s < S; s += G) {
+                const float p = sc[s];
+                const float4 vv = *reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * c);
+                acc.x = fmaf(p, vv.x, acc.x); acc.y = fmaf(p, vv.y, acc.y);
+                acc.z = fmaf(p, vv.z, acc.z); acc.w = fmaf(p, vv.w, acc.w);
+            }
+        }
+        reinterpret_cast<float4*>(part)[threadIdx.x] = acc;
         __syncthreads();
-        if ((int)threadIdx.x < Dh) {
+        for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
             float t = 0.f;
-            for (int gg = 0; gg < G; ++gg) t += part[gg * Dh + threadIdx.x];
-            o[(size_t)h * Dh + threadIdx.x] = t * inv;
+            for (int gg = 0; gg < G; ++gg) t += part[4 * (gg * C + j / 4) + (j & 3)];
+            o[(size_t)h * Dh + j] = t * inv;
         }
     } else {
         for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
@@ -383,15 +424,16 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
 }
 
 // ====================================================================================
-// dense FFN, first half: one warp per neuron f
-//   h[f] = a(wg[f] . x) * b(wu[f] . x)    (gated)      h[f] = a(wg[f] . x)   (plain)
+// dense FFN, first half: one warp per neuron f, RMSNorm fused (x raw; the norm weight is
+// folded into wg and wu):
+//   h[f] = a(rstd * wg[f] . x) * b(rstd * wu[f] . x)   (gated)      h[f] = a(...)   (plain)
 // count (optional, null = off): count[pos * n_layers + layer] += #{f : h[f] != 0}
 // ====================================================================================
 template <typename W>
 __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg, const W* __restrict__ wu,
                                                        const float* __restrict__ x, float* __restrict__ h,
-                                                       int F, int ld, int gate_kind, int up_kind, float thr,
-                                                       int gated, int* __restrict__ count,
+                                                       int F, int ld, int D, float eps, int gate_kind, int up_kind,
+                                                       float thr, int gated, int* __restrict__ count,
                                                        const int* __restrict__ pos_p, int layer, int n_layers) {
     __shared__ int nz;
     if (threadIdx.x == 0) nz = 0;
@@ -399,12 +441,13 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg,
     const int lane = threadIdx.x & 31;
     const int f = blockIdx.x * WARPS + (threadIdx.x >> 5);
     if (f < F) {
-        float g, u = 0.f;
-        if (gated) warp_dot2_vec16<W>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u);
-        else g = warp_dot_vec16<W>(wg + (size_t)f * ld, x, ld, lane);
+        float g, u = 0.f, ss;
+        if (gated) warp_dots<W, 2, true>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
+        else warp_dots<W, 1, true>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &u, &ss);
         if (lane == 0) {
-            float v = act_fn<float>(g, gate_kind, thr);
-            if (gated) v = v * act_fn<float>(u, up_kind, thr);
+            const float rs = rstd_of(ss, D, eps);
+            float v = act_fn<float>(g * rs, gate_kind, thr);
+            if (gated) v = v * act_fn<float>(u * rs, up_kind, thr);
             h[f] = v;
             if (count != nullptr && v != 0.f) atomicAdd(&nz, 1);
         }
@@ -416,15 +459,122 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg,
 }
 
 // ====================================================================================
+// neuron-skipping FFN, own kernels (two launches, no host round trip, norm fused):
+//  ffn_gate_select  skip: one warp per neuron; gate dot (and rstd); a = act(g); a neuron
+//                   whose a is nonzero reads its up row right away (same warp), takes a
+//                   slot from the atomic counter: idx[slot] = f, hv[slot] = a * b(u).
+//                   Inactive neurons cost the gate row only.
+//  ffn_gateup_list  given: one warp per listed neuron (idx, *cnt fixed): both rows, h.
+//  ffn_down_rows    x += sum_j hv[j] * wd[idx[j]] (wd neuron-major (F, ld)): blocks tile
+//                   (columns) x (slot ranges); a warp accumulates 32*V*NV columns of its
+//                   slots in registers; the block reduces its warps in shared memory, then
+//                   one atomicAdd per column per block, straight into the residual stream.
+// ====================================================================================
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_gate_select(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                            const float* __restrict__ x, int F, int ld, int D,
+                                                            float eps, int gate_kind, int up_kind, float thr,
+                                                            int gated, int* __restrict__ cnt, int* __restrict__ idx,
+                                                            float* __restrict__ hv) {
+    const int lane = threadIdx.x & 31;
+    const int f = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (f >= F) return;
+    float g, unused, ss;
+    warp_dots<W, 1, true>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
+    const float rs = rstd_of(ss, D, eps);
+    float a = act_fn<float>(g * rs, gate_kind, thr);
+    if (!(fabsf(a) > 0.f) && a == a) return;                // exactly zero (NaN is kept): skip f
+    if (gated) {
+        float u = warp_dot_vec16<W>(wu + (size_t)f * ld, x, ld, lane);
+        a = a * act_fn<float>(u * rs, up_kind, thr);
+    }
+    if (lane == 0) {
+        const int slot = atomicAdd(cnt, 1);
+        idx[slot] = f;
+        hv[slot] = a;
+    }
+}
+
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_gateup_list(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                            const float* __restrict__ x, int ld, int D, float eps,
+                                                            int gate_kind, int up_kind, float thr, int gated,
+                                                            const int* __restrict__ cnt, const int* __restrict__ idx,
+                                                            float* __restrict__ hv) {
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (j >= *cnt) return;
+    const int f = idx[j];
+    float g, u = 0.f, ss;
+    if (gated) warp_dots<W, 2, true>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
+    else warp_dots<W, 1, true>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &u, &ss);
+    if (lane == 0) {
+        const float rs = rstd_of(ss, D, eps);
+        float v = act_fn<float>(g * rs, gate_kind, thr);
+        if (gated) v = v * act_fn<float>(u * rs, up_kind, thr);
+        hv[j] = v;
+    }
+}
+
+#define NV 2                                                 // 16-byte vectors per lane in ffn_down_rows
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict__ cnt, const int* __restrict__ idx,
+                                                          const float* __restrict__ hv, const W* __restrict__ wd,
+                                                          float* __restrict__ x, int ld) {
+    const int V = VecOf<W>::N;
+    const int CW = 32 * V * NV;                              // columns of a block
+    __shared__ float red[WARPS][CW];
+    const int n = *cnt;
+    const int G = gridDim.y;
+    const int chunk = (n + G - 1) / G;
+    const int lo = blockIdx.y * chunk, hi = min(n, lo + chunk);
+    if (lo >= hi) return;                                    // whole block
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int col0 = blockIdx.x * CW;
+    float acc[NV * V];
+#pragma unroll
+    for (int k = 0; k < NV * V; ++k) acc[k] = 0.f;
+#pragma unroll 2
+    for (int j = lo + wid; j < hi; j += WARPS) {
+        const W* row = wd + (size_t)idx[j] * ld;
+        const float hj = hv[j];
+        uint4 raw[NV];
+#pragma unroll
+        for (int qv = 0; qv < NV; ++qv) {
+            const int c = col0 + qv * 32 * V + lane * V;
+            raw[qv] = c < ld ? ld16raw(row + c) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int qv = 0; qv < NV; ++qv) {
+            float w[V];
+            cvt16(raw[qv], w, W());
+#pragma unroll
+            for (int k = 0; k < V; ++k) acc[qv * V + k] = fmaf(hj, w[k], acc[qv * V + k]);
+        }
+    }
+#pragma unroll
+    for (int qv = 0; qv < NV; ++qv)
+#pragma unroll
+        for (int k = 0; k < V; ++k) red[wid][qv * 32 * V + lane * V + k] = acc[qv * V + k];
+    __syncthreads();
+    for (int i = threadIdx.x; i < CW; i += blockDim.x) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) t += red[w][i];
+        if (col0 + i < ld && t != 0.f) atomicAdd(x + col0 + i, t);
+    }
+}
+
+// ====================================================================================
 // greedy argmax of the logits (ties: the lowest id, as np.argmax), then advance:
 //   tokens[pos + 1] = argmax   (only past the prompt: pos + 1 >= n_prompt)
 //   pos += 1
-// One block. zero (optional) is an int the step must leave at 0 (a counter of the
-// neuron-skipping FFN, see decode_cuda.py).
+// One block. zero (optional): n_zero counters the step must leave at 0 (the skipping
+// FFN's); record (optional): record[pos * n_zero + i] = zero[i] first (per-layer counts).
 // ====================================================================================
 __global__ void argmax_advance(const float* __restrict__ logits, int V, int* __restrict__ tokens,
                                int* __restrict__ pos_p, const int* __restrict__ n_prompt, int max_len,
-                               int* __restrict__ zero) {
+                               int* __restrict__ zero, int n_zero, int* __restrict__ record) {
     __shared__ float sv[32];
     __shared__ int si[32];
     float best = NEG_INF;
@@ -441,14 +591,19 @@ __global__ void argmax_advance(const float* __restrict__ logits, int V, int* __r
     }
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     if (lane == 0) { sv[wid] = best; si[wid] = bi; }
+    const int p = *pos_p;
+    if (zero != nullptr) {
+        for (int i = threadIdx.x; i < n_zero; i += blockDim.x) {
+            if (record != nullptr) record[(size_t)p * n_zero + i] = zero[i];
+            zero[i] = 0;
+        }
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < nw; ++w)
             if (sv[w] > best || (sv[w] == best && si[w] < bi)) { best = sv[w]; bi = si[w]; }
         if (bi == 0x7fffffff) bi = 0;                      // every logit NaN
-        const int p = *pos_p;
         if (p + 1 < max_len && p + 1 >= *n_prompt) tokens[p + 1] = bi;
         *pos_p = p + 1;
-        if (zero != nullptr) *zero = 0;
     }
 }

@@ -6,22 +6,32 @@ host, more than the bytes of the weights take to read. :class:`GraphDecoder` iss
 same step as a fixed sequence of kernels that read the position and the token id from
 device memory, captures that sequence once in a CUDA graph, and replays it per token::
 
-    tokens[pos] -> embed -> per layer:  rmsnorm -> qkv + rotary + KV write -> attention
-                                        -> o-proj + residual -> rmsnorm -> FFN + residual
-                -> rmsnorm -> LM head -> argmax -> tokens[pos + 1], pos += 1
+    tokens[pos] -> embed -> per layer:  [rmsnorm +] q,k,v + rotary + KV write -> attention
+                                        -> o-proj + residual -> [rmsnorm +] FFN + residual
+                -> [rmsnorm +] LM head -> argmax -> tokens[pos + 1], pos += 1
 
 Nothing crosses to the host until the end: the prompt and the generated tokens live in one
 device array. CuPy cannot capture cuBLAS in a graph, so the matrix-vector products are
-our own warp-per-row GEMV kernels (16-byte loads, float32 accumulation).
+our own warp-per-row GEMV kernels (16-byte loads, float32 accumulation). RMSNorm is fused
+into the GEMV that consumes it: every warp streams all of x for its dot product anyway, so
+it also sums x^2 and scales its dot by rstd, and the norm's weight is folded into the weight
+rows when they are copied (``w[:, d] * g[d]``, rounded once to ``weight_dtype``). A dense
+layer is then five launches: q,k,v; attention; o-proj; gate+up; down.
 
 FFN modes
 ---------
 ``"dense"``  every neuron, with the GEMV kernels (gate + up + activation fused, then down)
-``"skip"``   the CuPy backend's neuron-skipping kernels (:mod:`minisparse.kernels.cupy_`):
-             gate dense, up and down only for the neurons the gate keeps
-``"given"``  a fixed active set per layer, passed as ``active=`` (with an exactly sparse
-             model whose active set is known, this is the *oracle* upper bound of a
-             predictor; label it so)
+``"skip"``   neuron skipping: the gate is read in full; only neurons whose activation is
+             nonzero read their up and down rows
+``"given"``  a fixed active set per layer, passed as ``active=``: only those neurons' rows
+             are read (with an exactly sparse model whose active set is known, this is the
+             *oracle* upper bound of a predictor; label it so)
+
+``sparse_kernel`` chooses the kernels of ``"skip"``/``"given"``: ``"decode"`` (default) the
+two kernels of ``decode.cu`` (gate select + down over the active rows, added straight into
+the residual stream); ``"fused"`` the CuPy backend's one-launch
+:func:`minisparse.kernels.cupy_.ffn_device`; ``"split"`` its gate/up/down launches. The
+backend paths take a normed input, so they add an rmsnorm launch and a residual add.
 
 Weights are the decoder's own copies in ``weight_dtype`` (float16: half weights, float32
 activations and accumulation), rows padded with zeros to a multiple of 8 elements; the
@@ -30,7 +40,7 @@ activations the compiled kernels know (:func:`minisparse.kernels.base.activation
 GQA, tied or untied output, qkv bias (Qwen2), Gemma's norm offset and embedding scale.
 
 Dimension keys: D dim, H heads, K kv heads, Dh head dim, F ffn neurons, V vocab, L layers,
-S positions (max_len). ``*p`` = padded to a multiple of 8.
+S positions (max_len), A active neurons. ``*p`` = padded to a multiple of 8.
 
 Examples
 --------
@@ -43,8 +53,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -52,20 +61,26 @@ from .. import layers as L
 from .base import activation_codes, cuda_activation_source
 
 MODES = ("dense", "skip", "given")
-SPARSE_KERNELS = ("fused", "split")   # the CuPy backend's FFN launch: ffn_device (1 launch) or gate/up/down
+SPARSE_KERNELS = ("decode", "fused", "split")   # own kernels | cupy_.ffn_device | cupy_ gate/up/down
 WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32}
 PAD = 8                         # rows and vectors padded to a multiple of this many elements
 ATTN_THREADS = 256              # threads of an attention block
-MAX_LEN = 48 * 1024 // 4 - ATTN_THREADS   # attention: max_len scores + partial sums in 48 KB
 WARPS = 8                       # warps per block (WARPS in decode.cu)
+NV = 2                          # 16-byte vectors per lane in ffn_down_rows (NV in decode.cu)
+DOWN_BLOCKS_PER_SM = 2          # ffn_down_rows grid ~ this many blocks per multiprocessor
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
 _MODULES: Dict[np.dtype, dict] = {}
 _NULL = np.uint64(0)            # a null pointer argument
 
 
-def _pad(n: int) -> int:
-    return (n + PAD - 1) // PAD * PAD
+def _pad(n: int, m: int = PAD) -> int:
+    return (n + m - 1) // m * m
+
+
+def attn_shared_bytes(max_len: int, head_dim: int) -> int:
+    """Dynamic shared memory of attn_decode: scores, q, partial sums (floats)."""
+    return 4 * (_pad(max_len, 4) + _pad(head_dim, 4) + 4 * ATTN_THREADS)
 
 
 def _cupy():
@@ -93,8 +108,9 @@ def kernels(weight_dtype) -> dict:
     """Compiled decode kernels for one weight dtype (NVRTC via cupy.RawModule, cached).
 
     Keys: ``gemv_naive``, ``gemv_warp``, ``gemv_vec16`` (y = W x), ``gemv_vec16_add``
-    (y += W x), ``embed``, ``rmsnorm``, ``qkv_rope``, ``attn_naive``, ``attn``,
-    ``ffn_gateup``, ``argmax``.
+    (y += W x), ``gemv_vec16_norm`` (y = rstd(x) W x), ``embed``, ``rmsnorm``,
+    ``qkv_rope``, ``attn_naive``, ``attn``, ``ffn_gateup``, ``ffn_gate_select``,
+    ``ffn_gateup_list``, ``ffn_down_rows``, ``argmax``.
     """
     wdt = np.dtype(weight_dtype)
     if wdt not in _CTYPE:
@@ -104,7 +120,10 @@ def kernels(weight_dtype) -> dict:
         W = _CTYPE[wdt]
         names = dict(gemv_naive=f"gemv_naive<{W}>", gemv_warp=f"gemv_warp<{W}>",
                      gemv_vec16=f"gemv_warp_vec16<{W}, 0>", gemv_vec16_add=f"gemv_warp_vec16<{W}, 1>",
+                     gemv_vec16_norm=f"gemv_warp_vec16<{W}, 2>",
                      embed=f"embed<{W}>", qkv_rope=f"qkv_rope<{W}>", ffn_gateup=f"ffn_gateup<{W}>",
+                     ffn_gate_select=f"ffn_gate_select<{W}>", ffn_gateup_list=f"ffn_gateup_list<{W}>",
+                     ffn_down_rows=f"ffn_down_rows<{W}>",
                      rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
                      argmax="argmax_advance")
         # C++ names (mangled): every kernel, template or not, is found by its name expression
@@ -113,16 +132,22 @@ def kernels(weight_dtype) -> dict:
     return _MODULES[wdt]
 
 
-def pad_rows(cp, w, dtype, rows: Optional[int] = None):
-    """(N, K) device array -> (rows or N, K padded) C-contiguous ``dtype`` copy, zeros in the padding."""
+def pad_rows(cp, w, dtype, rows: Optional[int] = None, scale=None):
+    """(N, K) device array -> (rows or N, K padded) C-contiguous ``dtype`` copy, zeros in the
+    padding. ``scale`` (K,): columns multiplied by it first, in float64, then rounded once."""
     N, K = w.shape
     out = cp.zeros((rows or N, _pad(K)), dtype=dtype)
-    out[:N, :K] = w
+    if scale is None:
+        out[:N, :K] = w
+    else:
+        for r0 in range(0, N, 8192):                                  # bounded float64 temporaries
+            out[r0:r0 + 8192, :K] = w[r0:r0 + 8192].astype(cp.float64) * scale.astype(cp.float64)[None, :]
     return out
 
 
-def gemv(w, x, y=None, *, kind: str = "vec16", add: bool = False, K: Optional[int] = None):
-    """y = w @ x (or y += w @ x) with one of the ladder's GEMV kernels, eagerly.
+def gemv(w, x, y=None, *, kind: str = "vec16", add: bool = False, K: Optional[int] = None,
+         norm_dim: Optional[int] = None, eps: float = 1e-5):
+    """y = w @ x (or y += w @ x, or y = rstd(x) w @ x) with one of the ladder's GEMV kernels, eagerly.
 
     Parameters
     ----------
@@ -133,6 +158,7 @@ def gemv(w, x, y=None, *, kind: str = "vec16", add: bool = False, K: Optional[in
     kind : "naive" | "warp" | "vec16"
     add : y += w @ x (vec16 only).
     K : valid columns (naive / warp; default ld).
+    norm_dim, eps : vec16 only: RMSNorm fused, ``y = (w @ x) / sqrt(mean(x[:norm_dim]^2) + eps)``.
 
     Returns
     -------
@@ -152,8 +178,8 @@ def gemv(w, x, y=None, *, kind: str = "vec16", add: bool = False, K: Optional[in
         if ld % PAD or w.data.ptr % 16 or x.data.ptr % 16:
             raise ValueError(f"gemv vec16 needs rows padded to a multiple of {PAD} and 16-byte aligned "
                              f"arrays (ld={ld}); use pad_rows")
-        f = k["gemv_vec16_add" if add else "gemv_vec16"]
-        f(((N + WARPS - 1) // WARPS,), (32 * WARPS,), (w, x, y, i32(N), i32(ld)))
+        f = k["gemv_vec16_norm" if norm_dim else "gemv_vec16_add" if add else "gemv_vec16"]
+        f(((N + WARPS - 1) // WARPS,), (32 * WARPS,), (w, x, y, i32(N), i32(ld), i32(norm_dim or ld), np.float32(eps)))
     else:
         raise ValueError(f"unknown gemv kind {kind!r}; use 'naive', 'warp' or 'vec16'")
     return y
@@ -225,7 +251,8 @@ def exactly_sparse_params(config, *, sparsity: float = 0.9, seed: int = 0, xp=np
     s_w = 1.0 / math.sqrt(D)                             # gate / up rows
     s0 = 1.0 / math.sqrt(1.0 + rho * rho)                # std of the rest of a gate dot (unit gamma)
     beta = margin * s_w / rho                            # beta * xn[0] = margin * s0
-    gamma = 0.1 / (margin * s0)                          # ffn_norm weight: active |g| ~ 0.1
+    # ffn_norm weight: active |g| ~ 0.1; a power of two, so that folding it into float16 rows is exact
+    gamma = 2.0 ** round(math.log2(0.1 / (margin * s0)))
     s_v = 0.01 / math.sqrt(D)
     x_coord = 0.02 * (math.sqrt(D) if c.embed_scale else 1.0) * 1.0  # a residual coordinate
     s_o = kappa * x_coord / (math.sqrt(D) * s_v * math.sqrt(H * Dh))
@@ -297,11 +324,12 @@ class GraphDecoder:
         ``mode="given"``: per layer, the neurons to compute (int indices or a bool mask of
         length F; NumPy or CuPy). Every other neuron is taken as zero.
     count_active : bool
-        ``mode="dense"`` only: count the nonzero entries of h per (position, layer) in
-        ``self.counts`` (S, L) int32 (a check of exact sparsity; costs a few atomics).
-    sparse_kernel : "fused" (default) or "split"
-        ``skip``/``given``: the CuPy backend's one-launch FFN
-        (:func:`minisparse.kernels.cupy_.ffn_device`) or its three-launch gate/up/down path.
+        ``mode="dense"``: count the nonzero entries of h per (position, layer);
+        ``mode="skip"`` (decode kernels): record the kept neurons per (position, layer).
+        In ``self.counts`` (S, L) int32 (a check of exact sparsity; a few atomics).
+    sparse_kernel : "decode" (default), "fused" or "split"
+        ``skip``/``given``: this module's two kernels, the CuPy backend's one-launch
+        :func:`~minisparse.kernels.cupy_.ffn_device`, or its gate/up/down launches.
 
     Attributes
     ----------
@@ -322,12 +350,13 @@ class GraphDecoder:
         ``minisparse.generate``).
     ValueError
         An unknown mode or dtype, a missing ``active`` for ``"given"``, an activation the
-        compiled kernels do not know.
+        compiled kernels do not know, a ``max_len`` whose attention scores do not fit in
+        48 KB of shared memory.
     """
 
     def __init__(self, model, *, mode: str = "dense", weight_dtype: str = "float16",
                  max_len: Optional[int] = None, active: Optional[Sequence] = None,
-                 count_active: bool = False, sparse_kernel: str = "fused"):
+                 count_active: bool = False, sparse_kernel: str = "decode"):
         c = model.config
         p = model.params
         if mode not in MODES:
@@ -355,45 +384,44 @@ class GraphDecoder:
             raise ValueError("mode='given' needs active=: per layer, the neurons to compute")
         if mode != "given" and active is not None:
             raise ValueError(f"active= is only used with mode='given', not mode={mode!r}")
-        if count_active and mode != "dense":
-            raise ValueError("count_active=True needs mode='dense' (it counts the nonzeros of the dense h)")
+        if count_active and not (mode == "dense" or (mode == "skip" and sparse_kernel == "decode")):
+            raise ValueError("count_active=True needs mode='dense', or mode='skip' with sparse_kernel='decode'")
         if active is not None and len(active) != c.n_layers:
             raise ValueError(f"active must have one entry per layer ({c.n_layers}), got {len(active)}")
-        self.config, self.mode, self.act, self.sparse_kernel = c, mode, act, sparse_kernel
+        self.config, self.mode, self.act = c, mode, act
+        self.sparse_kernel = sparse_kernel if mode != "dense" else None
         self.wdt = np.dtype(WEIGHT_DTYPES[str(weight_dtype)])
         self.max_len = int(max_len or c.max_seq_len)
+        D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        if self.max_len > MAX_LEN:
+        if attn_shared_bytes(self.max_len, Dh) > 48 * 1024:
             raise ValueError(f"max_len={self.max_len}: the attention kernel keeps max_len float scores in "
-                             f"48 KB of shared memory (at most {MAX_LEN} positions)")
-        D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+                             f"48 KB of shared memory (with head_dim {Dh}, at most "
+                             f"{(48 * 1024 - attn_shared_bytes(0, Dh)) // 4} positions)")
         self.Dp, self.Fp, self.HDp = _pad(D), _pad(F), _pad(H * Dh)
         wdt = self.wdt
         self.k = kernels(wdt)
         self.stream = cp.cuda.Stream(non_blocking=True)
+        self.down_blocks_per_sm = DOWN_BLOCKS_PER_SM
+        self._sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
         S = self.max_len
         f32 = cp.float32
 
-        def norm_scale(w):                                            # (Dp,) float32
-            s = (1.0 + w) if c.norm_offset else w                     # in the model's dtype, as the reference
-            out = cp.zeros(self.Dp, dtype=f32)
-            out[:D] = s
-            return out
+        def norm_scale(w):                                            # (D,) the norm's weight: w or 1 + w
+            return (1.0 + w) if c.norm_offset else w                  # in the model's dtype, as the reference
 
         with self.stream:
-            # ---- weights: own copies, rows padded -----------------------------------------
-            self.emb = pad_rows(cp, emb, wdt)                                   # (V, Dp)
-            self.w_out = self.emb if c.tie_embeddings else pad_rows(cp, p["output"], wdt)  # (V, Dp)
-            self.norm = norm_scale(p["norm"])
+            # ---- weights: own copies, rows padded, each RMSNorm weight folded into its consumer
+            self.emb = pad_rows(cp, emb, wdt)                                   # (V, Dp) for the lookup
+            w_out = emb if c.tie_embeddings else p["output"]
+            self.w_out = pad_rows(cp, w_out, wdt, scale=norm_scale(p["norm"]))  # (V, Dp) LM head, final norm in
             self.layers = []
             for i in range(c.n_layers):
                 q = f"layers.{i}."
                 a = q + "attention."
                 wqkv = cp.concatenate([p[a + "wq"].T, p[a + "wk"].T, p[a + "wv"].T], axis=0)
-                lw = dict(attn_norm=norm_scale(p[q + "attention_norm"]),
-                          ffn_norm=norm_scale(p[q + "ffn_norm"]),
-                          wqkv=pad_rows(cp, wqkv, wdt),                         # ((H+2K)Dh, Dp)
+                lw = dict(wqkv=pad_rows(cp, wqkv, wdt, scale=norm_scale(p[q + "attention_norm"])),  # ((H+2K)Dh, Dp)
                           wo=pad_rows(cp, p[a + "wo"].T, wdt),                  # (D, HDp)
                           bqkv=None)
                 del wqkv
@@ -401,25 +429,27 @@ class GraphDecoder:
                     lw["bqkv"] = cp.concatenate([p[a + "bq"], p[a + "bk"], p[a + "bv"]]).astype(f32)
                 fq = q + "feed_forward."
                 wg, wu, wd = p[fq + "w_gate"], p.get(fq + "w_up"), p[fq + "w_down"]
-                lw["wg"] = pad_rows(cp, wg, wdt)                                 # (F, Dp)
-                lw["wu"] = pad_rows(cp, wu, wdt) if act.gated else None          # (F, Dp)
+                g_ffn = norm_scale(p[q + "ffn_norm"])
+                lw["wg"] = pad_rows(cp, wg, wdt, scale=g_ffn)                    # (F, Dp)
+                lw["wu"] = pad_rows(cp, wu, wdt, scale=g_ffn) if act.gated else None
                 if mode == "dense":
                     lw["wdT"] = pad_rows(cp, wd.T, wdt)                          # (D, Fp)
                 else:
                     lw["wd"] = pad_rows(cp, wd, wdt)                             # (F, Dp)
                 if mode == "given":
-                    lw["mask"] = self._mask(active[i], F)
+                    lw["idx"], lw["mask"] = self._active(active[i], F)
                 self.layers.append(lw)
             cos, sin = L.rope_tables(Dh, S, c.rope_theta, np.float64)           # (S, Dh)
             self.cos = cp.asarray(cos[:, :Dh // 2].astype(np.float32))          # (S, Dh/2)
             self.sin = cp.asarray(sin[:, :Dh // 2].astype(np.float32))
             # ---- activations and state (padding stays zero) ------------------------------
             self.x = cp.zeros(self.Dp, dtype=f32)                               # residual stream
-            self.xn = cp.zeros(self.Dp, dtype=f32)                              # normed input
             self.q = cp.zeros(H * Dh, dtype=f32)
             self.o = cp.zeros(self.HDp, dtype=f32)                              # attention output
             self.h = cp.zeros(self.Fp, dtype=f32)                               # dense FFN h
-            self.y = cp.zeros(self.Dp, dtype=f32)                               # skipping FFN output
+            self.hv = cp.zeros(F, dtype=f32)                                    # skipping: h of the kept
+            self.idx = cp.zeros(F, dtype=cp.int32)                              # skipping: their ids
+            self.cnt = cp.zeros(c.n_layers, dtype=cp.int32)                     # skipping: kept per layer
             self.logits = cp.zeros(V, dtype=f32)
             self.kc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
             self.vc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
@@ -427,7 +457,14 @@ class GraphDecoder:
             self.pos = cp.zeros(1, dtype=cp.int32)
             self.n_prompt = cp.zeros(1, dtype=cp.int32)
             self.counts = cp.zeros((S, c.n_layers), dtype=cp.int32) if count_active else None
-            if mode != "dense":
+            if mode == "given":
+                self.given_cnt = cp.asarray(np.array([int(lw["idx"].size) for lw in self.layers], dtype=np.int32))
+            if self.sparse_kernel in ("fused", "split"):
+                self.xn = cp.zeros(self.Dp, dtype=f32)                          # normed input of the backend FFN
+                self.y = cp.zeros(self.Dp, dtype=f32)                           # its output
+                self.ones = cp.zeros(self.Dp, dtype=f32)
+                self.ones[:D] = 1.0
+                self.scratch = cp.zeros(self.Dp, dtype=f32)
                 self._plan_sparse()
             self.stream.synchronize()
         self._graph = None
@@ -435,7 +472,8 @@ class GraphDecoder:
         self.n_launches = self._issue_step(count_only=True)
 
     # ------------------------------------------------------------------------------------
-    def _mask(self, a, F: int):
+    def _active(self, a, F: int):
+        """(device int32 indices, device uint8 mask) of one layer's active set."""
         cp = self.cp
         if isinstance(a, cp.ndarray):
             a = a.get()
@@ -443,14 +481,14 @@ class GraphDecoder:
         if a.dtype == bool:
             if a.shape != (F,):
                 raise ValueError(f"an active mask must have shape ({F},), got {a.shape}")
-            return cp.asarray(a.astype(np.uint8))
+            a = np.flatnonzero(a)
         if a.dtype.kind not in "iu":
             raise TypeError(f"active entries must be int indices or bool masks, got dtype {a.dtype}")
         if a.size and (a.min() < 0 or a.max() >= F):
             raise ValueError(f"active indices must lie in [0, ffn_dim={F})")
         m = np.zeros(F, dtype=np.uint8)
         m[a] = 1
-        return cp.asarray(m)
+        return cp.asarray(np.flatnonzero(m).astype(np.int32)), cp.asarray(m)
 
     def _plan_sparse(self):
         """Plans of the CuPy backend's neuron-skipping FFN on our fixed buffers (made on our
@@ -463,13 +501,13 @@ class GraphDecoder:
         if self.sparse_kernel == "fused":
             if not hasattr(cupy_, "ffn_device"):
                 raise ValueError("sparse_kernel='fused' needs minisparse.kernels.cupy_.ffn_device; "
-                                 "this version has none: use sparse_kernel='split'")
+                                 "this version has none: use sparse_kernel='split' or 'decode'")
             for lw in self.layers:                             # the first call plans and allocates
                 cupy_.ffn_device(x2, lw["wg"], lw["wu"], lw["wd"], self.act.name, active=lw.get("mask"), out=y2)
             return
         for lw in self.layers:
             lw["plan"] = cupy_._plan(x2, lw["wg"], lw["wu"], lw["wd"], self.act, 0.0, self.mode == "given")
-        # the skipping FFN alternates between two device counters: each launch counts into one
+        # the split path alternates between two device counters: each launch counts into one
         # and zeroes the other, which the next launch uses. A step of L launches leaves the
         # counter its first launch used dirty when L is odd: argmax_advance zeroes it (see
         # _issue_step), so every step, eager or replayed, starts as the captured one did.
@@ -482,13 +520,18 @@ class GraphDecoder:
         """Issue one decode step's kernels on the current stream (or count them)."""
         c, k = self.config, self.k
         i32, f32 = np.int32, np.float32
-        D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
+        D, H, K, Dh, F, V, L_ = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.n_layers
         Dp, Fp, HDp, S = self.Dp, self.Fp, self.HDp, self.max_len
+        eps = f32(c.norm_eps)
+        gk, uk, thr, gated = i32(self.gate_kind), i32(self.up_kind), f32(self.act_thr), i32(self.act.gated)
         n = 0
-        dirty = _NULL                                          # see _plan_sparse
-        if self.mode != "dense" and self.sparse_kernel == "split" and c.n_layers % 2:
+        zero, n_zero, record = _NULL, i32(0), _NULL            # counters argmax_advance leaves at 0
+        if self.mode == "skip" and self.sparse_kernel == "decode":
+            zero, n_zero = self.cnt, i32(L_)
+            record = self.counts if self.counts is not None else _NULL
+        elif self.sparse_kernel == "split" and L_ % 2:         # see _plan_sparse
             p0 = self._ws["parity"]
-            dirty = self._ws["cnt"][p0:p0 + 1]
+            zero, n_zero = self._ws["cnt"][p0:p0 + 1], i32(1)
 
         def launch(fn, grid, block, args, shared_mem=0):
             nonlocal n
@@ -496,49 +539,57 @@ class GraphDecoder:
             if not count_only:
                 fn(grid, block, args, shared_mem=shared_mem)
 
-        def gemv_grid(N):
+        def rows(N):                                           # a warp per row
             return ((N + WARPS - 1) // WARPS,)
 
         blk = (32 * WARPS,)
-        eps = f32(c.norm_eps)
+        V16 = 16 // self.wdt.itemsize
+        ncol = (Dp + 32 * V16 * NV - 1) // (32 * V16 * NV)
+        G = max(1, min(-(-self.down_blocks_per_sm * self._sms // ncol), -(-F // WARPS)))
         launch(k["embed"], ((D + 255) // 256,), (256,),
                (self.emb, i32(Dp), self.tokens, self.pos, self.x, i32(D), f32(math.sqrt(D)), i32(c.embed_scale)))
-        pending_add = None                                     # skip/given: y to add to x before the next norm
         for i, lw in enumerate(self.layers):
-            launch(k["rmsnorm"], (1,), (1024,),
-                   (self.x, pending_add if pending_add is not None else _NULL, lw["attn_norm"], self.xn, i32(D), eps))
-            pending_add = None
-            launch(k["qkv_rope"], gemv_grid((H + 2 * K) * Dh // 2), blk,
-                   (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.xn, i32(Dp), i32(H), i32(K),
-                    i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
+            # attention: [norm +] q,k,v + rotary + KV write; attention; o-proj + residual
+            launch(k["qkv_rope"], rows((H + 2 * K) * Dh // 2), blk,
+                   (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
+                    i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
             launch(k["attn"], (H,), (ATTN_THREADS,),
                    (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
-                    f32(1.0 / math.sqrt(Dh))), shared_mem=4 * (S + ATTN_THREADS))
-            launch(k["gemv_vec16_add"], gemv_grid(D), blk, (lw["wo"], self.o, self.x, i32(D), i32(HDp)))
-            launch(k["rmsnorm"], (1,), (1024,), (self.x, _NULL, lw["ffn_norm"], self.xn, i32(D), eps))
+                    f32(1.0 / math.sqrt(Dh))), shared_mem=attn_shared_bytes(S, Dh))
+            launch(k["gemv_vec16_add"], rows(D), blk, (lw["wo"], self.o, self.x, i32(D), i32(HDp), i32(D), eps))
+            # FFN + residual
+            wu = lw["wu"] if lw["wu"] is not None else lw["wg"]
             if self.mode == "dense":
-                launch(k["ffn_gateup"], gemv_grid(F), blk,
-                       (lw["wg"], lw["wu"] if lw["wu"] is not None else lw["wg"], self.xn, self.h, i32(F), i32(Dp),
-                        i32(self.gate_kind), i32(self.up_kind), f32(self.act_thr), i32(self.act.gated),
-                        self.counts if self.counts is not None else _NULL, self.pos, i32(i), i32(c.n_layers)))
-                launch(k["gemv_vec16_add"], gemv_grid(D), blk, (lw["wdT"], self.h, self.x, i32(D), i32(Fp)))
-            elif self.sparse_kernel == "fused":                # y = FFN(xn), one launch, no sync
-                n += 1
-                if not count_only:
-                    self._cupy_.ffn_device(self._x2, lw["wg"], lw["wu"], lw["wd"], self.act.name,
-                                           active=lw.get("mask"), out=self._y2)
-                pending_add = self.y
-            else:                                              # gate [+ up] + down, y accumulated
-                plan = lw["plan"]
-                n += 2 if plan["up"] is None else 3
-                if not count_only:
-                    self._cupy_._launch(plan, self._x2, lw["wg"], lw["wu"], lw["wd"], lw.get("mask"), self._y2)
-                pending_add = self.y
-        launch(k["rmsnorm"], (1,), (1024,),
-               (self.x, pending_add if pending_add is not None else _NULL, self.norm, self.xn, i32(D), eps))
-        launch(k["gemv_vec16"], gemv_grid(V), blk, (self.w_out, self.xn, self.logits, i32(V), i32(Dp)))
+                launch(k["ffn_gateup"], rows(F), blk,
+                       (lw["wg"], wu, self.x, self.h, i32(F), i32(Dp), i32(D), eps, gk, uk, thr, gated,
+                        self.counts if self.counts is not None else _NULL, self.pos, i32(i), i32(L_)))
+                launch(k["gemv_vec16_add"], rows(D), blk, (lw["wdT"], self.h, self.x, i32(D), i32(Fp), i32(D), eps))
+            elif self.sparse_kernel == "decode":
+                if self.mode == "skip":
+                    cnt_i, idx = self.cnt[i:i + 1], self.idx
+                    launch(k["ffn_gate_select"], rows(F), blk,
+                           (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr, gated, cnt_i, idx, self.hv))
+                else:
+                    cnt_i, idx = self.given_cnt[i:i + 1], lw["idx"]
+                    launch(k["ffn_gateup_list"], rows(max(1, int(idx.size))), blk,
+                           (lw["wg"], wu, self.x, i32(Dp), i32(D), eps, gk, uk, thr, gated, cnt_i, idx, self.hv))
+                launch(k["ffn_down_rows"], (ncol, G), blk, (cnt_i, idx, self.hv, lw["wd"], self.x, i32(Dp)))
+            else:                                              # the CuPy backend: normed input, y, x += y
+                launch(k["rmsnorm"], (1,), (1024,), (self.x, _NULL, self.ones, self.xn, i32(D), eps))
+                if self.sparse_kernel == "fused":              # y = FFN(xn), one launch, no sync
+                    n += 1
+                    if not count_only:
+                        self._cupy_.ffn_device(self._x2, lw["wg"], lw["wu"], lw["wd"], self.act.name,
+                                               active=lw.get("mask"), out=self._y2)
+                else:                                          # gate [+ up] + down, y accumulated
+                    plan = lw["plan"]
+                    n += 2 if plan["up"] is None else 3
+                    if not count_only:
+                        self._cupy_._launch(plan, self._x2, lw["wg"], lw["wu"], lw["wd"], lw.get("mask"), self._y2)
+                launch(k["rmsnorm"], (1,), (1024,), (self.x, self.y, self.ones, self.scratch, i32(D), eps))
+        launch(k["gemv_vec16_norm"], rows(V), blk, (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps))
         launch(k["argmax"], (1,), (1024,),
-               (self.logits, i32(V), self.tokens, self.pos, self.n_prompt, i32(S + 1), dirty))
+               (self.logits, i32(V), self.tokens, self.pos, self.n_prompt, i32(S + 1), zero, n_zero, record))
         return n
 
     def _capture(self):

@@ -57,13 +57,18 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2]
 NEW = 10
 
 
-def random_params(cfg, seed):
-    """float64 parameters with O(1) activations (larger than the init, so logits spread)."""
+def random_params(cfg, seed, pow2_norms=False):
+    """float64 parameters with O(1) activations (larger than the init, so logits spread).
+
+    ``pow2_norms``: RMSNorm weights (their scale) in {1/2, 1, 2}, so that the decoder's
+    folding of them into float16 weight rows is exact and the float16 check stays tight.
+    """
     rng = np.random.default_rng(seed)
     p = {}
     for name, shape in ms.Transformer.param_shapes(cfg).items():
         if name.endswith("norm"):
-            w = rng.uniform(0.5, 1.5, shape) - (1.0 if cfg.norm_offset else 0.0)
+            scale = rng.choice([0.5, 1.0, 2.0], size=shape) if pow2_norms else rng.uniform(0.5, 1.5, shape)
+            w = scale - (1.0 if cfg.norm_offset else 0.0)
         elif name.split(".")[-1] in ("bq", "bk", "bv"):
             w = rng.normal(0.0, 0.3, shape)
         else:
@@ -104,7 +109,7 @@ def models(cfg_kw, seed, weights_f16=False, sparse=False):
     if sparse:
         p, active = exactly_sparse_params(cfg, sparsity=0.8, seed=seed, dtype=np.float64)
     else:
-        p, active = random_params(cfg, seed), None
+        p, active = random_params(cfg, seed, pow2_norms=weights_f16), None
     if weights_f16:                                 # the reference sees the same half-rounded weights
         p = {k: (v.astype(np.float16).astype(np.float64) if not k.endswith("norm") else v) for k, v in p.items()}
     ref = ms.Transformer(cfg, params=p)                                     # float64 truth
@@ -117,7 +122,7 @@ def models(cfg_kw, seed, weights_f16=False, sparse=False):
 # --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("mode", ["dense", "skip", "given", "skip/split", "given/split"])
+@pytest.mark.parametrize("mode", ["dense", "skip", "given", "skip/fused", "given/fused", "skip/split", "given/split"])
 def test_graph_equals_eager_equals_numpy_fp32(cp, name, mode):
     mode, _, kernel = mode.partition("/")
     cfg, ref, dev, _ = models(CONFIGS[name], seed=len(name))
@@ -127,7 +132,7 @@ def test_graph_equals_eager_equals_numpy_fp32(cp, name, mode):
         pytest.skip(f"{cfg.activation} has no exact zeros to skip")
     active = [np.arange(cfg.ffn_dim)] * cfg.n_layers if mode == "given" else None   # every neuron: dense
     dec = GraphDecoder(to_device(cp, dev), mode=mode, weight_dtype="float32", active=active,
-                       sparse_kernel=kernel or "fused")
+                       sparse_kernel=kernel or "decode")
     for graph in (False, True, True):              # eager, then the graph twice (capture, then reuse)
         ids, logits = dec.generate(PROMPT, NEW, graph=graph, return_logits=True)
         assert ids == want_ids, f"{name} {mode} graph={graph}: {ids} != NumPy {want_ids}"
@@ -165,8 +170,13 @@ def test_modes_agree_on_exactly_sparse_model(cp, name, wdt):
     assert (counts == n_active).all(), f"nonzero neurons per (position, layer) {np.unique(counts)} != {n_active}"
     assert (dense.counts.get()[steps:] == 0).all()
     assert ids == want_ids
+    skip = GraphDecoder(dmodel, mode="skip", weight_dtype=wdt, count_active=True)
+    assert skip.generate(PROMPT, NEW) == want_ids
+    counts = skip.counts.get()
+    assert (counts[:steps] == n_active).all(), f"kept neurons per (position, layer) {np.unique(counts[:steps])}"
+    assert (counts[steps:] == 0).all()
     for mode in ("skip", "given"):
-        for kernel in ("fused", "split"):
+        for kernel in ("decode", "fused", "split"):
             dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
                                sparse_kernel=kernel)
             got, logits = dec.generate(PROMPT, NEW, return_logits=True)
@@ -175,7 +185,7 @@ def test_modes_agree_on_exactly_sparse_model(cp, name, wdt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["fused", "split"])
+@pytest.mark.parametrize("kernel", ["decode", "fused", "split"])
 def test_given_mode_really_skips(cp, kernel):
     """A wrong active set changes the result: the given mode reads only what it is given."""
     cfg, ref, dev, active = models(CONFIGS["d40-gqa5/1-drelu"], seed=3, sparse=True)
