@@ -13,7 +13,7 @@ from .generate import generate, sample_next, stream
 from .model import KVCache, Transformer
 from .tokenizer import ByteTokenizer, load_tokenizer
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"          # the one place: pyproject.toml reads it (tool.setuptools.dynamic)
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {

@@ -9,7 +9,6 @@ import pytest
 import minisparse as ms
 from minisparse import cli
 
-pytest.importorskip("safetensors")
 
 TEXT = "".join(f"class C{i}:\n    def m(self):\n        return {i}\n\n" for i in range(300))
 
@@ -198,3 +197,67 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys, argv):
     taken.write_text("x")
     assert cli.main([*argv, "--out", str(taken)]) != 0
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# generate on Hugging Face folders (moved here from tests/interop/test_hf.py; no torch needed:
+# the folder is written by save_hf and the truth is the library's own greedy decode)
+# --------------------------------------------------------------------------------------
+def _tiny_tokenizer(folder):
+    """A byte-level BPE trained in the test (no download), saved as tokenizer.json."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "sparse neurons fire rarely"] * 20, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    return tok
+
+
+def test_cli_generate_on_hf_folder(tmp_path, capsys):
+    """`minisparse generate --model DIR --prompt ...` prints the model's greedy continuation, with the
+    folder's own tokenizer."""
+    pytest.importorskip("ml_dtypes")
+    pytest.importorskip("safetensors")
+    folder = tmp_path / "hfmodel"
+    folder.mkdir()
+    tok = _tiny_tokenizer(folder)
+    model = ms.Transformer(ms.preset("nano", vocab_size=tok.get_vocab_size()), seed=0)
+    ms.save_hf(model, folder)
+    prompt = "the cat"
+    ids = [tok.token_to_id("<s>")] + tok.encode(prompt).ids
+    want = tok.decode(ms.generate(ms.load_hf(folder), ids, 8, temperature=0))
+    assert run(["generate", "--model", folder, "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and out[len(prompt):].strip() == want.strip(), (out, want)
+
+
+def test_cli_generate_refuses_hf_folder_without_tokenizer(tmp_path, capsys):
+    """No tokenizer.json and a vocabulary that is not bytes: refuse instead of printing garbage."""
+    pytest.importorskip("ml_dtypes")
+    pytest.importorskip("safetensors")
+    folder = tmp_path / "hfmodel"
+    ms.save_hf(ms.Transformer(ms.preset("nano", vocab_size=300), seed=0), folder)
+    assert run(["generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", 2]) != 0
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_version_is_set_in_one_place():
+    import pathlib
+    import tomllib
+    root = pathlib.Path(ms.__file__).parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "minisparse.__version__"}
+    assert cli.build_parser().format_help() and ms.__version__.count(".") == 2
+
+
+def test_demo_quick_help_matches_the_preset(capsys):
+    from minisparse.cli.main import DEMO_QUICK
+    with pytest.raises(SystemExit):
+        run(["demo", "--help"])
+    assert f"{DEMO_QUICK['steps']} steps" in " ".join(capsys.readouterr().out.split())

@@ -13,7 +13,7 @@ from minisparse.stats import count_parameters, format_moe_stats, moe_stats
 from minisparse.moe import (expert_capacity, moe_backward, moe_forward,
                             moe_param_shapes, top_k_indices)
 
-from conftest import assert_close
+from helpers import assert_close
 
 PRE = "layers.0.feed_forward."
 

@@ -1,7 +1,7 @@
 """The ``minisparse`` command: ``demo``, ``train``, ``generate``; the parser and the entry point.
 
     minisparse demo                       train a small dReLU model on the Python stdlib (~3 min)
-    minisparse demo --quick               the same in ~20 s (a nano model, few steps)
+    minisparse demo --quick               the same in ~20 s (a nano model, 150 steps)
     minisparse train --data my.txt --activation drelu --steps 500 --out runs/mine
     minisparse train --resume runs/mine/checkpoint.safetensors --steps 800
     minisparse generate --model runs/mine --prompt "def "
@@ -311,7 +311,8 @@ def _register_demo(sub) -> None:
                                    "sources, then print its validation loss, per-layer FFN sparsity "
                                    "and a sample.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a ~20 s version (nano model, 60 steps)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a ~20 s version ({DEMO_QUICK['preset']} model, {DEMO_QUICK['steps']} steps)")
     p.add_argument("--steps", type=positive_int, help="override the number of training steps")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init, batches and sampling")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

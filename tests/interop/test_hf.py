@@ -326,33 +326,6 @@ def test_load_tokenizer_from_model_folder(tmp_path):
     assert t.decode(ids) == "the cat sat"
 
 
-def test_cli_generate_on_hf_folder(tmp_path, capsys):
-    """`minisparse generate --model DIR --prompt ...` prints transformers' greedy continuation."""
-    from minisparse.cli import main
-    folder = tmp_path / "hfmodel"
-    folder.mkdir()
-    tok = _tiny_tokenizer(folder)
-    hf = build_hf("llama", vocab_size=tok.get_vocab_size())
-    hf.save_pretrained(folder)
-    prompt = "the cat"
-    ids = [tok.token_to_id("<s>")] + tok.encode(prompt).ids
-    want = tok.decode(hf_greedy(hf, ids, 8))
-    assert main(["generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "8",
-                 "--temperature", "0"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(prompt) and out[len(prompt):].strip() == want.strip(), (out, want)
-
-
-def test_cli_generate_refuses_hf_folder_without_tokenizer(tmp_path, capsys):
-    """No tokenizer.json and a vocabulary that is not bytes: refuse instead of printing garbage."""
-    from minisparse.cli import main
-    folder = tmp_path / "hfmodel"
-    build_hf("llama", vocab_size=300).save_pretrained(folder)
-    rc = main(["generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "2"])
-    assert rc != 0
-    assert "tokenizer.json" in capsys.readouterr().err
-
-
 # ======================================================================================
 # config.json mapping details (no weights needed)
 # ======================================================================================

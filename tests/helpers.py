@@ -1,0 +1,27 @@
+"""Helpers the tests import (``from helpers import assert_close``); fixtures live in conftest.py.
+
+conftest.py is pytest's, not a module to import from: importing it by name picks whichever
+conftest is first on ``sys.path``. This module sits next to it in ``tests/`` (on the path
+for every test, like ``backends/backend_helpers.py`` and ``interop/hf_helpers.py``).
+"""
+import numpy as np
+import pytest
+
+
+def tol(dtype):
+    """(rtol, atol) by dtype for comparisons against a float64-exact reference."""
+    return (1e-5, 1e-6) if np.dtype(dtype) == np.float32 else (1e-12, 1e-13)
+
+
+def assert_close(actual, expected, dtype, what="result"):
+    """atol + rtol*|ref| by dtype; prints the first mismatches (llm.c's validate_result)."""
+    rtol, atol = tol(dtype)
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bad = ~(np.abs(actual - expected) <= atol + rtol * np.abs(expected))
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        lines = [f"  at {tuple(i)}: got {actual[tuple(i)]!r}, want {expected[tuple(i)]!r}" for i in idx]
+        pytest.fail(f"{what}: {int(bad.sum())} of {bad.size} elements differ (rtol={rtol}, atol={atol})\n"
+                    + "\n".join(lines))
