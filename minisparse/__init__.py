@@ -7,6 +7,10 @@ dependencies are imported lazily, on first use.
 """
 from importlib import import_module as _import_module
 
+from . import runtime as _runtime  # first: process defaults that must precede NumPy (runtime.py)
+
+_runtime.configure_import()
+
 from .activations import Activation, get_activation, list_activations, register_activation, register_gated
 from .config import PRESETS, ModelConfig, preset
 from .generate import generate, sample_next, stream

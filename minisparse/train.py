@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,91 +26,10 @@ import numpy as np
 
 from .data import Corpus
 from .model import Transformer
+from .runtime import auto_threads, configure_training, keep_freed_memory, set_blas_threads  # noqa: F401
 from .xp import array_module, to_device
 
 Array = np.ndarray
-
-
-# ======================================================================================
-# memory allocator
-# ======================================================================================
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
-
-    Why: every NumPy operation of a training step allocates a fresh result, often tens of
-    MB. By default glibc serves such blocks with ``mmap`` and unmaps them when freed, so
-    the next step's allocation faults every page back in (zero-filled by the kernel): we
-    measured that at ~30% of a step. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``
-    (the same as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment)
-    makes freed blocks reusable; the process keeps its peak memory. Process-wide, done
-    once, by :func:`train`; set ``MINISPARSE_DEFAULT_MALLOC=1`` to leave the allocator alone.
-    Returns True when the settings were applied (Linux with glibc), False otherwise.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
-    if os.environ.get("MINISPARSE_DEFAULT_MALLOC") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):      # not glibc (musl, ...): nothing to do
-        return False
-    _MALLOC_TUNED = ok
-    return ok
-
-
-_BLAS_SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_",
-                 "scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
-
-
-def set_blas_threads(n: int) -> bool:
-    """Set the number of threads of the OpenBLAS that NumPy loaded (what threadpoolctl does).
-
-    Why: on a machine whose cores are busy with other work, OpenBLAS's threads wait for
-    each other and a 2-thread matmul can be several times *slower* than a 1-thread one.
-    Returns True when an OpenBLAS was found and set, False otherwise (other BLAS
-    libraries, or not Linux: use the ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS``
-    environment variables before starting Python instead).
-    """
-    if n < 1:
-        raise ValueError(f"threads must be >= 1, got {n}")
-    import numpy  # noqa: F401  (its BLAS must be loaded)
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
-    except OSError:
-        return False
-    import ctypes
-    done = False
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _BLAS_SETTERS:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(int(n)))
-                done = True
-                break
-    return done
-
-
-def auto_threads() -> int:
-    """The cores that the load average says are free (at least 1): all of them on an idle
-    machine, fewer when other processes keep some busy."""
-    n = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return n
-    return max(1, min(n, int(round(n - load))))
 
 
 # ======================================================================================
@@ -629,7 +546,8 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     With ``cfg.out_dir`` set, writes ``checkpoint.safetensors`` (at the end and every
     ``save_every`` steps), ``metrics.jsonl`` and ``loss.png`` (with matplotlib) there.
 
-    Speed: calls :func:`keep_freed_memory` (a process-wide glibc setting; see there).
+    Speed: calls :func:`minisparse.runtime.configure_training` (process-wide allocator and
+    BLAS-thread settings; see there).
 
     Examples
     --------
@@ -653,7 +571,7 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    keep_freed_memory()
+    configure_training()                               # allocator + BLAS threads (minisparse.runtime)
 
     opt = AdamW(model.params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)              # the batch sampler: its state is checkpointed
