@@ -1,41 +1,44 @@
-"""Reproduce TurboSparse's activation comparison at laptop scale.
+"""Reproduce TurboSparse's activation comparison at laptop scale, with seeds and intervals.
 
 Song et al. 2024, "Turbo Sparse: Achieving LLM SOTA Performance with Minimal Activated
-Parameters": dReLU (relu(gate) * relu(up)) trains as well as SwiGLU while ~90% of its FFN
-activations are exactly zero, and it keeps its quality when only the top 10% of neurons
-per token are kept, where SwiGLU does not. ReLUfying a trained SwiGLU model to ReGLU gives
-less sparsity than to dReLU.
+Parameters" (arXiv 2406.05955): dReLU (relu(gate) * relu(up)) trains as well as SwiGLU
+(Table 2) while ~90% of its FFN activations are exactly zero, and it keeps its quality when
+only the top 10% of neurons per token are kept, where SwiGLU does not (Table 3).
 
-What this script does, on the embedded corpus (Python stdlib sources), with the same data
-order, steps and seed for every model:
+The script works in three steps, each resumable, so runs can be spread over processes and
+machines and analysed later:
 
-1. trains tiny models with swiglu, geglu, reglu and drelu FFNs;
-2. ReLUfies the trained swiglu model to reglu and to drelu (continued training);
-3. for each model measures: validation loss; exact-zero sparsity of the FFN activation h;
-   CETT-0.2 sparsity (ReLU^2 Wins); validation loss when only the top-k |h| per token are
-   kept at sparsity 0/50/80/85/90% (TurboSparse's top-k sparsity); the loss with the
-   CETT-0.2 thresholds applied; the share of activations from the hottest 10% of neurons;
-4. prints the table, writes bench/results/reproduce_turbosparse.json and the plots.
+1. ``train``: one *run* = (activation, seed, steps, lr, depth) trains a model on the
+   embedded corpus (Python stdlib sources) and saves its checkpoint and history under
+   ``--ckpt-root`` (default ``runs/turbosparse/``, git-ignored). Runs are **paired**: the
+   seed fixes both the initial weights (identical across activations, whose parameters
+   have the same shapes) and the data order, so swiglu seed 3 and drelu seed 3 see the
+   same batches. ``--relufy`` also ReLUfies each seed's base swiglu model to reglu and
+   drelu and trains a swiglu of the same total length (equal-budget comparison).
+2. ``analyse``: every measurement of one checkpoint, on the **whole validation split** cut
+   into non-overlapping windows (bootstrap CIs over windows), written as one JSON per run
+   under ``bench/results/turbosparse/``.
+3. ``report``: aggregates the per-run JSONs: mean +- sd over seeds per activation,
+   paired differences with 95% t intervals, the published numbers beside ours in the
+   papers' units, and writes ``bench/results/reproduce_turbosparse_summary.json``.
 
-    python bench/reproduce_turbosparse.py            # default budget: a few minutes per model
-    python bench/reproduce_turbosparse.py --quick    # ~1 minute in total (nano models, few steps)
+    python bench/reproduce_turbosparse.py train --models swiglu,drelu --seeds 0-4
+    python bench/reproduce_turbosparse.py analyse
+    python bench/reproduce_turbosparse.py report
+    python bench/reproduce_turbosparse.py --quick   # all three steps on nano models (~1 min)
 
-    # the same run as two processes (one per core), then merged:
-    python bench/reproduce_turbosparse.py --models swiglu,geglu --tag _partA &
-    python bench/reproduce_turbosparse.py --models reglu,drelu --no-relufy --tag _partB
-    python bench/reproduce_turbosparse.py --merge bench/results/reproduce_turbosparse_partA.json,\
-bench/results/reproduce_turbosparse_partB.json
-
-On a machine shared with other jobs, set OPENBLAS_NUM_THREADS=1 (or OMP_NUM_THREADS=1): a
-multi-threaded BLAS spinning under contention made each training step ~15x more expensive in
-CPU time when we ran this (3.9 vs 0.27 CPU-seconds per step of the tiny model).
+On a shared machine run one BLAS thread per process (OMP_NUM_THREADS=1
+OPENBLAS_NUM_THREADS=1): a multi-threaded BLAS spinning under contention made each training
+step ~15x more expensive in CPU time (3.9 vs 0.27 CPU-seconds per step of the tiny model).
 
 Nothing here is imported by the package; nothing asserts on the numbers.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import os
 import platform
 import sys
@@ -44,254 +47,623 @@ from pathlib import Path
 
 import numpy as np
 
-import minisparse as ms
-from minisparse.data import load_corpus
-from minisparse.sparsity import (Recorder, Threshold, calibrate_cett, coverage, evaluate_rule,
-                                 loss_vs_sparsity, relufy)
-from minisparse.sparsity import plots
-from minisparse.train import TrainConfig, ffn_zero_fraction, train
-
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 RESULTS = HERE / "results"
+RUNS_JSON = RESULTS / "turbosparse"
+CKPT_ROOT = ROOT / "runs" / "turbosparse"
 TOPK = (0.0, 0.5, 0.8, 0.85, 0.9)
-BASE = ("swiglu", "geglu", "reglu", "drelu")
+ACTS = ("swiglu", "geglu", "reglu", "drelu", "relu")
 
-# TurboSparse's published numbers. The tables of the paper (arXiv 2406.05955) are images in
-# every copy our search tool could reach, so their values could not be read; we do not
-# invent them. Fill them in from the PDF (Tables 3 and 10) when available.
+# The published numbers, copied from the papers' text (see ../shared/PAPERS.md of the
+# project notes, and the papers themselves). Units are the papers' own.
 PUBLISHED = {
-    "source": "Song et al. 2024, arXiv:2406.05955, Tables 3 and 10 (300M-parameter models, 5B tokens of fineweb)",
-    "found": False,
-    "note": ("The exact numbers of Tables 3 and 10 could not be retrieved with the available search tool "
-             "(the stored copies render the tables as images). The paper's text states that dReLU and "
-             "SwiGLU 300M models converge similarly (dReLU slightly better WikiText-2 perplexity) and that "
-             "dReLU reaches close to 90% activation sparsity; TurboSparse-Mistral-7B has ~90% of neurons "
-             "inactive per layer on average (Section 6.2)."),
-    "rows": {},
+    "turbosparse": {
+        "source": "Song et al. 2024, TurboSparse, arXiv:2406.05955 v2",
+        "setting": ("~300M params (hidden 1024, 24 layers, 16 heads, ctx 2048, vocab 32000), fineweb 5B tokens, "
+                    "AdamW lr 1e-4 cosine, batch 128 x 2048; perplexity on WikiText-2"),
+        "table2_train_loss": {"drelu": 3.154, "swiglu": 3.146},
+        "table2_wikitext2_ppl": {"drelu": 28.45, "swiglu": 28.48},
+        "table3_topk_sparsity": [0.0, 0.5, 0.8, 0.85, 0.9],
+        "table3_ppl": {"drelu": [28.45, 28.45, 28.45, 28.65, 29.19],
+                       "swiglu": [28.48, 28.62, 36.28, 48.55, 112.36]},
+        "table10_downstream_avg": {"drelu": 42.23, "swiglu": 42.18},
+        "table1_exact_zero": {"Llama-2-7B": 0.40, "ReLULlama-7B": 0.67, "ShiftedReLULlama-7B": 0.71},
+        "sec6_2_inactive": {"TurboSparse-Mistral-7B": 0.90, "TurboSparse-Mixtral-47B (per expert)": 0.85},
+    },
+    "prosparse": {"source": "Song et al. 2024, ProSparse, arXiv:2402.13516",
+                  "predictor_recall": 0.9234, "predictor_predicted_sparsity": 0.7875,
+                  "exact_zero": {"ProSparse-7B": 0.8932, "ProSparse-13B": 0.8880, "ProSparse-1B": 0.8789,
+                                 "ReluLLaMA-7B": 0.6698, "ReluLLaMA-13B": 0.7156}},
+    "powerinfer": {"source": "Song et al. 2024, PowerInfer, arXiv:2312.12456",
+                   "neurons_for_80pct_of_activations": {"OPT-30B": 0.26, "LLaMA2-ReGLU-70B": 0.43,
+                                                        "LLaMA2-SwiGLU-70B": 0.69}},
+    "relu2wins": {"source": "Zhang et al. 2024, ReLU^2 Wins, arXiv:2402.03804", "cett_target": 0.2},
 }
+
+
+# ------------------------------------------------------------------------------------------
+# settings and run keys
+# ------------------------------------------------------------------------------------------
+def scale(args) -> dict:
+    """The training scale of this invocation (what the keys and the JSONs record)."""
+    q = args.quick
+    return {"preset": args.preset or ("nano" if q else "tiny"),
+            "steps": int(round((150 if q else 800) * args.steps_mult)),
+            "batch_size": args.batch_size or 16, "seq_len": args.seq_len or (64 if q else 128),
+            "corpus_bytes": 400_000 if q else 2_000_000, "quick": q}
+
+
+def run_key(act: str, seed: int, steps: int, lr: float, layers: int, preset: str, relufy_steps: int = 0) -> str:
+    k = f"{preset}_L{layers}_{act.replace('->', '-to-')}_st{steps}"
+    if relufy_steps:
+        k += f"+{relufy_steps}"
+    return k + f"_lr{lr:g}_seed{seed}"
+
+
+def parse_seeds(s: str):
+    out = []
+    for part in s.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
 
 
 def machine() -> dict:
     return {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
 
 
-def analyse(name: str, model, corpus, ek: dict) -> dict:
-    """Every measurement of one model on the fixed validation batches ``ek``."""
-    t0 = time.perf_counter()
-    rec = Recorder(value_reservoir=20000, row_reservoir=512, seed=0)
-    rec.record(model, corpus, **ek)
-    per_layer = [rec.stats[(i, None)].exact_zero_fraction() for i in range(model.config.n_layers)]
-    cett = calibrate_cett(model, target=0.2, recorder=rec)
-    cett_sp = [cett[(i, None)]["sparsity"] for i in range(model.config.n_layers)]
-    dense = evaluate_rule(model, corpus, None, **ek)["loss"]
-    cett_loss = evaluate_rule(model, corpus, Threshold({k: v["threshold"] for k, v in cett.items()}), **ek)
-    curve = loss_vs_sparsity(model, corpus, TOPK, **ek)
-    counts = np.concatenate([rec.stats[(i, None)].neuron_active for i in range(model.config.n_layers)])
-    freq = np.concatenate([rec.stats[(i, None)].frequency() for i in range(model.config.n_layers)])
-    hot10 = float(np.mean([coverage(rec.stats[(i, None)].neuron_active, 0.1)
-                           for i in range(model.config.n_layers)])) if counts.sum() else float("nan")
-    reuse = float(np.nanmean([rec.stats[(i, None)].reuse() for i in range(model.config.n_layers)]))
-    values = np.concatenate([rec.stats[(i, None)].values.sample() for i in range(model.config.n_layers)])
-    res = {
-        "activation": model.config.activation,
-        "val_loss": dense,
-        "exact_zero": rec.mean_exact_zero(),
-        "exact_zero_per_layer": per_layer,
-        "cett02_sparsity": float(np.mean(cett_sp)),
-        "cett02_sparsity_per_layer": cett_sp,
-        "cett02_loss": cett_loss["loss"],
-        "topk": {f"{p['target']:g}": p["loss"] for p in curve},
-        "topk_curve": curve,
-        "hot10_coverage": hot10,
-        "consecutive_reuse": reuse,
-        "analysis_s": time.perf_counter() - t0,
-        # plot data: every neuron's activation frequency, and a sample of |h| values
-        "neuron_frequency": [round(float(f), 6) for f in freq],
-        "abs_h_sample": [float(v) for v in np.random.default_rng(0).choice(values, size=min(4000, values.size),
-                                                                          replace=False)],
-    }
+def _corpus(sc):
+    from minisparse.data import load_corpus
+    return load_corpus(max_bytes=sc["corpus_bytes"])
+
+
+# ------------------------------------------------------------------------------------------
+# step 1: training
+# ------------------------------------------------------------------------------------------
+def _train_cfg(steps, sc, lr, seed, warmup=None, progress=False):
+    from minisparse.train import TrainConfig
+    return TrainConfig(steps=steps, batch_size=sc["batch_size"], seq_len=sc["seq_len"], lr=lr,
+                       warmup=warmup if warmup is not None else max(1, steps // 20),
+                       eval_every=max(1, steps // 4), eval_batches=8, seed=seed, progress=progress,
+                       log_every=max(1, steps // 10))
+
+
+def _save_run(model, folder: Path, meta: dict) -> None:
+    import minisparse as ms
+    folder.mkdir(parents=True, exist_ok=True)
+    ms.save(model, folder / "model.safetensors")
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, default=float))
+    tmp.replace(folder / "meta.json")
+
+
+def _history(h):
+    return [{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in h]
+
+
+def train_base(act, seed, sc, lr, layers, corpus, root: Path, force=False) -> Path:
+    """Train one from-scratch run (skipped when its checkpoint exists)."""
+    import minisparse as ms
+    from minisparse.train import ffn_zero_fraction, train
+    key = run_key(act, seed, sc["steps"], lr, layers, sc["preset"])
+    folder = root / key
+    if (folder / "meta.json").exists() and not force:
+        print(f"[{key}] exists, skipped", flush=True)
+        return folder
+    model = ms.Transformer(ms.preset(sc["preset"], activation=act, n_layers=layers), seed=seed)
+    cfg = _train_cfg(sc["steps"], sc, lr, seed)
+    traj = []
+
+    def track(step, rec):   # exact-zero sparsity along training
+        if "val_loss" in rec:
+            z = ffn_zero_fraction(model, corpus, batch_size=4, seq_len=sc["seq_len"], n_batches=2)
+            traj.append({"step": step + 1, "val_loss": rec["val_loss"], "exact_zero": float(np.mean(z))})
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = train(model, corpus, cfg, callback=track)
+    meta = {"key": key, "kind": "base", "activation": act, "seed": seed, "lr": lr, "layers": layers,
+            "steps": sc["steps"], "scale": sc, "train_config": cfg.to_dict(), "params": model.num_parameters(),
+            "train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
+            "final_val_loss_sampled": r.final_val_loss, "history": _history(r.history),
+            "sparsity_during_training": traj, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _save_run(model, folder, meta)
+    print(f"[{key}] trained in {meta['train_wall_s']:.0f} s wall / {meta['train_cpu_s']:.0f} s CPU, "
+          f"val loss (8 sampled batches) {r.final_val_loss:.4f}", flush=True)
+    return folder
+
+
+def train_relufied(seed, sc, lr, layers, corpus, root: Path, relufy_lr: float, force=False):
+    """ReLUfy seed's base swiglu to reglu and drelu (+steps//2), and train an equal-budget swiglu."""
+    import minisparse as ms
+    from minisparse.sparsity import relufy
+    rsteps = sc["steps"] // 2
+    base = root / run_key("swiglu", seed, sc["steps"], lr, layers, sc["preset"])
+    if not (base / "meta.json").exists():
+        train_base("swiglu", seed, sc, lr, layers, corpus, root)
+    for to in ("reglu", "drelu"):
+        key = run_key(f"swiglu->{to}", seed, sc["steps"], lr, layers, sc["preset"], relufy_steps=rsteps)
+        folder = root / key
+        if (folder / "meta.json").exists() and not force:
+            print(f"[{key}] exists, skipped", flush=True)
+            continue
+        model = ms.load(base / "model.safetensors")
+        cfg = _train_cfg(rsteps, sc, relufy_lr, seed + 1000, warmup=max(1, rsteps // 10))
+        t0, c0 = time.perf_counter(), time.process_time()
+        rr = relufy(model, to, corpus=corpus, steps=rsteps, train_config=cfg, eval_batches=8,
+                    eval_batch_size=sc["batch_size"], eval_seq_len=sc["seq_len"])
+        meta = {"key": key, "kind": "relufied", "activation": f"swiglu->{to}", "seed": seed, "lr": lr,
+                "relufy_lr": relufy_lr, "layers": layers, "steps": sc["steps"], "relufy_steps": rsteps,
+                "scale": sc, "params": rr.model.num_parameters(), "train_wall_s": time.perf_counter() - t0,
+                "train_cpu_s": time.process_time() - c0, "relufy_report": rr.report,
+                "history": _history(rr.history), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _save_run(rr.model, folder, meta)
+        print(rr, flush=True)
+    # the equal-budget base: swiglu trained from scratch for steps + steps // 2
+    sc2 = dict(sc, steps=sc["steps"] + rsteps)
+    train_base("swiglu", seed, sc2, lr, layers, corpus, root, force=force)
+
+
+# ------------------------------------------------------------------------------------------
+# step 2: analysis of one checkpoint on the whole validation split
+# ------------------------------------------------------------------------------------------
+def val_windows(corpus, T: int, max_windows: int = 0):
+    """(n, T + 1) non-overlapping windows of the validation split: window i holds tokens
+    i*T .. i*T + T, so the targets (its last T tokens) of different windows never overlap
+    and together cover the split once (n = (len(val) - 1) // T)."""
+    v = np.asarray(corpus.val)
+    n = (len(v) - 1) // T
+    if max_windows:
+        n = min(n, max_windows)
+    idx = np.arange(n)[:, None] * T + np.arange(T + 1)[None, :]          # (n, T+1)
+    return v[idx].astype(np.int64)
+
+
+def window_losses(model, windows, hook=None, batch: int = 16, run=None):
+    """(n,) mean next-token cross-entropy of each window (nats per byte-token), float64."""
+    out = []
+    for i in range(0, len(windows), batch):
+        w = windows[i:i + batch]
+        x, y = w[:, :-1], w[:, 1:]
+        logits = (run(model, x) if run is not None else model(x, ffn_hook=hook)).astype(np.float64)  # (B, T, V)
+        m = logits.max(axis=-1, keepdims=True)
+        lse = np.log(np.exp(logits - m).sum(axis=-1)) + m[..., 0]          # (B, T)
+        nll = lse - np.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        out.append(nll.mean(axis=1))
+    return np.concatenate(out)
+
+
+def bootstrap_ci(num, den=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap over windows of mean(num) (or mean(num) / mean(den), paired)."""
+    rng = np.random.default_rng(seed)
+    num = np.asarray(num, dtype=np.float64)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    stat = num[idx].mean(axis=1)
+    if den is not None:
+        stat = stat / np.asarray(den, dtype=np.float64)[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return [float(np.quantile(stat, a)), float(np.quantile(stat, 1 - a))]
+
+
+def neurons_for_share(weights, share: float = 0.8) -> float:
+    """Smallest fraction of neurons whose (sorted, largest first) weights cover ``share`` of the total."""
+    c = np.sort(np.asarray(weights, dtype=np.float64))[::-1]
+    tot = c.sum()
+    if tot <= 0:
+        return float("nan")
+    k = int(np.searchsorted(np.cumsum(c) / tot, share - 1e-12) + 1)
+    return k / len(c)
+
+
+def predictor_sweep(model, corpus, windows, sc, recalls=(0.8, 0.9, 0.95, 0.98, 0.99, 0.995), n_eval_windows=256):
+    """PowerInfer/Deja Vu predictors (rank 32) fitted on training text; per target recall
+    (tuned on held-out training text), the recall and predicted sparsity on validation text
+    and the validation loss with every FFN keeping only its predicted neurons."""
+    from minisparse.predictor import evaluate as p_eval, loss_with_predictors, record, train_predictor, tune_threshold
+    rng = np.random.default_rng(777)
+    T, B = sc["seq_len"], sc["batch_size"]
+    train_batches = [corpus.get_batch("train", B, T, rng)[0] for _ in range(10)]
+    data = record(model, train_batches)
+    w = windows[:n_eval_windows]
+    vdata = record(model, [w[i:i + B, :-1] for i in range(0, len(w), B)])
+    preds, holdout = {}, {}
+    for key, (x, y) in data.items():
+        n_hold = len(x) // 5
+        preds[key] = train_predictor(x[n_hold:], y[n_hold:], rank=32, epochs=10, lr=3e-3, seed=0)
+        holdout[key] = (x[:n_hold], y[:n_hold])
+
+    def loss_with(ps):
+        return float(np.mean([loss_with_predictors(model, ps, w[i:i + B, :-1], w[i:i + B, 1:])
+                              for i in range(0, len(w), B)]))
+
+    dense = loss_with({})
+    rows = []
+    for r in recalls:
+        for key, p in preds.items():
+            tune_threshold(p, *holdout[key], target_recall=r)
+        ev = [p_eval(p, *vdata[key]) for key, p in preds.items()]
+        tp = sum(e["recall"] * (1 - e["true_sparsity"]) * e["n"] for e in ev)
+        pos = sum((1 - e["true_sparsity"]) * e["n"] for e in ev)
+        rows.append({"target_recall": r, "val_recall": tp / pos if pos else 1.0,
+                     "predicted_sparsity": float(np.mean([e["predicted_sparsity"] for e in ev])),
+                     "true_sparsity": float(np.mean([e["true_sparsity"] for e in ev])),
+                     "loss": (lp := loss_with(preds)), "loss_ratio": lp / dense,
+                     "ppl_ratio": float(np.exp(lp - dense))})
+    return {"dense_loss": dense, "eval_tokens": int(len(w) * T), "rank": 32, "rows": rows}
+
+
+def analyse_run(folder: Path, out_dir: Path, max_windows: int = 0) -> dict:
+    """Every measurement of one checkpoint; writes out_dir/<key>.json."""
+    import minisparse as ms
+    from minisparse.sparsity import Recorder, Threshold, TopK, calibrate_cett
+    meta = json.loads((folder / "meta.json").read_text())
+    sc = meta["scale"]
+    corpus = _corpus(sc)
+    model = ms.load(folder / "model.safetensors")
+    L = model.config.n_layers
+    T = sc["seq_len"]
+    t0, c0 = time.perf_counter(), time.process_time()
+    windows = val_windows(corpus, T, max_windows)
+    rec = Recorder(value_reservoir=20000, row_reservoir=256, seed=0)
+    dense = window_losses(model, windows, run=rec.run)                       # (n,) + statistics
+    res = {"key": meta["key"], "activation": meta["activation"], "seed": meta["seed"], "lr": meta["lr"],
+           "layers": meta["layers"], "steps": meta["steps"], "relufy_steps": meta.get("relufy_steps", 0),
+           "params": meta["params"], "scale": sc, "kind": meta["kind"],
+           "val": {"windows": int(len(windows)), "window_tokens": T, "tokens": int(len(windows) * T),
+                   "split_tokens": int(len(corpus.val))},
+           "val_loss": float(dense.mean()), "val_loss_ci": bootstrap_ci(dense),
+           "val_loss_se": float(dense.std(ddof=1) / np.sqrt(len(dense)))}
+    st = [rec.stats[(i, None)] for i in range(L)]
+    res["exact_zero"] = float(np.mean([s.exact_zero_fraction() for s in st]))
+    res["exact_zero_per_layer"] = [s.exact_zero_fraction() for s in st]
+    res["dead_neurons"] = int(sum(int((s.neuron_active == 0).sum()) for s in st))
+    res["dead_neurons_per_layer"] = [int((s.neuron_active == 0).sum()) for s in st]
+    res["n_neurons"] = int(sum(s.n_neurons for s in st))
+    res["neurons_for_80pct_nonzeros"] = float(np.mean([neurons_for_share(s.neuron_active) for s in st]))
+    res["neurons_for_80pct_abs_mass"] = float(np.mean([neurons_for_share(s.neuron_abs_sum) for s in st]))
+    res["consecutive_reuse"] = float(np.nanmean([s.reuse() for s in st]))
+    # top-k (TurboSparse Table 3): per token keep the (1 - s) share of largest |h|
+    res["topk"] = {"0": float(dense.mean())}
+    res["topk_ratio_ci"] = {}
+    for sp in TOPK[1:]:
+        lk = window_losses(model, windows, hook=TopK(sp))
+        res["topk"][f"{sp:g}"] = float(lk.mean())
+        res["topk_ratio_ci"][f"{sp:g}"] = bootstrap_ci(lk, dense)
+    # CETT-0.2 (ReLU^2 Wins): calibrated on the training split, evaluated on validation
+    rec_tr = Recorder(value_reservoir=1, row_reservoir=1024, seed=1)
+    rec_tr.record(model, corpus, split="train", n_batches=8, batch_size=sc["batch_size"], seq_len=T, seed=4321)
+    cal = calibrate_cett(model, target=0.2, recorder=rec_tr)
+    rule = Threshold({k: v["threshold"] for k, v in cal.items()})
+    lc = window_losses(model, windows, hook=rule)
+    res["cett02"] = {"calibration_sparsity": float(np.mean([cal[(i, None)]["sparsity"] for i in range(L)])),
+                     "calibration_cett": [cal[(i, None)]["cett"] for i in range(L)],
+                     "eps": [cal[(i, None)]["eps"] for i in range(L)],
+                     "val_sparsity": float(rule.sparsity), "loss": float(lc.mean()),
+                     "loss_ratio_ci": bootstrap_ci(lc, dense)}
+    if res["exact_zero"] > 0.3:
+        res["predictor"] = predictor_sweep(model, corpus, windows, sc)
+    res["train"] = {k: meta.get(k) for k in ("train_wall_s", "train_cpu_s", "history", "sparsity_during_training",
+                                            "relufy_report", "final_val_loss_sampled")}
+    res["neuron_frequency"] = [round(float(f), 5) for s in st for f in s.frequency()]
+    res["analysis_wall_s"], res["analysis_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    res["machine"], res["date"] = machine(), time.strftime("%Y-%m-%d %H:%M:%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{meta['key']}.json").write_text(json.dumps(res, indent=1, default=float))
+    print(f"[{meta['key']}] analysed in {res['analysis_wall_s']:.0f} s: val loss {res['val_loss']:.4f} "
+          f"[{res['val_loss_ci'][0]:.4f}, {res['val_loss_ci'][1]:.4f}] on {res['val']['tokens']} tokens, "
+          f"zeros {res['exact_zero']:.1%}, top-k 90% x{res['topk']['0.9'] / res['topk']['0']:.4f}", flush=True)
     return res
 
 
-def fmt_table(results: dict) -> str:
-    head = (f"{'model':<16} {'val loss':>8} {'zeros':>6} {'CETT.2':>6} {'L@CETT':>7} "
-            + " ".join(f"{'top' + format(s * 100, 'g') + '%':>7}" for s in TOPK) + f" {'d@90%':>6} {'hot10':>6}")
-    lines = [head, "-" * len(head)]
-    for name, r in results.items():
-        d90 = r["topk"]["0.9"] / r["topk"]["0"] - 1
-        lines.append(f"{name:<16} {r['val_loss']:>8.4f} {r['exact_zero']:>6.1%} {r['cett02_sparsity']:>6.1%} "
-                     f"{r['cett02_loss']:>7.4f} "
-                     + " ".join(f"{r['topk'][format(s, 'g')]:>7.4f}" for s in TOPK)
-                     + f" {d90:>+6.1%} {r['hot10_coverage']:>6.1%}")
-    return "\n".join(lines)
+def cmd_analyse(args) -> int:
+    root = Path(args.ckpt_root)
+    out = RUNS_JSON if not args.quick else RESULTS / "turbosparse_quick"
+    for folder in sorted(root.glob(args.runs)):
+        if not (folder / "meta.json").exists():
+            continue
+        if (out / f"{folder.name}.json").exists() and not args.force:
+            continue
+        analyse_run(folder, out, args.max_windows)
+    return 0
 
 
-def targets(results: dict) -> dict:
-    """The issue's targets, evaluated on this run."""
-    out = {}
-    if "drelu" in results and "swiglu" in results:
-        d, s = results["drelu"], results["swiglu"]
-        gap = d["val_loss"] / s["val_loss"] - 1
-        d90 = d["topk"]["0.9"] / d["topk"]["0"] - 1
-        s90 = s["topk"]["0.9"] / s["topk"]["0"] - 1
-        out = {
-            "drelu_val_loss_vs_swiglu": {"value": gap, "target": "<= +3%", "met": bool(gap <= 0.03)},
-            "drelu_exact_zero": {"value": d["exact_zero"], "target": ">= 85%", "met": bool(d["exact_zero"] >= 0.85)},
-            "drelu_loss_increase_at_top90": {"value": d90, "target": "<= +2%", "met": bool(d90 <= 0.02)},
-            "swiglu_loss_increase_at_top90": {"value": s90,
-                                              "target": "far more than drelu's (>= 2x and >= 1 point more)",
-                                              "met": bool(s90 >= 2 * max(d90, 0.0) and s90 - d90 >= 0.01)},
-        }
-    return out
+# ------------------------------------------------------------------------------------------
+# step 3: the report over seeds
+# ------------------------------------------------------------------------------------------
+# two-sided 95% quantiles of Student's t, df = 1..30 (no scipy needed)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
 
 
-def report(out: dict, tag: str) -> None:
-    """Print the table and targets, write the JSON and the plots, from the results dict."""
-    results, c = out["results"], out["config"]
-    out["targets"] = targets(results)
-    out["published"] = PUBLISHED
-    out["table"] = fmt_table(results)
-    print()
-    print(f"TurboSparse reproduction ({c['preset']}, {c['steps']} steps; ReLUfied: +{c['relufy_steps']} steps); "
-          f"losses in nats/byte on {c['eval']['n_batches']} x {c['eval']['batch_size']} x {c['eval']['seq_len']} "
-          "validation tokens")
-    print(out["table"])
-    for k, v in out["targets"].items():
-        print(f"  target {k}: {v['value']:+.2%} (want {v['target']}) -> {'met' if v['met'] else 'NOT met'}")
-    print("published (TurboSparse Tables 3, 10):", "not retrieved; see the JSON's note" if not PUBLISHED["found"] else "")
-    hist = {k: [dict(h) for h in v] for k, v in out["histories"].items()}
-    plots.plot_loss_curves(hist, RESULTS / f"turbosparse_loss_curves{tag}.png")
-    plots.plot_sparsity_per_layer({k: v["exact_zero_per_layer"] for k, v in results.items()},
-                                  RESULTS / f"turbosparse_sparsity_per_layer{tag}.png")
-    plots.plot_loss_vs_sparsity({k: v["topk_curve"] for k, v in results.items()},
-                                RESULTS / f"turbosparse_loss_vs_sparsity{tag}.png")
-    plots.plot_neuron_frequency({k: np.array(v["neuron_frequency"]) for k, v in results.items()},
-                                RESULTS / f"turbosparse_neuron_frequency{tag}.png")
-    plots.plot_activation_histograms({k: np.array(v["abs_h_sample"]) for k, v in results.items()},
-                                     RESULTS / f"turbosparse_activation_hist{tag}.png")
-    path = RESULTS / f"reproduce_turbosparse{tag}.json"
-    path.write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {path} and plots under {RESULTS}")
+def t_ci(x, level_t=_T975):
+    """mean, sd and the 95% t interval of the mean of ``x`` (nan interval for one value)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    m = float(x.mean()) if n else float("nan")
+    if n < 2:
+        return {"n": n, "mean": m, "sd": float("nan"), "ci": [float("nan"), float("nan")]}
+    sd = float(x.std(ddof=1))
+    h = level_t[min(n - 1, len(level_t)) - 1] * sd / math.sqrt(n)
+    return {"n": n, "mean": m, "sd": sd, "ci": [m - h, m + h]}
 
 
-def merge(paths, tag: str) -> int:
-    """Combine the JSONs of runs made in parallel (same config, different --models)."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
-    base = parts[0]
-    keys = ("preset", "steps", "relufy_steps", "batch_size", "seq_len", "lr", "relufy_lr", "l1", "seed", "eval")
-    for p in parts[1:]:
-        diff = [k for k in keys if p["config"][k] != base["config"][k]]
-        if diff:
-            raise SystemExit(f"cannot merge runs whose configs differ in {diff}")
-        base["results"].update(p["results"])
-        base["histories"].update(p["histories"])
-    order = [m for m in (*BASE, "swiglu->reglu", "swiglu->drelu") if m in base["results"]]
-    base["results"] = {m: base["results"][m] for m in order}
-    base["config"]["models"] = order
-    base["config"]["merged_from"] = [str(p) for p in paths]
-    report(base, tag)
+def _load_runs(folder: Path):
+    runs = []
+    for f in sorted(folder.glob("*.json")):
+        runs.append(json.loads(f.read_text()))
+    return runs
+
+
+def _group(runs, **want):
+    return [r for r in runs if all(r.get(k) == v for k, v in want.items())]
+
+
+def _pm(st, fmt="{:.4f}"):
+    if st["n"] == 0:
+        return "-"
+    if st["n"] == 1:
+        return fmt.format(st["mean"]) + " (1 seed)"
+    return (fmt + " ± " + fmt).format(st["mean"], st["sd"])
+
+
+def _pct(st):
+    if st["n"] == 0:
+        return "-"
+    return f"{st['mean']:.1%}" + (f" ± {st['sd']:.1%}" if st["n"] > 1 else " (1 seed)")
+
+
+def _ratio(r, sp):
+    return math.exp(r["topk"][f"{sp:g}"] - r["topk"]["0"])
+
+
+def _best_predictor_point(r, max_ppl_ratio=1.01):
+    rows = [x for x in r.get("predictor", {}).get("rows", []) if x["ppl_ratio"] <= max_ppl_ratio]
+    return max(rows, key=lambda x: x["predicted_sparsity"]) if rows else None
+
+
+def cmd_report(args) -> int:
+    folder = RUNS_JSON if not args.quick else RESULTS / "turbosparse_quick"
+    runs = _load_runs(folder)
+    if not runs:
+        print(f"no analysed runs under {folder}; run `train` and `analyse` first")
+        return 1
+    sc0 = scale(args)
+    steps0, layers0, lr0 = sc0["steps"], args.layers or (2 if args.quick else 4), float(str(args.lr).split(",")[0])
+    base = dict(kind="base", steps=steps0, layers=layers0, lr=lr0)
+    acts = [a for a in ACTS if _group(runs, activation=a, **base)]
+    lines, summary = [], {"published": PUBLISHED, "scale": sc0, "tables": {}}
+    P = PUBLISHED["turbosparse"]
+
+    # -- table A: every activation, mean +- sd over seeds ---------------------------------
+    lines.append(f"### Activations at {steps0} steps, {layers0} layers, lr {lr0:g} (mean ± sd over seeds)\n")
+    lines.append("| activation | seeds | val loss (nats/byte) | exact zeros | dead neurons per seed | CETT-0.2 sparsity (val) "
+                 "| ppl x at CETT-0.2 | ppl x at top-k 50% | 80% | 85% | 90% | neurons for 80% of non-zeros "
+                 "| neurons for 80% of abs(h) |")
+    lines.append("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    tabA = {}
+    for a in acts:
+        g = sorted(_group(runs, activation=a, **base), key=lambda r: r["seed"])
+        row = {"seeds": [r["seed"] for r in g],
+               "val_loss": t_ci([r["val_loss"] for r in g]),
+               "exact_zero": t_ci([r["exact_zero"] for r in g]),
+               "dead": [r["dead_neurons"] for r in g],
+               "cett_sparsity": t_ci([r["cett02"]["val_sparsity"] for r in g]),
+               "cett_ppl_ratio": t_ci([math.exp(r["cett02"]["loss"] - r["val_loss"]) for r in g]),
+               "topk_ppl_ratio": {f"{sp:g}": t_ci([_ratio(r, sp) for r in g]) for sp in TOPK[1:]},
+               "n80_nonzero": t_ci([r["neurons_for_80pct_nonzeros"] for r in g]),
+               "n80_abs": t_ci([r["neurons_for_80pct_abs_mass"] for r in g])}
+        tabA[a] = row
+        lines.append(f"| {a} | {len(g)} | {_pm(row['val_loss'])} | {_pct(row['exact_zero'])} | "
+                     f"{'/'.join(str(d) for d in row['dead'])} of {g[0]['n_neurons']} | {_pct(row['cett_sparsity'])} | "
+                     f"{_pm(row['cett_ppl_ratio'], '{:.3f}')} | "
+                     + " | ".join(_pm(row["topk_ppl_ratio"][f"{sp:g}"], "{:.3f}") for sp in TOPK[1:])
+                     + f" | {_pct(row['n80_nonzero'])} | {_pct(row['n80_abs'])} |")
+    summary["tables"]["activations"] = tabA
+
+    # -- table B: paired differences against swiglu --------------------------------------
+    lines.append("\n### Paired differences against swiglu (same seed = same initial weights and data order; "
+                 "95% t interval over seeds)\n")
+    lines.append("| activation | pairs | val loss − swiglu's (nats/byte) | 95% CI | "
+                 "ppl x at 90% top-k − swiglu's | 95% CI |")
+    lines.append("| --- | ---: | ---: | --- | ---: | --- |")
+    sw = {r["seed"]: r for r in _group(runs, activation="swiglu", **base)}
+    tabB = {}
+    for a in acts:
+        if a == "swiglu":
+            continue
+        g = [r for r in _group(runs, activation=a, **base) if r["seed"] in sw]
+        d = t_ci([r["val_loss"] - sw[r["seed"]]["val_loss"] for r in g])
+        d90 = t_ci([_ratio(r, 0.9) - _ratio(sw[r["seed"]], 0.9) for r in g])
+        tabB[a] = {"val_loss_diff": d, "ratio90_diff": d90,
+                   "per_seed_val_loss_diff": {r["seed"]: r["val_loss"] - sw[r["seed"]]["val_loss"] for r in g}}
+        ci = lambda st, f: "-" if st["n"] < 2 else f"[{st['ci'][0]:{f}}, {st['ci'][1]:{f}}]"
+        lines.append(f"| {a} | {d['n']} | {d['mean']:+.4f} | {ci(d, '+.4f')} | {d90['mean']:+.3f} | {ci(d90, '+.3f')} |")
+    summary["tables"]["paired_vs_swiglu"] = tabB
+
+    # -- table C: beside TurboSparse's Tables 2 and 3 -------------------------------------
+    lines.append("\n### Beside TurboSparse Tables 2 and 3 (perplexity ratios; ours: per byte, theirs: "
+                 "WikiText-2 per token, 300M params, 5B tokens)\n")
+    lines.append("| | dReLU / SwiGLU perplexity (dense) | SwiGLU ppl x at top-k 50 / 80 / 85 / 90% | "
+                 "dReLU ppl x at top-k 50 / 80 / 85 / 90% |")
+    lines.append("| --- | --- | --- | --- |")
+    pr = P["table3_ppl"]
+    lines.append(f"| TurboSparse (published) | {P['table2_wikitext2_ppl']['drelu'] / P['table2_wikitext2_ppl']['swiglu']:.4f} "
+                 f"({P['table2_wikitext2_ppl']['drelu']} / {P['table2_wikitext2_ppl']['swiglu']}) | "
+                 + " / ".join(f"{v / pr['swiglu'][0]:.3f}" for v in pr["swiglu"][1:]) + " | "
+                 + " / ".join(f"{v / pr['drelu'][0]:.3f}" for v in pr["drelu"][1:]) + " |")
+    if "drelu" in tabB and "swiglu" in tabA:
+        d = tabB["drelu"]["val_loss_diff"]
+        ours = (f"{math.exp(d['mean']):.4f} [{math.exp(d['ci'][0]):.4f}, {math.exp(d['ci'][1]):.4f}]"
+                if d["n"] > 1 else f"{math.exp(d['mean']):.4f}")
+        lines.append(f"| ours (mean over {d['n']} seeds; dense ratio with 95% CI) | {ours} | "
+                     + " / ".join(f"{tabA['swiglu']['topk_ppl_ratio'][f'{sp:g}']['mean']:.3f}" for sp in TOPK[1:]) + " | "
+                     + " / ".join(f"{tabA['drelu']['topk_ppl_ratio'][f'{sp:g}']['mean']:.3f}" for sp in TOPK[1:]) + " |")
+
+    # -- table D: depth ------------------------------------------------------------------
+    depth_rows = {}
+    for L in sorted({r["layers"] for r in runs if r["kind"] == "base" and r["steps"] == steps0 and r["lr"] == lr0}):
+        for a in ("swiglu", "drelu"):
+            g = _group(runs, activation=a, kind="base", steps=steps0, layers=L, lr=lr0)
+            if g:
+                depth_rows[(L, a)] = {"val_loss": t_ci([r["val_loss"] for r in g]),
+                                      "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
+                                      "ratio80": t_ci([_ratio(r, 0.8) for r in g]),
+                                      "exact_zero": t_ci([r["exact_zero"] for r in g]),
+                                      "params": g[0]["params"]}
+    if len({L for L, _ in depth_rows}) > 1:
+        lines.append(f"\n### Depth ({steps0} steps; TurboSparse's SwiGLU: 24 layers, ppl x3.95 at 90%)\n")
+        lines.append("| layers | activation | params | seeds | val loss | exact zeros | ppl x at top-k 80% | 90% |")
+        lines.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for (L, a), v in sorted(depth_rows.items()):
+            lines.append(f"| {L} | {a} | {v['params']:,} | {v['val_loss']['n']} | {_pm(v['val_loss'])} | "
+                         f"{_pct(v['exact_zero'])} | {_pm(v['ratio80'], '{:.3f}')} | {_pm(v['ratio90'], '{:.3f}')} |")
+    summary["tables"]["depth"] = {f"L{L}_{a}": v for (L, a), v in depth_rows.items()}
+
+    # -- table E: training length and the gap along training ------------------------------
+    long_rows = {}
+    for st in sorted({r["steps"] for r in runs if r["kind"] == "base" and r["layers"] == layers0 and r["lr"] == lr0}):
+        for a in ("swiglu", "drelu"):
+            g = _group(runs, activation=a, kind="base", steps=st, layers=layers0, lr=lr0)
+            if g:
+                long_rows[(st, a)] = {"val_loss": t_ci([r["val_loss"] for r in g]),
+                                      "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
+                                      "exact_zero": t_ci([r["exact_zero"] for r in g]),
+                                      "curve": {r["seed"]: [(h["step"] + 1, h["val_loss"]) for h in r["train"]["history"]
+                                                            if "val_loss" in h] for r in g}}
+    if len({st for st, _ in long_rows}) > 1:
+        lines.append(f"\n### Training length ({layers0} layers; val loss on the whole split at the end)\n")
+        lines.append("| steps | tokens | activation | seeds | val loss | exact zeros | ppl x at top-k 90% | "
+                     "sampled val loss at 1/4, 2/4, 3/4, 4/4 of the run (seed mean) |")
+        lines.append("| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+        for (st, a), v in sorted(long_rows.items()):
+            curves = list(v["curve"].values())
+            pts = " / ".join(f"{np.mean([c[i][1] for c in curves]):.4f}" for i in range(min(len(c) for c in curves)))
+            lines.append(f"| {st} | {st * sc0['batch_size'] * sc0['seq_len'] / 1e6:.1f}M | {a} | {v['val_loss']['n']} | "
+                         f"{_pm(v['val_loss'])} | {_pct(v['exact_zero'])} | {_pm(v['ratio90'], '{:.3f}')} | {pts} |")
+    summary["tables"]["length"] = {f"st{st}_{a}": {k: v[k] for k in ("val_loss", "ratio90", "exact_zero", "curve")}
+                                   for (st, a), v in long_rows.items()}
+
+    # -- table F: ReLUfication at equal budget --------------------------------------------
+    rsteps = steps0 // 2
+    relu_rows = {}
+    for name, want in (("swiglu (from scratch)", dict(activation="swiglu", kind="base", steps=steps0 + rsteps)),
+                       ("swiglu -> reglu", dict(activation="swiglu->reglu", kind="relufied", steps=steps0)),
+                       ("swiglu -> drelu", dict(activation="swiglu->drelu", kind="relufied", steps=steps0))):
+        g = sorted(_group(runs, layers=layers0, lr=lr0, **want), key=lambda r: r["seed"])
+        if g:
+            relu_rows[name] = {"seeds": [r["seed"] for r in g], "val_loss": t_ci([r["val_loss"] for r in g]),
+                               "exact_zero": t_ci([r["exact_zero"] for r in g]),
+                               "dead": [r["dead_neurons"] for r in g], "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
+                               "per_seed_val_loss": {r["seed"]: r["val_loss"] for r in g}}
+    if relu_rows:
+        lines.append(f"\n### ReLUfication at equal budget ({steps0 + rsteps} steps in all: {steps0} swiglu + "
+                     f"{rsteps} after the swap, or {steps0 + rsteps} swiglu from scratch)\n")
+        lines.append("| model | seeds | val loss | exact zeros | dead neurons per seed | ppl x at top-k 90% |")
+        lines.append("| --- | ---: | ---: | ---: | --- | ---: |")
+        for name, v in relu_rows.items():
+            lines.append(f"| {name} | {len(v['seeds'])} | {_pm(v['val_loss'])} | {_pct(v['exact_zero'])} | "
+                         f"{'/'.join(map(str, v['dead']))} | {_pm(v['ratio90'], '{:.3f}')} |")
+    summary["tables"]["relufication"] = relu_rows
+
+    # -- table G: predictors and the power law in the papers' terms -----------------------
+    pred_rows = {}
+    for a in [x for x in ACTS if x not in ("swiglu", "geglu")] + ["swiglu->reglu", "swiglu->drelu"]:
+        want = dict(base) if "->" not in a else dict(kind="relufied", steps=steps0, layers=layers0, lr=lr0)
+        want["activation"] = a
+        g = [r for r in _group(runs, **want) if "predictor" in r]
+        pts = [(_best_predictor_point(r), r) for r in g]
+        pts = [(p, r) for p, r in pts if p is not None]
+        if pts:
+            pred_rows[a] = {"n": len(pts), "val_recall": t_ci([p["val_recall"] for p, _ in pts]),
+                            "predicted_sparsity": t_ci([p["predicted_sparsity"] for p, _ in pts]),
+                            "true_sparsity": t_ci([p["true_sparsity"] for p, _ in pts]),
+                            "ppl_ratio": t_ci([p["ppl_ratio"] for p, _ in pts])}
+    if pred_rows:
+        pp = PUBLISHED["prosparse"]
+        lines.append("\n### Activation predictors at a fixed loss change (perplexity x <= 1.01 on 32k validation "
+                     "tokens; rank-32 predictors fitted on training text)\n")
+        lines.append("| model | seeds | recall | predicted sparsity | true exact-zero share | ppl x |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+        lines.append(f"| ProSparse-7B (published) | - | {pp['predictor_recall']:.2%} | {pp['predictor_predicted_sparsity']:.2%} "
+                     f"| {pp['exact_zero']['ProSparse-7B']:.2%} | - |")
+        for a, v in pred_rows.items():
+            lines.append(f"| {a} | {v['n']} | {_pct(v['val_recall'])} | {_pct(v['predicted_sparsity'])} | "
+                         f"{_pct(v['true_sparsity'])} | {_pm(v['ppl_ratio'], '{:.4f}')} |")
+    summary["tables"]["predictors"] = pred_rows
+    pw = PUBLISHED["powerinfer"]["neurons_for_80pct_of_activations"]
+    lines.append("\nPowerInfer (published): " + ", ".join(f"{k} {v:.0%}" for k, v in pw.items())
+                 + " of neurons cover 80% of activations; ours: the `neurons for 80% of non-zeros` column above "
+                   "(SwiGLU/GeGLU never output zeros, so they need ~80% by construction; `abs(h)` weighs each "
+                   "neuron by its summed magnitude instead).")
+
+    text = "\n".join(lines)
+    print(text)
+    tag = "_quick" if args.quick else ""
+    (RESULTS / f"reproduce_turbosparse_tables{tag}.md").write_text(text + "\n")
+    summary["runs"] = sorted(r["key"] for r in runs)
+    summary["machine"], summary["date"] = machine(), time.strftime("%Y-%m-%d %H:%M:%S")
+    (RESULTS / f"reproduce_turbosparse_summary{tag}.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(f"\nwrote {RESULTS / f'reproduce_turbosparse_tables{tag}.md'} and the summary JSON")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# entry points
+# ------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    sc = scale(args)
+    corpus = _corpus(sc)
+    root = Path(args.ckpt_root)
+    layers = args.layers or (2 if args.quick else 4)
+    lrs = [float(x) for x in str(args.lr).split(",")]
+    print(f"corpus: {corpus}; scale {sc}; layers {layers}; lrs {lrs}", flush=True)
+    for seed in parse_seeds(args.seeds):
+        for lr in lrs:
+            for act in [a.strip() for a in args.models.split(",") if a.strip()]:
+                train_base(act, seed, sc, lr, layers, corpus, root, force=args.force)
+            if args.relufy:
+                train_relufied(seed, sc, lr, layers, corpus, root, args.relufy_lr, force=args.force)
     return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", choices=("train", "analyse", "report", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="nano models, few steps (~1 minute in total)")
     ap.add_argument("--preset", default=None, help="model size preset (default: tiny; --quick: nano)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 800; --quick 150)")
-    ap.add_argument("--relufy-steps", type=int, default=None,
-                    help="continued-training steps of the ReLUfied models (default: steps // 2)")
+    ap.add_argument("--steps-mult", type=float, default=1.0,
+                    help="multiply the training steps (default 800; --quick 150) by this")
+    ap.add_argument("--layers", type=int, default=None, help="depth (default: the preset's 4; --quick 2)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the from-scratch runs")
+    ap.add_argument("--lr", default="3e-3", help="peak learning rate(s), comma-separated for a sweep")
+    ap.add_argument("--relufy", action="store_true",
+                    help="also ReLUfy each seed's swiglu (+steps/2) and train an equal-budget swiglu")
     ap.add_argument("--relufy-lr", type=float, default=1e-3, help="peak learning rate of the ReLUfication runs")
-    ap.add_argument("--l1", type=float, default=0.0, help="ProSparse L1 penalty during ReLUfication")
-    ap.add_argument("--models", default=",".join(BASE), help="comma-separated activations to train")
-    ap.add_argument("--no-relufy", action="store_true", help="skip the ReLUfication runs")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-batches", type=int, default=None, help="validation batches (default 16; --quick 4)")
-    ap.add_argument("--tag", default=None, help="suffix of the output files (default: '' or '_quick')")
-    ap.add_argument("--ckpt-dir", default=None, help="also save every trained model here")
-    ap.add_argument("--merge", default=None, metavar="A.json,B.json",
-                    help="only combine the results of runs made in parallel (e.g. --models swiglu,geglu and "
-                         "--models reglu,drelu --no-relufy), print the table and write the plots")
+    ap.add_argument("--models", default="swiglu,drelu", help="comma-separated activations to train")
+    ap.add_argument("--seeds", default="0", help="seeds, e.g. 0-4 or 0,2,5 (paired across activations)")
+    ap.add_argument("--force", action="store_true", help="retrain / re-analyse runs that already exist")
+    ap.add_argument("--ckpt-root", default=str(CKPT_ROOT), help="where checkpoints go (default runs/turbosparse)")
+    ap.add_argument("--runs", default="*", help="analyse: glob over run keys (default all)")
+    ap.add_argument("--max-windows", type=int, default=0,
+                    help="analyse: evaluate at most this many validation windows (0 = the whole split)")
     args = ap.parse_args(argv)
-    if args.merge:
-        return merge([p for p in args.merge.split(",") if p], args.tag or "")
-
-    q = args.quick
-    preset = args.preset or ("nano" if q else "tiny")
-    steps = args.steps or (150 if q else 800)
-    rsteps = args.relufy_steps if args.relufy_steps is not None else steps // 2
-    bs = args.batch_size or (16 if q else 16)
-    T = args.seq_len or (64 if q else 128)
-    n_eval = args.eval_batches or (4 if q else 16)
-    tag = args.tag if args.tag is not None else ("_quick" if q else "")
-    progress = sys.stderr.isatty()
-    corpus = load_corpus(max_bytes=400_000 if q else 2_000_000)
-    ek = dict(batch_size=bs, seq_len=T, n_batches=n_eval)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    print(f"corpus: {corpus}")
-    print(f"models: preset {preset}, {steps} steps x {bs} x {T} tokens, lr {args.lr}, seed {args.seed}; "
-          f"relufy: {rsteps} steps, lr {args.relufy_lr}, l1 {args.l1}")
-
-    results, histories, timings = {}, {}, {}
-    trained = {}
-    for act in [a.strip() for a in args.models.split(",") if a.strip()]:
-        model = ms.Transformer(ms.preset(preset, activation=act), seed=args.seed)
-        cfg = TrainConfig(steps=steps, batch_size=bs, seq_len=T, lr=args.lr, warmup=max(1, steps // 20),
-                          eval_every=max(1, steps // 8), eval_batches=min(n_eval, 8), seed=args.seed,
-                          progress=progress, log_every=max(1, steps // 10))
-        traj = []
-
-        def track(step, rec, model=model, traj=traj):   # exact-zero sparsity along training
-            if "val_loss" in rec:
-                z = ffn_zero_fraction(model, corpus, batch_size=4, seq_len=T, n_batches=2)
-                traj.append({"step": step + 1, "val_loss": rec["val_loss"], "exact_zero": float(np.mean(z))})
-
-        t0 = time.perf_counter()
-        r = train(model, corpus, cfg, callback=track)
-        timings[act] = time.perf_counter() - t0
-        print(f"[{act}] trained {steps} steps in {timings[act]:.0f} s, val loss {r.final_val_loss:.4f}", flush=True)
-        histories[act] = r.history
-        trained[act] = model
-        results[act] = analyse(act, model, corpus, ek)
-        results[act]["train_s"] = timings[act]
-        results[act]["sparsity_during_training"] = traj
-        if args.ckpt_dir:
-            ms.save(model, Path(args.ckpt_dir) / f"{act}.safetensors")
-
-    if not args.no_relufy and "swiglu" in trained and rsteps > 0:
-        for to in ("reglu", "drelu"):
-            name = f"swiglu->{to}"
-            rcfg = TrainConfig(steps=rsteps, batch_size=bs, seq_len=T, lr=args.relufy_lr,
-                               warmup=max(1, rsteps // 10), eval_every=max(1, rsteps // 4),
-                               eval_batches=min(n_eval, 8), seed=args.seed + 1, progress=progress,
-                               log_every=max(1, rsteps // 10), l1=args.l1)
-            t0 = time.perf_counter()
-            rr = relufy(trained["swiglu"], to, corpus=corpus, steps=rsteps, l1=args.l1, train_config=rcfg,
-                        eval_batches=n_eval, eval_batch_size=bs, eval_seq_len=T)
-            timings[name] = time.perf_counter() - t0
-            print(rr, flush=True)
-            histories[name] = [dict(h, step_offset=steps) for h in rr.history]
-            results[name] = analyse(name, rr.model, corpus, ek)
-            results[name]["relufy_report"] = rr.report
-            results[name]["train_s"] = timings[name]
-            if args.ckpt_dir:
-                ms.save(rr.model, Path(args.ckpt_dir) / f"swiglu_to_{to}.safetensors")
-
-    out = {
-        "benchmark": "reproduce_turbosparse", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-        "config": {"preset": preset, "model": ms.preset(preset).to_dict(), "steps": steps, "relufy_steps": rsteps,
-                   "batch_size": bs, "seq_len": T, "lr": args.lr, "relufy_lr": args.relufy_lr, "l1": args.l1,
-                   "seed": args.seed, "eval": ek, "corpus": corpus.name, "corpus_bytes": corpus.n_bytes,
-                   "quick": q, "models": list(results)},
-        "results": results,
-        "histories": {k: [{kk: h[kk] for kk in ("step", "loss", "val_loss", "step_offset") if kk in h} for h in v]
-                      for k, v in histories.items()},
-    }
-    report(out, tag)
+    if args.quick:
+        args.ckpt_root = str(Path(args.ckpt_root).with_name(Path(args.ckpt_root).name + "_quick"))
+    if args.command in ("train", "all"):
+        cmd_train(args)
+    if args.command in ("analyse", "all"):
+        cmd_analyse(args)
+    if args.command in ("report", "all"):
+        cmd_report(args)
     return 0
 
 
