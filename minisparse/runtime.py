@@ -7,8 +7,9 @@ which in :func:`describe`, and lets every explicit setting win:
 =======================  ==========================================================  ==========================
 setting                  default choice (why)                                         an explicit choice that wins
 =======================  ==========================================================  ==========================
-OpenBLAS idle threads    ``OPENBLAS_THREAD_TIMEOUT=4`` when ``minisparse`` is          the variable set in the
-                         imported before NumPy: idle BLAS workers otherwise            environment
+OpenBLAS idle threads    ``OPENBLAS_THREAD_TIMEOUT=4`` at ``import minisparse`` (if    the variable set in the
+                         NumPy is loaded already, OpenBLAS re-reads it and restarts    environment
+                         its pool): idle BLAS workers otherwise
                          busy-wait ~0.1 s after every call and hold the cores the
                          Numba kernels need next (numba skip after a BLAS call
                          21.8 -> 9.6 ms, 2-core AMD EPYC, bench/README.md)
@@ -60,11 +61,41 @@ def configure_import() -> None:
     elif _off():
         _DECISIONS["openblas_thread_timeout"] = f"OpenBLAS default ({_OFF} set)"
     elif "numpy" in sys.modules:
-        _DECISIONS["openblas_thread_timeout"] = ("OpenBLAS default: NumPy was imported before minisparse; "
-                                                 "set OPENBLAS_THREAD_TIMEOUT=4 before starting Python")
+        # OpenBLAS is loaded and has read its environment: set the variable, ask OpenBLAS to
+        # read it again and stop its thread pool; the next threaded call starts a new pool
+        # with the short timeout (both are exported C functions of OpenBLAS)
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+        done = _openblas_call("openblas_read_env") and _openblas_call("blas_thread_shutdown_")
+        _DECISIONS["openblas_thread_timeout"] = ("4 (minisparse default; OpenBLAS re-read it)" if done else
+                                                 "OpenBLAS default: NumPy was imported before minisparse and its "
+                                                 "BLAS could not re-read OPENBLAS_THREAD_TIMEOUT")
     else:
         os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
         _DECISIONS["openblas_thread_timeout"] = "4 (minisparse default)"
+
+
+def _openblas_libs():
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return []
+
+
+def _openblas_call(name: str) -> bool:
+    """Call ``void name(void)`` in every loaded OpenBLAS that exports it; True if any did."""
+    import ctypes
+    done = False
+    for path in _openblas_libs():
+        try:
+            fn = getattr(ctypes.CDLL(path), name, None)
+        except OSError:
+            continue
+        if fn is not None:
+            fn.restype = None
+            fn()
+            done = True
+    return done
 
 
 # ======================================================================================
@@ -130,14 +161,9 @@ def _set_blas_threads(n: int) -> bool:
 
 
 def _set_openblas_ctypes(n: int) -> bool:
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
-    except OSError:
-        return False
     import ctypes
     done = False
-    for path in libs:
+    for path in _openblas_libs():
         try:
             lib = ctypes.CDLL(path)
         except OSError:
