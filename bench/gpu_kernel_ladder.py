@@ -108,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None, help="default bench/results/gpu_kernel_ladder.json")
+    ap.add_argument("--skip-gemv", action="store_true", help="leave out the GEMV ladder (the slowest part)")
     args = ap.parse_args(argv)
     try:
         import cupy as cp
@@ -149,8 +150,9 @@ def main(argv=None):
         wb = np.dtype(wdt).itemsize
         trows = []
         # ------------------------------------------------------------------ GEMV ladder
-        for label, N, Kd in (("ffn gate/up", F, D), ("ffn down (W^T)", D, F), ("q,k,v", (H + 2 * K) * Dh, D),
-                             ("o-proj", D, H * Dh), ("LM head", V, D)):
+        gemv_shapes = (("ffn gate/up", F, D), ("ffn down (W^T)", D, F), ("q,k,v", (H + 2 * K) * Dh, D),
+                       ("o-proj", D, H * Dh), ("LM head", V, D))
+        for label, N, Kd in (() if args.skip_gemv else gemv_shapes):
             nbytes = N * Kd * wb + 4 * (Kd + N)
             sets = max(1, math.ceil(3 * L2_BYTES / (N * Kd * wb)))
             Ws = [dc.pad_rows(cp, rng.standard_normal((N, Kd), dtype=cp.float32) * 0.02, wdt) for _ in range(sets)]

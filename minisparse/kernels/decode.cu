@@ -367,7 +367,8 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
         const float* kr = kb + (size_t)s * Dh;
         float d0 = 0.f, d1 = 0.f;
         if (v4) {
-            for (int j = 0; j < Dh; j += 8) {
+#pragma unroll 4
+            for (int j = 0; j < Dh; j += 8) {                  // unrolled: 8 loads of the row in flight
                 const float4 ka = *reinterpret_cast<const float4*>(kr + j);
                 d0 = fmaf(qs[j], ka.x, d0); d0 = fmaf(qs[j + 1], ka.y, d0);
                 d0 = fmaf(qs[j + 2], ka.z, d0); d0 = fmaf(qs[j + 3], ka.w, d0);
@@ -534,8 +535,8 @@ __global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict_
     float acc[NV * V];
 #pragma unroll
     for (int k = 0; k < NV * V; ++k) acc[k] = 0.f;
-#pragma unroll 2
-    for (int j = lo + wid; j < hi; j += WARPS) {
+#pragma unroll 4
+    for (int j = lo + wid; j < hi; j += WARPS) {            // unrolled: 4 rows' loads in flight
         const W* row = wd + (size_t)idx[j] * ld;
         const float hj = hv[j];
         uint4 raw[NV];
