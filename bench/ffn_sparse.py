@@ -26,17 +26,9 @@ import platform
 import sys
 import time
 
-# OpenBLAS's idle worker threads busy-wait ~2^28 cycles (~0.1 s) after every call; on a
-# 2-core machine they then hold the cores that Numba's threads need right after a dense
-# baseline (measured, 4096x14336 drelu at 90%: numba skip 21.8 ms after a BLAS call vs
-# 9.6 ms with this setting; dense BLAS itself unchanged). It must be set before NumPy loads;
-# an explicit value in the environment wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-# Numba's default threading layer here is GNU OpenMP, whose idle threads also spin and
-# take the cores from OpenBLAS between FFNs (end to end, 2 cores: 1.25-1.47x with the default
-# policy, 1.68-1.74x with PASSIVE; bench/README.md). Read when Numba starts its threads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# No process settings here: minisparse makes its own defaults (minisparse/runtime.py: the
+# OpenBLAS idle-thread timeout, Numba's threads started with passive OpenMP waiting), so
+# these timings are what a plain `import numpy; import minisparse` program gets.
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -84,7 +76,32 @@ def time_interleaved(fns: dict, repeats: int, min_time: float = 0.02) -> dict:
             for _ in range(n):
                 f()
             samples[k].append((time.perf_counter() - t0) / n)
+    LAST_SAMPLES.clear()
+    LAST_SAMPLES.update(samples)
     return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+LAST_SAMPLES: dict = {}          # seconds per call of every repeat of the last time_interleaved
+
+
+def spread(samples) -> dict:
+    """min / 25th / 75th percentile / max of per-call seconds (the noise of a shared machine)."""
+    v = np.asarray(samples, dtype=np.float64)
+    return dict(t_min=float(v.min()), t_p25=float(np.percentile(v, 25)), t_p75=float(np.percentile(v, 75)),
+                t_max=float(v.max()), n=int(v.size))
+
+
+def cpu_model() -> str:
+    """lscpu's model name (what issue 14 asks to report with every CPU figure)."""
+    try:
+        import subprocess
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
 
 
 def cpu_copy_bandwidth(nbytes: int, repeats: int = 7) -> dict:
@@ -176,7 +193,7 @@ def torch_dense_fn(x, wg, wu, wd):
     return f
 
 
-def cpu_case(p, sparsity, label, repeats, copy_GBs, have_numba, reference_skip):
+def cpu_case(p, sparsity, label, repeats, copy_GBs, have_numba, reference_skip, gate_variants=False):
     """Validate every CPU method on one make_ffn case against float64 truth, then time them
     interleaved; one table row per method."""
     x, wg, wu, wd, act_idx = p["x"], p["w_gate"], p["w_up"], p["w_down"], p["active"]
@@ -190,7 +207,16 @@ def cpu_case(p, sparsity, label, repeats, copy_GBs, have_numba, reference_skip):
     if reference_skip:
         fns["numpy skip (ref)"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numpy")
     if have_numba:
+        from minisparse.kernels import numba_
         fns["numba skip"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba")
+        if gate_variants and T == 1:
+            def blas_gate():
+                numba_.GATE_ONE_TOKEN = "blas"
+                try:
+                    return ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba")
+                finally:
+                    numba_.GATE_ONE_TOKEN = "numba"
+            fns["numba skip [blas gate]"] = blas_gate
         fns["numba given active"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba",
                                                           active=act_idx)
     for k, f in fns.items():
@@ -202,8 +228,29 @@ def cpu_case(p, sparsity, label, repeats, copy_GBs, have_numba, reference_skip):
         ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba", stats=st)
         paths["numba skip"] = st["path"]
     times = time_interleaved(fns, repeats)
-    return [make_row(k, D, F, T, sparsity, act_idx.size, t, times["numpy dense"], 4, copy_GBs, paths.get(k, ""))
-            for k, t in times.items()]
+    rows = []
+    for k, t in times.items():
+        r = make_row(k, D, F, T, sparsity, act_idx.size, t, times["numpy dense"], 4, copy_GBs, paths.get(k, ""))
+        r.update(spread(LAST_SAMPLES[k]))
+        r["speedup_range"] = [times["numpy dense"] / r["t_p75"], times["numpy dense"] / r["t_p25"]]
+        rows.append(r)
+    return rows
+
+
+def bench_cpu_targets(repeats, copy_GBs):
+    """Issue 14's CPU targets: Mistral-7B layer, batch 1, fp32, 0% and 90% sparsity."""
+    have_numba = "numba" in ms.backends()
+    rows = []
+    for s in (0.9, 0.0):
+        p = make_ffn(4096, 14336, tokens=1, sparsity=s, activation=ACT, dtype=np.float32, seed=0)
+        rows += cpu_case(p, s, f"targets s={s}", repeats, copy_GBs, have_numba, reference_skip=False,
+                         gate_variants=True)
+    print_table(rows, "CPU targets: D=4096, F=14336, batch 1, fp32 (median; spread in the JSON)")
+    for r in rows:
+        print(f"  {r['sparsity']:.2f} {r['method']:<26} median {r['time_s'] * 1e3:8.2f} ms  "
+              f"p25-p75 {r['t_p25'] * 1e3:.2f}-{r['t_p75'] * 1e3:.2f} ms  min {r['t_min'] * 1e3:.2f} ms  "
+              f"speed-up {r['speedup']:.2f}x (p25-p75 time: {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x)")
+    return rows
 
 
 def bench_cpu(shapes, sparsities, batches, repeats, copy_GBs):
@@ -352,10 +399,26 @@ def bench_gpu(shapes, sparsities, repeats, sweep=False):
                 def dense():
                     return relu_mul(wg @ x, wu @ x) @ wd             # cuBLAS GEMVs + 1 fused kernel
 
+                from minisparse.kernels import cupy_
+
+                def three_launches(f):
+                    def g():
+                        cupy_.SPARSE_KERNEL = "split"
+                        try:
+                            return f()
+                        finally:
+                            cupy_.SPARSE_KERNEL = "fused"
+                    return g
+
+                x2, out = x.reshape(1, D), cp.empty((1, D), dtype=x.dtype)
                 fns = {"cupy dense": dense,
                        "cupy skip": lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="cupy"),
                        "cupy given active": lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="cupy",
-                                                                  active=mask)}
+                                                                  active=mask),
+                       "ffn_device skip": lambda: cupy_.ffn_device(x2, wg, wu, wd, ACT, out=out),
+                       "ffn_device given active": lambda: cupy_.ffn_device(x2, wg, wu, wd, ACT, active=mask, out=out)}
+                fns["cupy skip (3 launches)"] = three_launches(fns["cupy skip"])
+                fns["cupy given active (3 launches)"] = three_launches(fns["cupy given active"])
                 tol = 2e-2 if wdt == np.float16 else 1e-4
                 for k, f in fns.items():
                     validate(f"{k} D={D} F={F} s={s} {np.dtype(wdt).name}", f().get(), ref, tol)
@@ -380,23 +443,22 @@ def bench_gpu(shapes, sparsities, repeats, sweep=False):
                     r["timing"] = "graph"
                     rows.append(r)
                 if sweep and s == 0.9:
-                    from minisparse.kernels import cupy_
-                    for dn in (2, 4, 8):
-                        for gt in (8, 16, 32):
-                            cupy_.DOWN_BLOCKS_PER_SM, cupy_.GATE_BLOCKS_PER_SM = dn, gt
-                            tsk, _ = graph_time(fns["cupy skip"])
-                            tac, _ = graph_time(fns["cupy given active"])
-                            print(f"  sweep {np.dtype(wdt).name} down/SM={dn} gate/SM={gt}: skip "
-                                  f"{tsk * 1e6 if tsk else float('nan'):.1f} us, given active "
-                                  f"{tac * 1e6 if tac else float('nan'):.1f} us")
-                            sweeps.append(dict(dtype=np.dtype(wdt).name, dim=D, ffn_dim=F, down_per_sm=dn,
-                                               gate_per_sm=gt, skip_s=tsk, active_s=tac))
-                    cupy_.DOWN_BLOCKS_PER_SM, cupy_.GATE_BLOCKS_PER_SM = 4, 16
+                    for bps in (1, 2, 3, 4, 6):
+                        cupy_.FUSED_BLOCKS_PER_SM = bps
+                        tsk, _ = graph_time(fns["cupy skip"])
+                        tac, _ = graph_time(fns["cupy given active"])
+                        print(f"  sweep {np.dtype(wdt).name} ffn_fused blocks/SM={bps}: skip "
+                              f"{tsk * 1e6 if tsk else float('nan'):.1f} us, given active "
+                              f"{tac * 1e6 if tac else float('nan'):.1f} us")
+                        sweeps.append(dict(dtype=np.dtype(wdt).name, dim=D, ffn_dim=F, fused_blocks_per_sm=bps,
+                                           skip_s=tsk, active_s=tac))
+                    cupy_.FUSED_BLOCKS_PER_SM = 2
                 del wg, wu, wd
                 cp.get_default_memory_pool().free_all_blocks()
             print_table([r for r in rows if r["dim"] == D and r["dtype"] == np.dtype(wdt).name],
                         f"GPU {name}, D={D}, F={F}, batch 1, {np.dtype(wdt).name} weights")
-    return rows, dict(gpu=name, copy_GBs=copy_GBs, sweeps=sweeps)
+    from minisparse.kernels import cupy_
+    return rows, dict(gpu=name, copy_GBs=copy_GBs, sweeps=sweeps, compile_notes=list(cupy_.COMPILE_NOTES))
 
 
 # ======================================================================================
@@ -406,6 +468,8 @@ def main(argv=None):
     ap.add_argument("--gpu-only", action="store_true", help="only the CuPy rows")
     ap.add_argument("--cpu-only", action="store_true", help="only the CPU rows")
     ap.add_argument("--sweep", action="store_true", help="GPU: also sweep the kernels' grid sizes at 90%%")
+    ap.add_argument("--targets", action="store_true",
+                    help="only issue 14's target cases (Mistral-7B layer, batch 1; CPU 0%%/90%%, GPU 0/90%%)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per method (median)")
     ap.add_argument("--json", default=None, help="write results here (default bench/results/ffn_sparse_{cpu,gpu}.json)")
     args = ap.parse_args(argv)
@@ -414,7 +478,11 @@ def main(argv=None):
     else:
         shapes, sparsities, batches, repeats = [(512, 1536), (4096, 14336)], SPARSITIES, BATCHES, 9
     repeats = args.repeats or repeats
-    result = dict(machine=dict(platform=platform.platform(), processor=platform.processor(),
+    if args.targets:
+        shapes, sparsities = [(4096, 14336)], [0.0, 0.9]
+        repeats = args.repeats or 15
+    result = dict(machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_model=cpu_model(),
+                               runtime=ms.runtime.describe(),
                                cpus=os.cpu_count(), numpy=np.__version__, loadavg_start=os.getloadavg(),
                                threads_env={k: os.environ.get(k) for k in
                                             ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}),
@@ -429,14 +497,18 @@ def main(argv=None):
             pass
         print(f"CPU copy bandwidth: {bw}")
         result["cpu_bandwidth"] = bw
-        result["cpu"] = bench_cpu(shapes, sparsities, batches, repeats, bw["copy_GBs"])
+        if args.targets:
+            result["cpu"] = bench_cpu_targets(repeats, bw["copy_GBs"])
+        else:
+            result["cpu"] = bench_cpu(shapes, sparsities, batches, repeats, bw["copy_GBs"])
         path = args.json or os.path.join(out_default, "ffn_sparse_cpu" + ("_quick" if args.quick else "") + ".json")
     if not args.cpu_only and (args.gpu_only or "cupy" in ms.backends()):
-        gpu_shapes = [(256, 768)] if args.quick else [(4096, 14336), (512, 1536)]
-        result["gpu"], result["gpu_info"] = bench_gpu(gpu_shapes, sparsities, 7 if args.quick else 15,
+        gpu_shapes = [(256, 768)] if args.quick else [(4096, 14336)] if args.targets else [(4096, 14336), (512, 1536)]
+        result["gpu"], result["gpu_info"] = bench_gpu(gpu_shapes, sparsities, 7 if args.quick else args.repeats or 15,
                                                       sweep=args.sweep)
         path = args.json or os.path.join(out_default, "ffn_sparse_gpu" + ("_quick" if args.quick else "") + ".json")
     result["machine"]["loadavg_end"] = os.getloadavg()
+    result["machine"]["runtime"] = ms.runtime.describe()
     print(f"load average at start {result['machine']['loadavg_start']}, at end {result['machine']['loadavg_end']}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:

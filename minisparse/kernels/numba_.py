@@ -58,7 +58,11 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # exceeds this fraction (measured with bench/ffn_sparse.py on 2 cores; see bench/README.md)
 _DENSE_ABOVE = ((1, 0.70), (4, 0.55), (16, 0.35), (64, 0.2))
 _BLAS_GATE_FROM_T = 8          # from this many tokens, the gate is one BLAS GEMM
-GATE_ONE_TOKEN = "blas"        # batch 1: the dense gate GEMV by BLAS ("blas") or by the numba pass ("numba")
+# batch 1: the dense gate GEMV by the numba pass ("numba", four rows at a time) or by BLAS
+# ("blas"). Measured side by side (bench/ffn_sparse.py --targets, 2-core Intel Xeon, Mistral-7B
+# layer, 90%): numba 2.46x vs BLAS 1.99x over dense; the numba pass also keeps BLAS's thread
+# pool out of the call (no hand-over between two thread pools on every FFN).
+GATE_ONE_TOKEN = "numba"
 _PARALLEL_FROM = 1 << 20       # weights (x tokens) a pass must stream before threads are used
 
 
