@@ -205,3 +205,25 @@ def test_bench_readme_links_are_rewritten(tmp_path):
     assert hooks._demote_headings("# Title\n## A\n```\n# not a heading\n```\n## B") == \
         "## A\n```\n# not a heading\n```\n## B"                  # the README's title is dropped
     assert hooks._demote_headings("# Title\n# A\n## B") == "## A\n### B"   # other H1s: all demoted
+
+
+BENCH_FIGURES = ["bench_loss_curves.png", "bench_sparsity_per_layer.png", "bench_speedup_cpu.png",
+                 "bench_speedup_gpu.png"]
+
+
+def test_benchmarks_page_shows_its_figures(site):
+    """The Benchmarks page shows the plots (made by docs/scripts/make_figures.py from bench/results)."""
+    html = (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
+    shown = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    for name in BENCH_FIGURES:
+        assert (ROOT / "docs" / "assets" / name).is_file(), f"docs/assets/{name} missing: run docs/scripts/make_figures.py"
+        assert any(src.endswith(name) for src in shown), f"the Benchmarks page does not show {name}"
+        assert (site / "assets" / name).is_file()
+
+
+def test_one_page_model_is_on_the_site(site):
+    """docs/tiny.md shows minisparse/tiny.py itself (included at build time, never a stale copy)."""
+    html = re.sub(r"<[^>]+>", "", (site / "tiny" / "index.html").read_text(encoding="utf-8"))
+    assert "def ffn_sparse" in html and "def generate" in html and "source:" not in html
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert 'href="tiny/' in home, "the Home page should point to the one-page model"

@@ -133,3 +133,12 @@ def test_runs_as_a_script():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "sparse and dense agree" in proc.stdout
+
+
+def test_the_docs_page_example_runs():
+    """The example on docs/tiny.md (the site's page for this file) runs as printed."""
+    import re
+    text = (ROOT / "docs" / "tiny.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    assert "tiny.forward" in code
+    exec(compile(code, "docs/tiny.md", "exec"), {})

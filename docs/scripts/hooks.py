@@ -1,6 +1,6 @@
 """mkdocs hooks of the minisparse site (declared under ``hooks:`` in mkdocs.yml).
 
-Five jobs.
+Seven jobs.
 
 1. The Benchmarks page shows ``bench/README.md`` (the tables the benchmark scripts
 record, with the machine they ran on) without copying it by hand. ``docs/benchmarks.md``
@@ -42,6 +42,9 @@ extra; it needs no Django) into ``assets/vendor/mathjax/``; the theme uses syste
 for MathJax 2 and mermaid from a CDN (our notebooks use neither: ``javascripts/mathjax.js``
 typesets them, and they hold no mermaid diagram); those loaders are removed from the
 HTML. tests/test_docs.py builds the site and fails on any external reference.
+
+7. ``<!-- source: minisparse/tiny.py -->`` becomes the whole file as a code block (the
+one-page model on the site is always the file itself).
 """
 from __future__ import annotations
 
@@ -203,8 +206,22 @@ def cli_help_markdown() -> str:
     return "\n".join(out)
 
 
+SOURCE_MARKER = re.compile(r"<!-- source: ([\w./-]+\.py) -->")
+
+
+def _source_block(m: re.Match, config) -> str:
+    """``<!-- source: path.py -->`` becomes that file of the repository as a Python code block."""
+    path = _repo_root(config) / m.group(1)
+    if not path.is_file():
+        from mkdocs.exceptions import PluginError
+        raise PluginError(f"<!-- source: {m.group(1)} -->: no such file in the repository")
+    return "```python\n" + path.read_text(encoding="utf-8").rstrip("\n") + "\n```\n"
+
+
 def on_page_markdown(markdown, page, config, files):
-    """Expand the markers: bench/README.md on the Benchmarks page, the ModelConfig fields table."""
+    """Expand the markers: bench/README.md on the Benchmarks page, the ModelConfig fields table,
+    ``<!-- source: minisparse/tiny.py -->`` (a file of the repository shown whole)."""
+    markdown = SOURCE_MARKER.sub(lambda m: _source_block(m, config), markdown)
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_help_markdown())
     if FIELDS_MARKER in markdown:

@@ -7,6 +7,16 @@
   and the ideal speed-up of batch-1 decoding as a function of the active fraction.
 * ``activations.png`` (Concepts): ReLU, GELU, SiLU and squared ReLU near zero.
 
+From the benchmark results in ``bench/results/`` (the Benchmarks page):
+
+* ``bench_loss_curves.png``: training loss of the small-scale TurboSparse reproduction
+  (``reproduce_turbosparse.json``), one curve per activation and ReLUfied model;
+* ``bench_sparsity_per_layer.png``: exact zeros of the FFN activation per layer, same runs;
+* ``bench_speedup_cpu.png``: FFN speed-up over dense BLAS against sparsity, Numba kernels,
+  with the ideal curves (``ffn_sparse_cpu_quiet.json``);
+* ``bench_speedup_gpu.png``: the same for the CuPy kernels over cuBLAS on an H200
+  (``ffn_sparse_gpu_run2.json``).
+
 Deterministic (fixed seeds); needs matplotlib (the ``plot`` extra).
 """
 from __future__ import annotations
@@ -22,6 +32,7 @@ import numpy as np  # noqa: E402
 import minisparse as ms  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "assets"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
 def ideal_dense_gate(a):
@@ -108,10 +119,147 @@ def activations(path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------------------
+# benchmark figures, from bench/results/*.json
+# --------------------------------------------------------------------------------------
+def _load(name: str):
+    import json
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+TURBO_ORDER = ["swiglu", "geglu", "reglu", "drelu", "swiglu->reglu", "swiglu->drelu"]
+TURBO_STYLE = {"swiglu": ("C0", "-"), "geglu": ("C1", "-"), "reglu": ("C2", "-"), "drelu": ("C3", "-"),
+               "swiglu->reglu": ("C2", "--"), "swiglu->drelu": ("C3", "--")}
+
+
+def bench_loss_curves(path: Path, data: dict) -> None:
+    hist, res = data["histories"], data["results"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for name in [n for n in TURBO_ORDER if n in hist]:
+        steps = np.array([r["step"] for r in hist[name]])
+        loss = np.array([r["loss"] for r in hist[name]])
+        k = 25
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")                # moving average
+        color, ls = TURBO_STYLE.get(name, ("0.3", "-"))
+        if "->" in name:                                                       # ReLUfication continues
+            steps = steps + data["config"]["steps"]                            # after the base run
+        val = res.get(name, {}).get("val_loss")
+        ax.plot(steps[k - 1:], smooth, ls, color=color, lw=1.4,
+                label=f"{name} (val {val:.3f})" if val is not None else name)
+    ax.set_xlabel("training step (ReLUfied models continue the trained swiglu model)")
+    ax.set_ylabel("training loss, nats/byte (moving average of 25)")
+    lo = min(np.min([r["loss"] for r in h]) for h in hist.values())
+    ax.set_ylim(lo - 0.05, lo + 1.2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, ncol=2)
+    c = data["config"]
+    ax.set_title(f"Small-scale TurboSparse reproduction: preset {c['preset']}, {c['steps']} steps of "
+                 f"{c['batch_size']}x{c['seq_len']} bytes, {c['corpus']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_sparsity_per_layer(path: Path, data: dict) -> None:
+    res = data["results"]
+    names = [n for n in TURBO_ORDER if n in res]
+    n_layers = len(res[names[0]]["exact_zero_per_layer"])
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        z = np.array(res[name]["exact_zero_per_layer"])
+        color, ls = TURBO_STYLE.get(name, ("0.3", "-"))
+        ax.bar(np.arange(n_layers) + (j - (len(names) - 1) / 2) * width, 100 * z, width, color=color,
+               hatch="//" if ls == "--" else None, edgecolor="white", lw=0.5,
+               label=f"{name} ({100 * res[name]['exact_zero']:.1f}% overall)")
+    ax.set_xticks(np.arange(n_layers))
+    ax.set_xticklabels([f"layer {i}" for i in range(n_layers)])
+    ax.set_ylabel("FFN activations exactly 0 (%)")
+    ax.set_ylim(0, 128)
+    ax.set_yticks([0, 20, 40, 60, 80, 100])
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, ncol=3, loc="upper left")
+    ax.set_title("Exact zeros of h per layer on held-out text (SwiGLU and GEGLU: none)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _speedup_panel(ax, rows, methods, title):
+    """Speed-up over dense against sparsity for each method, with its ideal curve."""
+    for (method, label, color, with_ideal) in methods:
+        pts = sorted((r["sparsity"], r["speedup"], r["ideal"]) for r in rows if r["method"] == method)
+        if not pts:
+            continue
+        s, sp, ideal = map(np.array, zip(*pts))
+        ax.plot(100 * s, sp, "o-", color=color, label=label, ms=4)
+        if with_ideal:
+            ax.plot(100 * s, ideal, ":", color=color, lw=1.4)
+    ax.axhline(1.0, color="0.5", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(0.2, 130)
+    ax.set_yticks([0.5, 1, 2, 3, 5, 10, 20, 50, 100])
+    ax.set_yticklabels(["0.5x", "1x", "2x", "3x", "5x", "10x", "20x", "50x", "100x"])
+    ax.set_xlabel("sparsity: neurons whose h is 0 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def bench_speedup_cpu(path: Path, data: dict) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    methods = [("numba skip", "numba, gate dense (ideal 3/(1+2a))", "C0", True),
+               ("numba given active", "numba, active set given (ideal 1/a)", "C1", True),
+               ("numpy skip (ref)", "NumPy reference skip (same ideal as gate dense)", "0.6", False)]
+    for ax, (D, F) in zip(axes, [(4096, 14336), (512, 1536)]):
+        rows = [r for r in data["cpu"] if r["tokens"] == 1 and r["dim"] == D and r["ffn_dim"] == F]
+        _speedup_panel(ax, rows, methods, f"D={D}, F={F}, batch 1, float32")
+    axes[0].set_ylabel("speed-up over dense NumPy/BLAS\n(dotted: ideal, bytes read)")
+    axes[0].legend(fontsize=8, frameon=False)
+    m = data.get("machine", {})
+    fig.suptitle(f"CPU FFN kernels: {m.get('cpus', '?')}-core x86-64 VM, NumPy {m.get('numpy', '?')} "
+                 "(bench/results/ffn_sparse_cpu_quiet.json)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_speedup_gpu(path: Path, data: dict) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    methods = [("cupy skip [graph]", "skip, gate dense, CUDA graph (ideal 3/(1+2a))", "C0", True),
+               ("cupy given active [graph]", "active set given, CUDA graph (ideal 1/a)", "C1", True),
+               ("cupy skip", "skip, gate dense, eager launches (same ideal)", "C2", False)]
+    for ax, dtype in zip(axes, ["float16", "float32"]):
+        rows = [r for r in data["gpu"] if r["dtype"] == dtype and r["dim"] == 4096 and r["tokens"] == 1]
+        _speedup_panel(ax, rows, methods, f"Mistral-7B FFN layer D=4096, F=14336, batch 1, {dtype}")
+    axes[0].set_ylabel("speed-up over dense cuBLAS\n(dotted: ideal, bytes read)")
+    axes[0].legend(fontsize=8, frameon=False)
+    info = data.get("gpu_info", {})
+    fig.suptitle(f"GPU FFN kernels: one {info.get('gpu', 'GPU')}, CuPy "
+                 "(bench/results/ffn_sparse_gpu_run2.json)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_figures() -> None:
+    turbo = _load("reproduce_turbosparse.json")
+    if turbo:
+        bench_loss_curves(OUT / "bench_loss_curves.png", turbo)
+        bench_sparsity_per_layer(OUT / "bench_sparsity_per_layer.png", turbo)
+    cpu = _load("ffn_sparse_cpu_quiet.json")
+    if cpu:
+        bench_speedup_cpu(OUT / "bench_speedup_cpu.png", cpu)
+    gpu = _load("ffn_sparse_gpu_run2.json")
+    if gpu:
+        bench_speedup_gpu(OUT / "bench_speedup_gpu.png", gpu)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     neuron_skipping(OUT / "neuron_skipping.png")
     activations(OUT / "activations.png")
+    bench_figures()
     print("wrote", sorted(p.name for p in OUT.glob("*.png")))
 
 
