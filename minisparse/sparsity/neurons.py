@@ -17,7 +17,7 @@ import numpy as np
 
 Array = np.ndarray
 
-__all__ = ["activation_frequency", "hot_cold_ranking", "coverage", "coverage_curve",
+__all__ = ["activation_frequency", "hot_cold_ranking", "coverage", "coverage_curve", "neurons_for_coverage",
            "consecutive_reuse", "powerlaw_slope"]
 
 
@@ -61,6 +61,30 @@ def coverage(counts, top_fraction: float) -> float:
         raise ValueError("no activations counted: every count is zero (record some tokens first)")
     k = int(np.ceil(top_fraction * len(c) - 1e-9))
     return float(c[:k].sum() / total)
+
+
+def neurons_for_coverage(counts, share: float = 0.8) -> float:
+    """Smallest fraction of neurons (hottest first) that accounts for ``share`` of all activations.
+
+    PowerInfer's statistic: 26% / 43% / 69% of neurons cover 80% of the activations of
+    OPT-30B / LLaMA2-ReGLU-70B / LLaMA2-SwiGLU-70B. ``counts[f]``: tokens neuron f fired on
+    (or any non-negative weight, e.g. its summed ``|h|``). A neuron that fires on every token
+    makes every neuron equal: a model without exact zeros (SwiGLU, counting ``h != 0``)
+    needs ``share`` of its neurons by construction.
+
+    >>> neurons_for_coverage([6, 2, 1, 1], 0.8)      # 6 + 2 = 8 of 10 activations: 2 of 4 neurons
+    0.5
+    >>> neurons_for_coverage([5] * 10, 0.8)          # equal neurons: 8 of 10
+    0.8
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must lie in (0, 1], got {share}")
+    c = np.sort(np.asarray(counts, dtype=np.float64))[::-1]           # (F,) hottest first
+    total = c.sum()
+    if total <= 0:
+        raise ValueError("no activations counted: every count is zero (record some tokens first)")
+    k = int(np.searchsorted(np.cumsum(c) / total, share - 1e-12) + 1)
+    return k / len(c)
 
 
 def coverage_curve(counts) -> Tuple[Array, Array]:
