@@ -491,6 +491,69 @@ class _Reader:
                                 "probably truncated or corrupt: download or save it again") from None
 
 
+def _check_tensors(reader: "_Reader", entries: List[Entry], shapes: dict, cfg: ModelConfig, folder: Path,
+                   arch: str, strict: bool) -> None:
+    """Every tensor the config needs is present, floating point and of the right shape; tensors it
+    does not need are refused (strict) or warned about."""
+    missing = sorted({hf for _, hf, _, _ in entries if hf not in reader.where})
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise HFFormatError(f"{folder}: {len(missing)} tensor(s) the {arch} config needs are missing: "
+                            f"{missing[:10]}{more}")
+    for ms_name, hf, op, _ in entries:
+        if reader.dtype(hf) not in _FLOAT_CODES:
+            raise HFFormatError(f"{folder}: tensor {hf!r} has dtype {reader.dtype(hf)}; weights must be "
+                                f"floating point ({', '.join(_FLOAT_CODES)})")
+        want, found = _hf_shape(op, shapes[ms_name]), reader.shape(hf)
+        if want != found:
+            raise HFFormatError(f"{folder}: tensor {hf!r}: expected shape {want} from config.json, found "
+                                f"{found}; config.json and the weights disagree")
+    used = {hf for _, hf, _, _ in entries}
+    skipped: Dict[str, List[str]] = {}
+    extra = []
+    for name in sorted(set(reader.where) - used):
+        why = _ignorable(name, cfg)
+        if why is None:
+            extra.append(name)
+        else:
+            skipped.setdefault(why, []).append(name)
+    if extra:
+        msg = (f"{folder}: {len(extra)} tensor(s) that a {arch} with this config does not have: "
+               f"{extra[:10]}{' ...' if len(extra) > 10 else ''}; the config may be wrong (e.g. hidden_act, "
+               "tie_word_embeddings) or the checkpoint is another architecture")
+        if strict:
+            raise HFFormatError(msg + " (strict=False loads it anyway, ignoring them)")
+        warnings.warn(msg, stacklevel=3)
+    if "predictor" in skipped:
+        warnings.warn(f"{folder}: skipped {len(skipped['predictor'])} TurboSparse activation-predictor "
+                      "tensors (minisparse computes the gate densely instead)", stacklevel=3)
+
+
+def _read_params(reader: "_Reader", entries: List[Entry], shapes: dict, dt: np.dtype) -> Dict[str, Array]:
+    """Read one tensor at a time into its final array (one extra copy at a time)."""
+    params: Dict[str, Array] = {}
+    for ms_name, hf, op, e in entries:
+        if op in ("copy", "T"):
+            t = reader.read(hf)
+            params[ms_name] = np.ascontiguousarray(t.T if op == "T" else t, dtype=dt)
+            del t                              # before the next read: one extra copy at a time
+            continue
+        if ms_name not in params:
+            params[ms_name] = np.empty(shapes[ms_name], dtype=dt)
+        dest = params[ms_name]
+        if op == "expert":
+            dest[e] = reader.read(hf)
+        elif op == "expertT":
+            dest[e] = reader.read(hf).T
+        elif op in ("fused_gate", "fused_up"):
+            F = dest.shape[1]
+            dest[...] = reader.read(hf, np.s_[:, :F] if op == "fused_gate" else np.s_[:, F:])
+        else:  # fusedT: (E, D, F) -> (E, F, D), one expert at a time
+            for k in range(dest.shape[0]):
+                dest[k] = reader.read(hf, np.s_[k:k + 1])[0].T                 # (F, D)
+    return params
+
+
 def load_hf(path: PathLike, dtype=np.float32, max_seq_len: Optional[int] = None,
             strict: bool = True, backend: Optional[str] = None) -> Transformer:
     """Load a Hugging Face checkpoint folder as a :class:`minisparse.Transformer`.
@@ -538,60 +601,8 @@ def load_hf(path: PathLike, dtype=np.float32, max_seq_len: Optional[int] = None,
     with ExitStack() as stack:
         reader = _Reader(folder, stack)
         entries = _name_map(cfg, reader.where)
-        # 1. every tensor is present with the right shape, before anything is read
-        missing = sorted({hf for _, hf, _, _ in entries if hf not in reader.where})
-        if missing:
-            more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
-            raise HFFormatError(f"{folder}: {len(missing)} tensor(s) the {arch} config needs are missing: "
-                                f"{missing[:10]}{more}")
-        for ms_name, hf, op, _ in entries:
-            if reader.dtype(hf) not in _FLOAT_CODES:
-                raise HFFormatError(f"{folder}: tensor {hf!r} has dtype {reader.dtype(hf)}; weights must be "
-                                    f"floating point ({', '.join(_FLOAT_CODES)})")
-            want, found = _hf_shape(op, shapes[ms_name]), reader.shape(hf)
-            if want != found:
-                raise HFFormatError(f"{folder}: tensor {hf!r}: expected shape {want} from config.json, found "
-                                    f"{found}; config.json and the weights disagree")
-        used = {hf for _, hf, _, _ in entries}
-        skipped: Dict[str, List[str]] = {}
-        extra = []
-        for name in sorted(set(reader.where) - used):
-            why = _ignorable(name, cfg)
-            if why is None:
-                extra.append(name)
-            else:
-                skipped.setdefault(why, []).append(name)
-        if extra:
-            msg = (f"{folder}: {len(extra)} tensor(s) that a {arch} with this config does not have: "
-                   f"{extra[:10]}{' ...' if len(extra) > 10 else ''}; the config may be wrong (e.g. hidden_act, "
-                   "tie_word_embeddings) or the checkpoint is another architecture")
-            if strict:
-                raise HFFormatError(msg + " (strict=False loads it anyway, ignoring them)")
-            warnings.warn(msg, stacklevel=2)
-        if "predictor" in skipped:
-            warnings.warn(f"{folder}: skipped {len(skipped['predictor'])} TurboSparse activation-predictor "
-                          "tensors (minisparse computes the gate densely instead)", stacklevel=2)
-        # 2. read one tensor at a time into its final array
-        params: Dict[str, Array] = {}
-        for ms_name, hf, op, e in entries:
-            if op in ("copy", "T"):
-                t = reader.read(hf)
-                params[ms_name] = np.ascontiguousarray(t.T if op == "T" else t, dtype=dt)
-                del t                              # before the next read: one extra copy at a time
-            else:
-                if ms_name not in params:
-                    params[ms_name] = np.empty(shapes[ms_name], dtype=dt)
-                dest = params[ms_name]
-                if op == "expert":
-                    dest[e] = reader.read(hf)
-                elif op == "expertT":
-                    dest[e] = reader.read(hf).T
-                elif op in ("fused_gate", "fused_up"):
-                    F = dest.shape[1]
-                    dest[...] = reader.read(hf, np.s_[:, :F] if op == "fused_gate" else np.s_[:, F:])
-                else:  # fusedT: (E, D, F) -> (E, F, D), one expert at a time
-                    for k in range(dest.shape[0]):
-                        dest[k] = reader.read(hf, np.s_[k:k + 1])[0].T                 # (F, D)
+        _check_tensors(reader, entries, shapes, cfg, folder, arch, strict)    # before anything is read
+        params = _read_params(reader, entries, shapes, dt)
     params = {k: params[k] for k in shapes}   # the model's parameter order
     return Transformer(cfg, dtype=dt, backend=backend, params=params)
 

@@ -433,6 +433,25 @@ def _check_resume(model: Transformer, state) -> None:
                          f"model dtype {model.dtype}")
 
 
+def _check_inputs(model: Transformer, corpus: Corpus, cfg: TrainConfig) -> None:
+    if not isinstance(model, Transformer):
+        raise TypeError(f"train() takes a minisparse Transformer, got {type(model).__name__}")
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
+                         f"{model.config.max_seq_len}; lower seq_len or build the model with a larger max_seq_len")
+    corpus.check_seq_len(cfg.seq_len, "train")
+    if cfg.eval_batches and len(corpus.val) < cfg.seq_len + 1:
+        corpus.check_seq_len(cfg.seq_len, "val")
+
+
+def _open_metrics(out_dir: Optional[Path], past: List[dict]):
+    """``metrics.jsonl`` rewritten with the records kept from before a resume, open for appending."""
+    if out_dir is None:
+        return None
+    write_metrics(out_dir / "metrics.jsonl", past)
+    return open(out_dir / "metrics.jsonl", "a")
+
+
 def _resume_into(model: Transformer, opt: "AdamW", rng: np.random.Generator, cfg: TrainConfig,
                  resume, out_dir: Optional[Path]) -> Tuple[int, List[dict]]:
     """Load a checkpoint's weights, optimizer moments and batch-generator state into the
@@ -560,14 +579,7 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     5
     """
     cfg = cfg or TrainConfig()
-    if not isinstance(model, Transformer):
-        raise TypeError(f"train() takes a minisparse Transformer, got {type(model).__name__}")
-    if cfg.seq_len > model.config.max_seq_len:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
-                         f"{model.config.max_seq_len}; lower seq_len or build the model with a larger max_seq_len")
-    corpus.check_seq_len(cfg.seq_len, "train")
-    if cfg.eval_batches and len(corpus.val) < cfg.seq_len + 1:
-        corpus.check_seq_len(cfg.seq_len, "val")
+    _check_inputs(model, corpus, cfg)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -581,14 +593,9 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     save_ckpt = _Saver(model, opt, rng, cfg, corpus, out_dir, resume)
 
     history: List[dict] = []
-    metrics_f = None
-    if out_dir is not None:
-        write_metrics(out_dir / "metrics.jsonl", past)
-        metrics_f = open(out_dir / "metrics.jsonl", "a")
+    metrics_f = _open_metrics(out_dir, past)
     bar = _Progress(cfg.steps, start, cfg.progress, cfg.log_every)
-    ckpt = None
-    val_loss = float("nan")
-    t_run = time.perf_counter()
+    val_loss, t_run = float("nan"), time.perf_counter()
     try:
         for step in range(start, cfg.steps):
             rec = _train_step(model, corpus, cfg, opt, rng, step, t_run)
@@ -608,7 +615,7 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
             metrics_f.close()
     if start == cfg.steps:                       # resumed a finished run: just evaluate
         val_loss = evaluate(model, corpus, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    ckpt = save_ckpt(cfg.steps)                  # None without an out_dir
     if out_dir is not None:
-        ckpt = save_ckpt(cfg.steps)
         plot_loss(past + history, out_dir / "loss.png")
     return TrainResult(model=model, history=history, final_val_loss=val_loss, optimizer=opt, checkpoint=ckpt)

@@ -16,3 +16,29 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# --------------------------------------------------------------------------------------
+# skip summary: a backend that cannot run here skips many tests for one reason; say the
+# reason on one line and its install hint once, not the same long hint for every location
+# --------------------------------------------------------------------------------------
+_INSTALL = " Install it with: "
+_HINTS: dict = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+        reason = str(rep.longrepr[2])
+        if _INSTALL in reason:
+            short, _, hint = reason.partition(_INSTALL)
+            _HINTS[short.rstrip(".")] = hint
+            rep.longrepr = (os.path.dirname(__file__), None, f"{short.rstrip('.')} (install hint in the summary)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for short, hint in _HINTS.items():
+        label = short.removeprefix("Skipped: ").split(":")[0]
+        terminalreporter.write_line(f"install hint ({label}): {hint}")

@@ -261,3 +261,45 @@ def test_demo_quick_help_matches_the_preset(capsys):
     with pytest.raises(SystemExit):
         run(["demo", "--help"])
     assert f"{DEMO_QUICK['steps']} steps" in " ".join(capsys.readouterr().out.split())
+
+
+# --------------------------------------------------------------------------------------
+# help and output (issue 16)
+# --------------------------------------------------------------------------------------
+def _help(command, capsys):
+    with pytest.raises(SystemExit):
+        run([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_texts_are_clean(capsys):
+    assert "%%" not in _help("profile", capsys) and "10% of neurons" in " ".join(_help("profile", capsys).split())
+    text = _help("bench", capsys)
+    assert "``" not in text
+    assert text.count("Time a sparse FFN") == 1 and "examples:" in text
+    gen = " ".join(_help("generate", capsys).split())
+    for flag, default in (("--max-new-tokens", "default 200"), ("--top-k", "default: all"),
+                          ("--top-p", "default: off"), ("--seed", "default: a fresh one")):
+        assert f"{flag} {flag[2:].upper().replace('-', '_')} " in gen and default in gen, flag
+
+
+def test_train_reports_nats_per_byte_with_bits_per_byte(tmp_path, data, capsys):
+    assert run(["train", "--preset", "nano", "--steps", 1, "--batch-size", 2, "--seq-len", 16, "--data", data,
+                "--out", tmp_path / "r", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "nats/byte" in out and "bits/byte" in out and "nats/token" not in out
+
+
+def test_moe_training_prints_and_plots_routing(tmp_path, data, capsys):
+    out = tmp_path / "moe"
+    assert run(["train", "--preset", "nano", "--experts", 4, "--top-k", 2, "--steps", 2, "--eval-every", 1,
+                "--batch-size", 2, "--seq-len", 16, "--data", data, "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("routing at step") == 2 and "busiest/idlest" in text and "entropy" in text
+    recs = [json.loads(x) for x in (out / "routing.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    for L in recs[-1]["layers"]:
+        assert abs(sum(L["load"]) - 1) < 1e-9 and L["busiest_idlest"] >= 1
+        assert 0 <= L["router_entropy"] <= np.log(4) + 1e-9
+    if pytest.importorskip("matplotlib"):
+        assert (out / "routing.png").stat().st_size > 1000

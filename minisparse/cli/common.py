@@ -72,6 +72,14 @@ def os_error_line(e: OSError) -> str:
     return f"{cause}: {str(where)!r}{extra}"
 
 
+def loss_text(loss: float, byte_level: bool, digits: int = 4) -> str:
+    """``"1.2340 nats/byte (1.780 bits/byte)"`` for byte-level tokens (minisparse's own corpora),
+    ``"1.2340 nats/token"`` for a model with its own tokenizer: one unit everywhere."""
+    if byte_level:
+        return f"{loss:.{digits}f} nats/byte ({loss / math.log(2):.{digits - 1}f} bits/byte)"
+    return f"{loss:.{digits}f} nats/token"
+
+
 # --------------------------------------------------------------------------------------
 # argument types: say what was wrong
 # --------------------------------------------------------------------------------------

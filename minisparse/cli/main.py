@@ -105,6 +105,7 @@ def _threads(args) -> str:
 
 
 def cmd_demo(args) -> int:
+    from .common import loss_text
     from ..config import preset
     from ..data import load_corpus
     from ..model import Transformer
@@ -137,8 +138,8 @@ def cmd_demo(args) -> int:
 
     _print_header("validation")
     first = result.history[0]["loss"]
-    print(f"loss {first:.3f} -> validation loss {result.final_val_loss:.3f} nats/byte "
-          f"({result.final_val_loss / np.log(2):.2f} bits/byte; uniform guess: {np.log(256):.2f} nats)")
+    print(f"loss {first:.3f} -> validation loss {loss_text(result.final_val_loss, byte_level=True, digits=3)}; "
+          f"uniform guess: {np.log(256):.2f} nats/byte")
     _print_header("FFN sparsity (exact zeros of h on validation text)")
     fr = ffn_zero_fraction(model, corpus, batch_size=d["batch_size"], seq_len=d["seq_len"],
                            n_batches=d["sparsity_batches"])
@@ -211,43 +212,46 @@ def _claim_run_folder(out: Path, overwrite: bool) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def cmd_train(args) -> int:
-    from ..checkpoint import load_training_state
-    from ..data import load_corpus
+def _resumed_run(args, given_train: dict):
+    """(model, train-config dict, out folder, start step) of ``--resume``: the header and the
+    weights here; :func:`~minisparse.train.train` reads the optimizer state itself."""
+    from ..checkpoint import checkpoint_path, load, read_metadata
+    arch = [f"--{k.replace('_', '-')}" for k in list(_ARCH_FLAGS) + ["preset", "dtype"] if getattr(args, k) is not None]
+    if arch:
+        raise UserError(f"{', '.join(arch)} cannot be combined with --resume: the model comes from the checkpoint")
+    meta = read_metadata(args.resume)
+    extra = meta.get("extra") or {}
+    saved = extra.get("train_config")
+    if saved is None:
+        raise UserError(f"{args.resume} holds no training config; it cannot be resumed")
+    out = args.out or str(checkpoint_path(args.resume).parent)
+    src = extra.get("corpus") or {}
+    if args.data is None and src.get("path"):          # the run's own corpus, read the same way
+        args.data = src["path"]
+        for key in ("max_bytes", "val_fraction"):
+            if getattr(args, key) is None and src.get(key) is not None:
+                setattr(args, key, src[key])
+    return load(args.resume), {**saved, **given_train}, out, meta.get("step") or 0
+
+
+def _fresh_run(args, given_train: dict):
     from ..model import Transformer
+    dtype = {"float32": np.float32, "float64": np.float64}[args.dtype or "float32"]
+    model = Transformer(_model_config_from_args(args), seed=args.seed or 0, dtype=dtype)
+    out = args.out or "runs/train"
+    _claim_run_folder(check_out_dir(out), args.overwrite)
+    return model, dict(given_train), out, 0
+
+
+def cmd_train(args) -> int:
+    from ..data import load_corpus
     from ..train import TrainConfig, ffn_zero_fraction, train
+    from .common import loss_text
+    from .routing import RoutingMonitor
 
     threads = _threads(args)
-    dtype = {"float32": np.float32, "float64": np.float64}[args.dtype or "float32"]
-    given_train = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items()
-                   if getattr(args, flag) is not None}
-    if args.resume:
-        arch = [f"--{k.replace('_', '-')}" for k in list(_ARCH_FLAGS) + ["preset", "dtype"]
-                if getattr(args, k) is not None]
-        if arch:
-            raise UserError(f"{', '.join(arch)} cannot be combined with --resume: the model comes from the "
-                            "checkpoint")
-        state = load_training_state(args.resume)
-        saved = state.extra.get("train_config")
-        if saved is None:
-            raise UserError(f"{args.resume} holds no training config; it cannot be resumed")
-        tc = {**saved, **given_train}
-        out = args.out or str(Path(state.path).parent)
-        src = state.extra.get("corpus") or {}
-        if args.data is None and src.get("path"):          # the run's own corpus, read the same way
-            args.data = src["path"]
-            for key in ("max_bytes", "val_fraction"):
-                if getattr(args, key) is None and src.get(key) is not None:
-                    setattr(args, key, src[key])
-        model = state.model
-        start = state.step or 0
-    else:
-        cfg = _model_config_from_args(args)
-        model = Transformer(cfg, seed=args.seed or 0, dtype=dtype)
-        tc = dict(given_train)
-        out = args.out or "runs/train"
-        start = 0
-        _claim_run_folder(check_out_dir(out), args.overwrite)
+    given_train = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    model, tc, out, start = (_resumed_run if args.resume else _fresh_run)(args, given_train)
     check_out_dir(out)
     tc.update(out_dir=out, progress=not args.no_progress)
     try:
@@ -265,11 +269,14 @@ def cmd_train(args) -> int:
     print(f"train  : steps {start}..{tcfg.steps}, {tcfg.batch_size} x {tcfg.seq_len} tokens"
           f"{f' x {tcfg.grad_accum} accumulated' if tcfg.grad_accum > 1 else ''}, lr {tcfg.lr}, out {out}, "
           f"BLAS threads: {threads}")
-    result = train(model, corpus, tcfg, resume=args.resume)
-    print(f"validation loss {result.final_val_loss:.4f} nats/token")
+    routing = RoutingMonitor(model, corpus, tcfg.seq_len, out) if c.n_experts else None
+    result = train(model, corpus, tcfg, resume=args.resume, callback=routing)
+    print(f"validation loss {loss_text(result.final_val_loss, byte_level=True)}")
+    if routing is not None:
+        routing.plot()
     fr = ffn_zero_fraction(model, corpus, batch_size=min(8, tcfg.batch_size), seq_len=tcfg.seq_len, n_batches=2)
     print(sparsity_table(fr))
-    for name in ("checkpoint.safetensors", "metrics.jsonl", "loss.png"):
+    for name in RUN_FILES:
         if (Path(out) / name).exists():
             print(f"wrote {Path(out) / name}")
     return 0
@@ -367,11 +374,17 @@ def _register_generate(sub) -> None:
                                    "Hugging Face model folder (config.json + *.safetensors).")
     p.add_argument("--model", required=True, help="checkpoint file, training folder, or HF folder")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a file)")
-    p.add_argument("--max-new-tokens", type=nonneg_int, default=200)
-    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--top-p", type=unit_float, default=None)
-    p.add_argument("--seed", type=nonneg_int, default=None)
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=200,
+                   help="tokens to generate after the prompt (default 200; capped by the model's max_seq_len)")
+    p.add_argument("--temperature", type=nonneg_float, default=0.8,
+                   help="divide the logits by this before sampling; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample among the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=unit_float, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, in (0, 1] "
+                        "(default: off)")
+    p.add_argument("--seed", type=nonneg_int, default=None,
+                   help="seed of the sampler: the same seed gives the same text (default: a fresh one each run)")
     p.add_argument("--backend", default=None, help="sparse FFN backend for decoding (numpy, numba, cupy)")
     p.set_defaults(func=cmd_generate)
 

@@ -38,9 +38,12 @@ def cmd_profile(args) -> int:
     from ..sparsity import plots
     from ..sparsity.quality import loss_vs_sparsity
     from ..sparsity.recorder import Recorder
+    from ..tokenizer import ByteTokenizer
+    from .common import loss_text
     check_out_dir(args.out)
     model, tok = load_any(args.model)
     corpus = load_data(args.data, tok, args.max_bytes)
+    byte_level = isinstance(tok, ByteTokenizer)
     seq_len = min(args.seq_len, model.config.max_seq_len)
     ek = dict(batch_size=args.batch_size, seq_len=seq_len, n_batches=args.batches)
     rec = Recorder(seed=0)
@@ -55,7 +58,8 @@ def cmd_profile(args) -> int:
         curve = loss_vs_sparsity(model, corpus, args.topk, **ek)
         print("validation loss under top-k sparsity (keep the largest |h| per token):")
         for p in curve:
-            print(f"  top-k {p['target']:>5.0%}: loss {p['loss']:.4f}  ({p['loss'] / curve[0]['loss'] - 1:+.2%})")
+            print(f"  top-k {p['target']:>5.0%}: loss {loss_text(p['loss'], byte_level)}  "
+                  f"({p['loss'] / curve[0]['loss'] - 1:+.2%})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "activation": model.config.activation, "data": corpus.name, "eval": ek,
@@ -83,7 +87,7 @@ def register(subparsers) -> None:
         "profile", help="measure a model's FFN activation sparsity, per layer",
         description="Run MODEL over validation text and print, per layer (and expert): exact-zero "
                     "fraction, |h|<0.01, CETT sparsity and threshold, the share of activations from the "
-                    "hottest 10%% of neurons, reuse between consecutive tokens, dead neurons and |h| "
+                    "hottest 10% of neurons, reuse between consecutive tokens, dead neurons and |h| "
                     "quantiles; then the validation loss under top-k sparsity. Writes profile.json and plots.")
     p.add_argument("model", help="checkpoint file, training folder, or Hugging Face folder")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib corpus)")
