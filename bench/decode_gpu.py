@@ -399,6 +399,40 @@ def bench_minisparse(args, cp, copy_GBs):
     return out
 
 
+def check_fp16_full(args, cp):
+    """The float16 decoder against the readable model on the FULL model: the reference runs
+    eagerly on the device (float32 arithmetic) on the half-rounded weights; also the gap
+    between the top two logits of each step, which says how close a step is to a tie."""
+    from minisparse.kernels.decode_cuda import GraphDecoder, exactly_sparse_params
+    cfg = make_config(args)
+    prompt, n = prompt_ids(args, cfg), args.check_fp16
+    p_dev, _ = exactly_sparse_params(cfg, sparsity=0.9, seed=1, xp=cp, dtype=np.float32)
+    out = {}
+    for name, rnd in (("float32 weights", False), ("half-rounded weights", True)):
+        params = {k: (v.astype(cp.float16).astype(cp.float32) if rnd and not k.endswith("norm") else v)
+                  for k, v in p_dev.items()}
+        model = device_model(cfg, params)
+        cache = model.new_cache(1, max_len=len(prompt) + n) if hasattr(model, "new_cache") else None
+        logits = model(np.array([prompt]), cache=cache)[0, -1]
+        ids, gaps = [], []
+        for _ in range(n):
+            lg = cp.asnumpy(logits).astype(np.float64)
+            top = np.sort(lg)[-2:]
+            gaps.append(float((top[1] - top[0]) / np.abs(lg).max()))
+            ids.append(int(np.argmax(lg)))
+            logits = model(np.array([[ids[-1]]]), cache=cache)[0, -1]
+        dec = GraphDecoder(model, mode="dense", weight_dtype="float16" if rnd else "float32",
+                           max_len=len(prompt) + n)
+        got, glg = dec.generate(prompt, n, return_logits=True)
+        out[name] = dict(reference=ids, decoder=got, identical=ids == got, top2_gap_rel=gaps)
+        print(f"  {name}: eager reference {ids}\n  {' ' * len(name)}  GraphDecoder({'float16' if rnd else 'float32'}) "
+              f"{got} -> {'IDENTICAL' if ids == got else 'DIFFER'}; top-2 logit gap / max |logit| per step: "
+              + ", ".join(f"{g:.1e}" for g in gaps))
+        del model, params, dec
+        cp.get_default_memory_pool().free_all_blocks()
+    return out
+
+
 def print_table(rows, title):
     print(f"\n{title}")
     print(f"{'row':<50} {'tok/s':>8} {'ms/tok':>8} {'% floor':>8} {'% own':>7} {'x dense':>8} {'x HF eager':>10}")
@@ -423,6 +457,9 @@ def main(argv=None):
     ap.add_argument("--compile-timeout", type=int, default=200)
     ap.add_argument("--json", default=None, help="default bench/results/decode_gpu[_quick].json")
     ap.add_argument("--hf-compile-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--check-fp16", type=int, default=0, metavar="N",
+                    help="only: N tokens of the float16 decoder against the eager reference on half-rounded "
+                         "weights, full model")
     args = ap.parse_args(argv)
     if args.hf_compile_child:
         return hf_compile_child(args)
@@ -466,6 +503,11 @@ def main(argv=None):
     RESULT.update(gpu=gpu, copy_GBs=copy_GBs, cupy=cp.__version__, platform=platform.platform(),
                   quick=args.quick, prompt_len=args.prompt, new_tokens=args.new)
     print(f"GPU: {gpu}; copy bandwidth {copy_GBs:.0f} GB/s (read + write)")
+    if args.check_fp16:
+        print(f"\nfloat16 decoder vs the eager reference, full model ({shapes(args)['n_layers']} layers)")
+        RESULT["check_fp16"] = check_fp16_full(args, cp)
+        save(path)
+        return 0
 
     print("\n1. validation on a 2-layer slice (tokens against the NumPy reference)")
     RESULT["validation"] = validate_slice(args, cp, torch)
