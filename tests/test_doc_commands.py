@@ -58,6 +58,13 @@ QUICK_RULES = [
     (r"\bmax_new_tokens=\d+", "max_new_tokens=8"),
 ]
 
+# flags added in quick mode to a command that leaves them to their (large) defaults
+QUICK_DEFAULTS = {
+    "train": [("--steps", 2)],
+    "relufy": [("--steps", 2), ("--eval-batches", 2)],
+    "profile": [("--batches", 2)],
+}
+
 # parts of a shell line that are not run here, and why (a line is split at "&&")
 DROPPED = [
     (re.compile(r"^python3? -m venv\b"), "set-up: the test runs inside the environment this creates"),
@@ -84,11 +91,17 @@ def extract_blocks(path: Path) -> list:
 def quick(code: str) -> str:
     for pat, rep in QUICK_RULES:
         code = re.sub(pat, rep, code)
-    # a training command that leaves the number of steps to its default: 2 steps
-    # (not a resumed run: it continues to the step count saved in its checkpoint)
-    return "\n".join(line + " --steps 2" if re.search(r"\bminisparse (train|relufy) ", line)
-                     and not re.search(r"--steps|--resume|--help", line) else line
-                     for line in code.split("\n"))
+    # sizes a command leaves to its defaults: small ones (not for a resumed run, which
+    # continues to the step count saved in its checkpoint)
+    lines = []
+    for line in code.split("\n"):
+        m = re.search(r"\bminisparse (\w+)\b", line)
+        if m and not re.search(r"--resume|--help", line):
+            for flag, value in QUICK_DEFAULTS.get(m.group(1), []):
+                if flag not in line:
+                    line += f" {flag} {value}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def drop_setup(code: str):
@@ -246,7 +259,11 @@ def run_page(path: Path, tmp_root: Path) -> tuple:
     return _RESULTS[path]
 
 
-CASES = [(page, i) for page in PAGES for i, _ in enumerate(extract_blocks(page))]
+# pages whose blocks train models: over ~20 s even at quick sizes (deselect with -m "not slow")
+SLOW_PAGES = {"train.md", "profile.md", "relufy.md", "huggingface.md"}
+CASES = [pytest.param(page, i, marks=[pytest.mark.slow] if page.name in SLOW_PAGES else [],
+                      id=f"{page.relative_to(ROOT)}:{line}")
+         for page in PAGES for i, (line, _, _) in enumerate(extract_blocks(page))]
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +271,7 @@ def tmp_root(tmp_path_factory):
     return tmp_path_factory.mktemp("doc_commands")
 
 
-@pytest.mark.parametrize("page,index", CASES,
-                         ids=[f"{p.relative_to(ROOT)}:{extract_blocks(p)[i][0]}" for p, i in CASES])
+@pytest.mark.parametrize("page,index", CASES)
 def test_documented_block_runs(page, index, tmp_root):
     blocks, results = run_page(page, tmp_root)
     b, r = blocks[index], results[index]
@@ -276,6 +292,7 @@ def test_extraction_and_rewrites():
     assert quick("--ffn-dim 172 --ffn-dim 14336") == "--ffn-dim 172 --ffn-dim 768"
     assert quick("minisparse train --experts 8 --out r\nminisparse train --resume r/c") == \
         "minisparse train --experts 8 --out r --steps 2\nminisparse train --resume r/c"
+    assert quick("minisparse profile runs/x") == "minisparse profile runs/x --batches 2"
     code, dropped = drop_setup('python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" '
                                "&& minisparse demo\n. .venv/bin/activate && python -m pytest\n")
     assert code == "minisparse demo" and len(dropped) == 5
