@@ -19,7 +19,7 @@ When ``bench/README.md`` does not exist yet the marker becomes a note saying so.
 2. Docstrings often show array indexing such as ``stats["layers"][0]`` in plain text;
 Markdown reads ``[...][0]`` as a reference-style link and mkdocs-autorefs warns that it
 cannot find the target ``0``, which fails ``strict`` mode. A target made only of digits,
-commas, colons and spaces is never a cross-reference, so those warnings (and only those)
+commas, colons, points and spaces (``[0.0, 0.38]``) is never a cross-reference, so those warnings (and only those)
 are lowered to debug messages. Every other unresolved reference still fails the build.
 
 3. ``<!-- modelconfig-fields -->`` on a page becomes a table of every ``ModelConfig``
@@ -56,7 +56,7 @@ from mkdocs.structure.files import File
 
 log = logging.getLogger("mkdocs.hooks.minisparse")
 
-_INDEX_TARGET = re.compile(r"Could not find cross-reference target '[\d\s,:\-]*'")
+_INDEX_TARGET = re.compile(r"Could not find cross-reference target '[\d\s,:.\-]*'")
 
 
 class _ArrayIndexNotALink(logging.Filter):
