@@ -57,8 +57,10 @@ def attention(x, p, pre, cfg, cache, start):
     v = (x @ p[pre + "wv"]).reshape(T, K, -1).transpose(1, 0, 2)           # (K, T, Dh)
     pos = np.arange(start, start + T)                                      # (T,)
     q, k = rope(q, pos, cfg["rope_theta"]), rope(k, pos, cfg["rope_theta"])
-    k = cache["k"] = np.concatenate([cache["k"], k], axis=1) if "k" in cache else k  # (K, S, Dh)
-    v = cache["v"] = np.concatenate([cache["v"], v], axis=1) if "v" in cache else v  # (K, S, Dh)
+    if "k" in cache:                                                       # earlier positions
+        k = np.concatenate([cache["k"], k], axis=1)                        # (K, S, Dh)
+        v = np.concatenate([cache["v"], v], axis=1)                        # (K, S, Dh)
+    cache["k"], cache["v"] = k, v                                          # the KV cache, for the next call
     k, v = np.repeat(k, H // K, axis=0), np.repeat(v, H // K, axis=0)      # (H, S, Dh) GQA
     scores = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1])               # (H, T, S)
     S = k.shape[1]
