@@ -26,7 +26,6 @@ Parameter names (shapes; D dim, V vocab, H heads, K kv heads, Dh head dim, F ffn
 """
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import contextmanager
 from functools import partial
@@ -80,17 +79,6 @@ class ForwardCache(NamedTuple):
     xf: Array                   # (B, T, D) final normalised hidden states
     final_norm: tuple           # rms_norm cache of the final norm
     tokens: Array               # (B, T) the input ids, on the model's device
-
-
-def _takes_rows(fn) -> bool:
-    """True when a hook accepts a fourth positional argument (the MoE routing rows)."""
-    try:
-        ps = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind == p.VAR_POSITIONAL for p in ps):
-        return True
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps) >= 4
 
 
 class KVCache:

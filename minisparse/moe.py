@@ -64,6 +64,7 @@ Fs shared neurons, N_e tokens routed to expert e.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Dict, List, NamedTuple, Optional
 
@@ -401,8 +402,14 @@ def moe_forward(x2: Array, params: Dict[str, Array], prefix: str, cfg: ModelConf
 
 
 def _takes_rows(hook) -> bool:
-    from .model import _takes_rows as takes
-    return takes(hook)
+    """True when a hook accepts a fourth positional argument, ``rows`` (the routing)."""
+    try:
+        ps = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in ps):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps) >= 4
 
 
 def _expert_hook(hook, layer: int, e: int, rows: Array, with_rows: bool):
