@@ -642,3 +642,21 @@ def test_l1_penalty_reaches_experts_and_matches_finite_differences(shared):
             m.params[name][idx] = old
             fd = (lp - lm) / 2e-6
             assert abs(fd - g[name][idx]) <= 1e-6 + 1e-5 * abs(fd), (name, idx, fd, g[name][idx])
+
+
+def test_hooks_with_a_fourth_parameter_get_the_routing_rows():
+    """Routing reaches hooks (no second router run): rows == the forward's own routing."""
+    cfg = ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2, ffn_dim=8, n_experts=4, top_k=2,
+                      activation="drelu", n_shared_experts=1)
+    m = ms.Transformer(cfg, seed=0, dtype=np.float64)
+    toks = np.random.default_rng(1).integers(0, 30, size=(2, 5))
+    seen3, seen4 = [], {}
+    m(toks, ffn_hook=lambda layer, e, h: seen3.append((e, h.shape[0])))
+    m(toks, ffn_hook=lambda layer, e, h, rows: seen4.__setitem__(e, rows))
+    _, fwd = m.forward_cache(toks)
+    routing = fwd.blocks[0].ffn.routing
+    assert sorted(k for k in seen4 if k != -1) == sorted(routing)
+    for e, rows in routing.items():
+        np.testing.assert_array_equal(seen4[e], rows)
+        assert (e, rows.size) in seen3                    # a 3-parameter hook still works
+    np.testing.assert_array_equal(seen4[-1], np.arange(toks.size))   # shared experts: every token
