@@ -401,13 +401,13 @@ def bench_gpu(shapes, sparsities, repeats, sweep=False):
 
                 from minisparse.kernels import cupy_
 
-                def three_launches(f):
+                def kernel(kind, f):
                     def g():
-                        cupy_.SPARSE_KERNEL = "split"
+                        old, cupy_.SPARSE_KERNEL = cupy_.SPARSE_KERNEL, kind
                         try:
                             return f()
                         finally:
-                            cupy_.SPARSE_KERNEL = "fused"
+                            cupy_.SPARSE_KERNEL = old
                     return g
 
                 x2, out = x.reshape(1, D), cp.empty((1, D), dtype=x.dtype)
@@ -417,8 +417,10 @@ def bench_gpu(shapes, sparsities, repeats, sweep=False):
                                                                   active=mask),
                        "ffn_device skip": lambda: cupy_.ffn_device(x2, wg, wu, wd, ACT, out=out),
                        "ffn_device given active": lambda: cupy_.ffn_device(x2, wg, wu, wd, ACT, active=mask, out=out)}
-                fns["cupy skip (3 launches)"] = three_launches(fns["cupy skip"])
-                fns["cupy given active (3 launches)"] = three_launches(fns["cupy given active"])
+                for k in ("cupy skip", "cupy given active"):
+                    fns[k + " [fused]"] = kernel("fused", fns[k])
+                    fns[k + " [3 launches]"] = kernel("split", fns[k])
+                    del fns[k]
                 tol = 2e-2 if wdt == np.float16 else 1e-4
                 for k, f in fns.items():
                     validate(f"{k} D={D} F={F} s={s} {np.dtype(wdt).name}", f().get(), ref, tol)
@@ -445,8 +447,8 @@ def bench_gpu(shapes, sparsities, repeats, sweep=False):
                 if sweep and s == 0.9:
                     for bps in (1, 2, 3, 4, 6):
                         cupy_.FUSED_BLOCKS_PER_SM = bps
-                        tsk, _ = graph_time(fns["cupy skip"])
-                        tac, _ = graph_time(fns["cupy given active"])
+                        tsk, _ = graph_time(fns["cupy skip [fused]"])
+                        tac, _ = graph_time(fns["cupy given active [fused]"])
                         print(f"  sweep {np.dtype(wdt).name} ffn_fused blocks/SM={bps}: skip "
                               f"{tsk * 1e6 if tsk else float('nan'):.1f} us, given active "
                               f"{tac * 1e6 if tac else float('nan'):.1f} us")

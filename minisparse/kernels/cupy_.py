@@ -1,14 +1,16 @@
 """GPU neuron skipping with CuPy RawKernels (the CUDA source is ``sparse_ffn.cu`` beside this file).
 
-**One launch per FFN** (``ffn_fused``, since 2026-12-01) and no host round trip: each block
+**One launch per FFN** (``ffn_fused``, 2026-12-01; used by :func:`ffn_device`, and by
+:func:`ffn` when ``SPARSE_KERNEL = "fused"``) and no host round trip: each block
 owns a range of neurons, computes their gate (and, for kept neurons, up) dot products,
 multiplies its kept neurons into ``w_down`` and adds its partial output atomically to a
 float32 (float64) accumulator; the last block to finish converts the accumulator to x's
 dtype and zeroes it for the next launch. With ``active`` (a predictor's mask) only the
 masked-in rows of all three matrices are read.
 
-The earlier three-launch path (``ffn_gate`` / ``ffn_up`` / ``ffn_down``, :func:`_plan`,
-:func:`_launch`) stays for comparison in the benchmarks (``SPARSE_KERNEL = "split"``).
+The three-launch path (``ffn_gate`` / ``ffn_up`` / ``ffn_down``, :func:`_plan`,
+:func:`_launch`) is :func:`ffn`'s default until the fused kernel has run on a GPU
+(``SPARSE_KERNEL``).
 
 Two ways in:
 
@@ -254,7 +256,11 @@ def _launch(plan, x, wg, wu, wd, mask, y):
 # ------------------------------------------------------------------------------------
 # the fused path: ONE launch per token tile (ffn_fused), planned once per weight set
 # ------------------------------------------------------------------------------------
-SPARSE_KERNEL = "fused"         # "fused" (one launch) or "split" (gate / up / down, for comparison)
+# sparse_ffn's sparse path: "split" (ffn_gate / ffn_up / ffn_down, validated on the H200 on
+# 2026-11-28) or "fused" (one launch, ffn_fused: compile-checked with nvcc for sm_90 but NOT
+# yet run on a GPU; tests/backends/test_gpu_kernels.py covers both). ffn_device always uses
+# "fused". Switch the default to "fused" once `bash bench/run_gpu_targets.sh` passes on a GPU.
+SPARSE_KERNEL = "split"
 FUSED_BLOCKS_PER_SM = 2         # ffn_fused grid ~ this many blocks per multiprocessor
 _FUSED_MAX_PER_BLOCK = 512      # neurons per block (bounds the shared list)
 _FUSED_PLANS: Dict[tuple, dict] = {}
@@ -486,6 +492,8 @@ def _split_ffn(xd, wg, wu, wd, act, skip, mask, stats):
             counts.append(int(cnt.get()[0]))                          # one sync per tile
     if len(counts) > 1:
         stats["tiles"] = len(counts)
+    if y is None:                                                     # T == 0
+        y = cp.empty((0, D), dtype=xd.dtype)
     return y.astype(xd.dtype, copy=False), (max(counts) if counts else None)
 
 
