@@ -11,7 +11,7 @@ from typing import Dict, Mapping, Sequence
 import numpy as np
 
 __all__ = ["plot_loss_curves", "plot_sparsity_per_layer", "plot_loss_vs_sparsity",
-           "plot_neuron_frequency", "plot_activation_histograms"]
+           "plot_neuron_frequency", "plot_activation_histograms", "plot_seed_bands"]
 
 
 def _plt():
@@ -94,6 +94,34 @@ def plot_loss_vs_sparsity(curves: Mapping[str, Sequence[dict]], path,
         ax.plot(np.array(s) * 100, [p["loss"] for p in pts], "o-", label=name)
     ax.set_xlabel("top-k sparsity (% of neurons zeroed per token)")
     ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_seed_bands(x: Sequence[float], series: Mapping[str, np.ndarray], path, *, xlabel: str, ylabel: str,
+                    title: str = "", reference: Mapping[str, Sequence[float]] = None, logy: bool = False) -> Path:
+    """Mean over seeds with a +-1 sd band per series; ``series[name]`` is (seeds, len(x)).
+
+    ``reference[name]``: published values at the same ``x``, drawn dashed (e.g. a paper's table).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    xs = np.asarray(x, dtype=float)
+    for name, ys in series.items():
+        ys = np.atleast_2d(np.asarray(ys, dtype=float))               # (seeds, len(x))
+        m = ys.mean(axis=0)
+        line, = ax.plot(xs, m, "o-", label=f"{name} ({ys.shape[0]} seed{'s' if ys.shape[0] > 1 else ''})")
+        if ys.shape[0] > 1:
+            sd = ys.std(axis=0, ddof=1)
+            ax.fill_between(xs, m - sd, m + sd, color=line.get_color(), alpha=0.2)
+    for name, ys in (reference or {}).items():
+        ax.plot(xs, ys, "s--", alpha=0.7, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
