@@ -151,18 +151,29 @@ def gemv(w, x, y=None, *, kind: str = "vec16", add: bool = False, K: Optional[in
 
     Parameters
     ----------
-    w : (N, ld) CuPy float16/float32 array, C-contiguous. For ``kind="vec16"`` ld must be a
+    w : cupy.ndarray
+        (N, ld) float16 or float32, C-contiguous. For ``kind="vec16"`` ld must be a
         multiple of 8 and the columns past the valid K zero (see :func:`pad_rows`).
-    x : (ld,) CuPy float32, zero past K.
-    y : (N,) CuPy float32, optional (allocated when None).
-    kind : "naive" | "warp" | "vec16"
-    add : y += w @ x (vec16 only).
-    K : valid columns (naive / warp; default ld).
-    norm_dim, eps : vec16 only: RMSNorm fused, ``y = (w @ x) / sqrt(mean(x[:norm_dim]^2) + eps)``.
+    x : cupy.ndarray
+        (ld,) float32, zero past K.
+    y : cupy.ndarray, optional
+        (N,) float32 output (allocated when None).
+    kind : str
+        ``"naive"`` (a thread per row), ``"warp"`` (a warp per row) or ``"vec16"`` (a warp
+        per row, 16-byte loads).
+    add : bool
+        ``y += w @ x`` (vec16 only).
+    K : int, optional
+        Valid columns (naive / warp; default ld).
+    norm_dim : int, optional
+        vec16 only: RMSNorm fused, ``y = (w @ x) / sqrt(mean(x[:norm_dim]^2) + eps)``.
+    eps : float
+        The norm's epsilon.
 
     Returns
     -------
-    y : (N,) float32.
+    cupy.ndarray
+        y, (N,) float32.
     """
     import cupy as cp                        # no device query here: gemv may run inside a graph capture
     k = kernels(w.dtype)
@@ -210,11 +221,15 @@ def exactly_sparse_params(config, *, sparsity: float = 0.9, seed: int = 0, xp=np
     config : ModelConfig
         Dense layers; an activation whose gate is a ReLU or ReLU^2 with threshold 0
         (relu, reglu, drelu, relu2glu ...).
-    sparsity : fraction of inactive neurons per layer.
+    sparsity : float
+        Fraction of inactive neurons per layer.
     seed : int
-    xp : numpy or cupy
-        Where the arrays are made (CuPy's RNG builds a 7B model in seconds on a GPU).
-    dtype : float32 or float64.
+        Seed of the random weights and of the active sets.
+    xp : module
+        ``numpy`` or ``cupy``: where the arrays are made (CuPy's RNG builds a 7B model in
+        under a second on a GPU).
+    dtype : dtype
+        float32 or float64.
     margin : float
         Gate margin in standard deviations of the token-dependent part.
 
@@ -333,8 +348,10 @@ class GraphDecoder:
 
     Attributes
     ----------
-    logits : (V,) CuPy float32, the logits of the last step.
-    counts : (S, L) CuPy int32 or None.
+    logits : cupy.ndarray
+        (V,) float32, the logits of the last step.
+    counts : cupy.ndarray or None
+        (S, L) int32, see ``count_active``.
     last_timing : dict
         Of the last :meth:`generate`: ``prefill_s``, ``decode_s`` (device time, CUDA
         events), ``decode_steps``.
@@ -625,8 +642,10 @@ class GraphDecoder:
 
         Parameters
         ----------
-        prompt_ids : 1-D sequence of int, at least one token.
-        max_new_tokens : int >= 0.
+        prompt_ids : sequence of int
+            At least one token id.
+        max_new_tokens : int
+            New tokens to generate (>= 0).
         graph : bool
             Replay the captured CUDA graph (default), or issue the same kernels eagerly
             (for debugging; same tokens).
@@ -636,7 +655,14 @@ class GraphDecoder:
 
         Returns
         -------
-        list of int (and the logits when asked).
+        list of int
+            The new ids (and the logits, as a second value, when asked).
+
+        Raises
+        ------
+        ValueError, TypeError
+            An empty or non-integer prompt, ids outside the vocabulary, or more positions
+            than ``max_len``.
         """
         cp = self.cp
         prompt = np.asarray(list(prompt_ids) if not isinstance(prompt_ids, np.ndarray) else prompt_ids)
