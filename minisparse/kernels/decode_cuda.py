@@ -375,7 +375,37 @@ class GraphDecoder:
                  max_len: Optional[int] = None, active: Optional[Sequence] = None,
                  count_active: bool = False, sparse_kernel: str = "decode"):
         c = model.config
-        p = model.params
+        self.cp = cp = self._check_args(model, mode, weight_dtype, sparse_kernel, active, count_active)
+        act = model.act
+        self.gate_kind, self.up_kind, self.act_thr = activation_codes(act, "decode_cuda")
+        self.config, self.mode, self.act = c, mode, act
+        self.sparse_kernel = sparse_kernel if mode != "dense" else None
+        self.wdt = np.dtype(WEIGHT_DTYPES[str(weight_dtype)])
+        self.max_len = int(max_len or c.max_seq_len)
+        Dh = c.head_dim
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if attn_shared_bytes(self.max_len, Dh) > 48 * 1024:
+            raise ValueError(f"max_len={self.max_len}: the attention kernel keeps max_len float scores in "
+                             f"48 KB of shared memory (with head_dim {Dh}, at most "
+                             f"{(48 * 1024 - attn_shared_bytes(0, Dh)) // 4} positions)")
+        self.Dp, self.Fp, self.HDp = _pad(c.dim), _pad(c.ffn_dim), _pad(c.n_heads * Dh)
+        self.k = kernels(self.wdt)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.down_blocks_per_sm = DOWN_BLOCKS_PER_SM
+        self._sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
+        with self.stream:
+            self._copy_weights(model.params, active)
+            self._allocate_state(count_active)
+            self.stream.synchronize()
+        self._graph = None
+        self.last_timing: dict = {}
+        self.n_launches = self._issue_step(count_only=True)
+
+    @staticmethod
+    def _check_args(model, mode, weight_dtype, sparse_kernel, active, count_active):
+        """Refuse what the decoder cannot run, before any allocation; returns the cupy module."""
+        c = model.config
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if str(weight_dtype) not in WEIGHT_DTYPES:
@@ -386,17 +416,14 @@ class GraphDecoder:
             moe = [i for i in range(c.n_layers) if c.is_moe_layer(i)]
             raise NotImplementedError(f"GraphDecoder has no MoE FFN (layers {moe} are MoE); decode this model "
                                       "with its eager device path: model.to('cupy') then minisparse.generate")
-        emb = p["tok_embeddings"]
+        emb = model.params["tok_embeddings"]
         if isinstance(emb, np.ndarray):
             raise TypeError("GraphDecoder needs the model's parameters on the GPU (CuPy arrays), got NumPy "
                             "arrays; move the model first: model.to('cupy')")
         cp = _cupy()
-        self.cp = cp
         if not isinstance(emb, cp.ndarray):
             raise TypeError(f"GraphDecoder needs CuPy parameters, got {type(emb).__module__}."
                             f"{type(emb).__name__}; move the model first: model.to('cupy')")
-        act = model.act
-        self.gate_kind, self.up_kind, self.act_thr = activation_codes(act, "decode_cuda")
         if mode == "given" and active is None:
             raise ValueError("mode='given' needs active=: per layer, the neurons to compute")
         if mode != "given" and active is not None:
@@ -405,88 +432,73 @@ class GraphDecoder:
             raise ValueError("count_active=True needs mode='dense', or mode='skip' with sparse_kernel='decode'")
         if active is not None and len(active) != c.n_layers:
             raise ValueError(f"active must have one entry per layer ({c.n_layers}), got {len(active)}")
-        self.config, self.mode, self.act = c, mode, act
-        self.sparse_kernel = sparse_kernel if mode != "dense" else None
-        self.wdt = np.dtype(WEIGHT_DTYPES[str(weight_dtype)])
-        self.max_len = int(max_len or c.max_seq_len)
-        D, H, K, Dh, F, V = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        if attn_shared_bytes(self.max_len, Dh) > 48 * 1024:
-            raise ValueError(f"max_len={self.max_len}: the attention kernel keeps max_len float scores in "
-                             f"48 KB of shared memory (with head_dim {Dh}, at most "
-                             f"{(48 * 1024 - attn_shared_bytes(0, Dh)) // 4} positions)")
-        self.Dp, self.Fp, self.HDp = _pad(D), _pad(F), _pad(H * Dh)
-        wdt = self.wdt
-        self.k = kernels(wdt)
-        self.stream = cp.cuda.Stream(non_blocking=True)
-        self.down_blocks_per_sm = DOWN_BLOCKS_PER_SM
-        self._sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
-        S = self.max_len
-        f32 = cp.float32
+        return cp
+
+    def _copy_weights(self, p, active) -> None:
+        """Own weight copies in ``self.wdt``: rows padded, each RMSNorm weight folded into its consumer."""
+        cp, c, wdt, mode = self.cp, self.config, self.wdt, self.mode
 
         def norm_scale(w):                                            # (D,) the norm's weight: w or 1 + w
             return (1.0 + w) if c.norm_offset else w                  # in the model's dtype, as the reference
 
-        with self.stream:
-            # ---- weights: own copies, rows padded, each RMSNorm weight folded into its consumer
-            self.emb = pad_rows(cp, emb, wdt)                                   # (V, Dp) for the lookup
-            w_out = emb if c.tie_embeddings else p["output"]
-            self.w_out = pad_rows(cp, w_out, wdt, scale=norm_scale(p["norm"]))  # (V, Dp) LM head, final norm in
-            self.layers = []
-            for i in range(c.n_layers):
-                q = f"layers.{i}."
-                a = q + "attention."
-                wqkv = cp.concatenate([p[a + "wq"].T, p[a + "wk"].T, p[a + "wv"].T], axis=0)
-                lw = dict(wqkv=pad_rows(cp, wqkv, wdt, scale=norm_scale(p[q + "attention_norm"])),  # ((H+2K)Dh, Dp)
-                          wo=pad_rows(cp, p[a + "wo"].T, wdt),                  # (D, HDp)
-                          bqkv=None)
-                del wqkv
-                if c.qkv_bias:
-                    lw["bqkv"] = cp.concatenate([p[a + "bq"], p[a + "bk"], p[a + "bv"]]).astype(f32)
-                fq = q + "feed_forward."
-                wg, wu, wd = p[fq + "w_gate"], p.get(fq + "w_up"), p[fq + "w_down"]
-                g_ffn = norm_scale(p[q + "ffn_norm"])
-                lw["wg"] = pad_rows(cp, wg, wdt, scale=g_ffn)                    # (F, Dp)
-                lw["wu"] = pad_rows(cp, wu, wdt, scale=g_ffn) if act.gated else None
-                if mode == "dense":
-                    lw["wdT"] = pad_rows(cp, wd.T, wdt)                          # (D, Fp)
-                else:
-                    lw["wd"] = pad_rows(cp, wd, wdt)                             # (F, Dp)
-                if mode == "given":
-                    lw["idx"], lw["mask"] = self._active(active[i], F)
-                self.layers.append(lw)
-            cos, sin = L.rope_tables(Dh, S, c.rope_theta, np.float64)           # (S, Dh)
-            self.cos = cp.asarray(cos[:, :Dh // 2].astype(np.float32))          # (S, Dh/2)
-            self.sin = cp.asarray(sin[:, :Dh // 2].astype(np.float32))
-            # ---- activations and state (padding stays zero) ------------------------------
-            self.x = cp.zeros(self.Dp, dtype=f32)                               # residual stream
-            self.q = cp.zeros(H * Dh, dtype=f32)
-            self.o = cp.zeros(self.HDp, dtype=f32)                              # attention output
-            self.h = cp.zeros(self.Fp, dtype=f32)                               # dense FFN h
-            self.hv = cp.zeros(F, dtype=f32)                                    # skipping: h of the kept
-            self.idx = cp.zeros(F, dtype=cp.int32)                              # skipping: their ids
-            self.cnt = cp.zeros(c.n_layers, dtype=cp.int32)                     # skipping: kept per layer
-            self.logits = cp.zeros(V, dtype=f32)
-            self.kc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
-            self.vc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
-            self.tokens = cp.zeros(S + 1, dtype=cp.int32)                      # prompt, then new ids
-            self.pos = cp.zeros(1, dtype=cp.int32)
-            self.n_prompt = cp.zeros(1, dtype=cp.int32)
-            self.counts = cp.zeros((S, c.n_layers), dtype=cp.int32) if count_active else None
+        emb = p["tok_embeddings"]
+        self.emb = pad_rows(cp, emb, wdt)                                       # (V, Dp) for the lookup
+        w_out = emb if c.tie_embeddings else p["output"]
+        self.w_out = pad_rows(cp, w_out, wdt, scale=norm_scale(p["norm"]))      # (V, Dp) LM head, final norm in
+        self.layers = []
+        for i in range(c.n_layers):
+            q = f"layers.{i}."
+            a = q + "attention."
+            wqkv = cp.concatenate([p[a + "wq"].T, p[a + "wk"].T, p[a + "wv"].T], axis=0)
+            lw = dict(wqkv=pad_rows(cp, wqkv, wdt, scale=norm_scale(p[q + "attention_norm"])),  # ((H+2K)Dh, Dp)
+                      wo=pad_rows(cp, p[a + "wo"].T, wdt),                      # (D, HDp)
+                      bqkv=None)
+            del wqkv
+            if c.qkv_bias:
+                lw["bqkv"] = cp.concatenate([p[a + "bq"], p[a + "bk"], p[a + "bv"]]).astype(cp.float32)
+            fq = q + "feed_forward."
+            wg, wu, wd = p[fq + "w_gate"], p.get(fq + "w_up"), p[fq + "w_down"]
+            g_ffn = norm_scale(p[q + "ffn_norm"])
+            lw["wg"] = pad_rows(cp, wg, wdt, scale=g_ffn)                        # (F, Dp)
+            lw["wu"] = pad_rows(cp, wu, wdt, scale=g_ffn) if self.act.gated else None
+            if mode == "dense":
+                lw["wdT"] = pad_rows(cp, wd.T, wdt)                              # (D, Fp)
+            else:
+                lw["wd"] = pad_rows(cp, wd, wdt)                                 # (F, Dp)
             if mode == "given":
-                self.given_cnt = cp.asarray(np.array([int(lw["idx"].size) for lw in self.layers], dtype=np.int32))
-            if self.sparse_kernel in ("fused", "split"):
-                self.xn = cp.zeros(self.Dp, dtype=f32)                          # normed input of the backend FFN
-                self.y = cp.zeros(self.Dp, dtype=f32)                           # its output
-                self.ones = cp.zeros(self.Dp, dtype=f32)
-                self.ones[:D] = 1.0
-                self.scratch = cp.zeros(self.Dp, dtype=f32)
-                self._plan_sparse()
-            self.stream.synchronize()
-        self._graph = None
-        self.last_timing: dict = {}
-        self.n_launches = self._issue_step(count_only=True)
+                lw["idx"], lw["mask"] = self._active(active[i], c.ffn_dim)
+            self.layers.append(lw)
+        cos, sin = L.rope_tables(c.head_dim, self.max_len, c.rope_theta, np.float64)  # (S, Dh)
+        self.cos = cp.asarray(cos[:, :c.head_dim // 2].astype(np.float32))     # (S, Dh/2)
+        self.sin = cp.asarray(sin[:, :c.head_dim // 2].astype(np.float32))
+
+    def _allocate_state(self, count_active: bool) -> None:
+        """Activations, KV buffers, token/position state (padding stays zero)."""
+        cp, c, S, f32 = self.cp, self.config, self.max_len, self.cp.float32
+        H, K, Dh, F, D = c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.dim
+        self.x = cp.zeros(self.Dp, dtype=f32)                               # residual stream
+        self.q = cp.zeros(H * Dh, dtype=f32)
+        self.o = cp.zeros(self.HDp, dtype=f32)                              # attention output
+        self.h = cp.zeros(self.Fp, dtype=f32)                               # dense FFN h
+        self.hv = cp.zeros(F, dtype=f32)                                    # skipping: h of the kept
+        self.idx = cp.zeros(F, dtype=cp.int32)                              # skipping: their ids
+        self.cnt = cp.zeros(c.n_layers, dtype=cp.int32)                     # skipping: kept per layer
+        self.logits = cp.zeros(c.vocab_size, dtype=f32)
+        self.kc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
+        self.vc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
+        self.tokens = cp.zeros(S + 1, dtype=cp.int32)                      # prompt, then new ids
+        self.pos = cp.zeros(1, dtype=cp.int32)
+        self.n_prompt = cp.zeros(1, dtype=cp.int32)
+        self.counts = cp.zeros((S, c.n_layers), dtype=cp.int32) if count_active else None
+        if self.mode == "given":
+            self.given_cnt = cp.asarray(np.array([int(lw["idx"].size) for lw in self.layers], dtype=np.int32))
+        if self.sparse_kernel in ("fused", "split"):
+            self.xn = cp.zeros(self.Dp, dtype=f32)                          # normed input of the backend FFN
+            self.y = cp.zeros(self.Dp, dtype=f32)                           # its output
+            self.ones = cp.zeros(self.Dp, dtype=f32)
+            self.ones[:D] = 1.0
+            self.scratch = cp.zeros(self.Dp, dtype=f32)
+            self._plan_sparse()
 
     # ------------------------------------------------------------------------------------
     def _active(self, a, F: int):
