@@ -29,17 +29,9 @@ import os
 import sys
 import time
 
-# OpenBLAS's idle worker threads busy-wait ~2^28 cycles (~0.1 s) after every call; on a
-# 2-core machine they then hold the cores that Numba's threads need right after a dense
-# baseline (measured, 4096x14336 drelu at 90%: numba skip 21.8 ms after a BLAS call vs
-# 9.6 ms with this setting; dense BLAS itself unchanged). It must be set before NumPy loads;
-# an explicit value in the environment wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-# Numba's default threading layer here is GNU OpenMP, whose idle threads also spin and
-# take the cores from OpenBLAS between FFNs (end to end, 2 cores: 1.25-1.47x with the default
-# policy, 1.68-1.74x with PASSIVE; bench/README.md). Read when Numba starts its threads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# No process settings here: minisparse makes its own defaults (minisparse/runtime.py: the
+# OpenBLAS idle-thread timeout, Numba's threads started with passive OpenMP waiting), so
+# these timings are what a plain program gets.
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
