@@ -1,6 +1,6 @@
-"""Every command the README and the how-to guides show runs, as printed.
+"""Every command the README, the Home page and the how-to guides show runs, as printed.
 
-Each ```bash / ```python block of README.md and docs/howto/*.md is extracted and run, the
+Each ```bash / ```python block of README.md, docs/index.md and docs/howto/*.md is extracted and run, the
 blocks of one page in order, in one fresh working folder (a later block sees the files an
 earlier one wrote, e.g. ``runs/drelu``) and, for Python blocks, one namespace (a later
 block sees the names an earlier one defined, as when pasting into one interpreter). So a
@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs" / "howto").glob("*.md"))
+PAGES = [ROOT / "README.md", ROOT / "docs" / "index.md"] + sorted((ROOT / "docs" / "howto").glob("*.md"))
 QUICK = os.environ.get("MINISPARSE_QUICK", "1") != "0"
 BLOCK_TIMEOUT = 300            # seconds per block
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>bash|sh|python)[ \t]*\n(?P<code>.*?)^(?P=indent)```[ \t]*$",
