@@ -179,7 +179,7 @@ def train_base(act, seed, sc, lr, layers, corpus, root: Path, force=False) -> Pa
     return folder
 
 
-def train_relufied(seed, sc, lr, layers, corpus, root: Path, relufy_lr: float, force=False):
+def train_relufied(seed, sc, lr, layers, corpus, root: Path, relufy_lr: float, force=False, equal_budget=True):
     """ReLUfy seed's base swiglu to reglu and drelu (+steps//2), and train an equal-budget swiglu."""
     import minisparse as ms
     from minisparse.sparsity import relufy
@@ -205,9 +205,11 @@ def train_relufied(seed, sc, lr, layers, corpus, root: Path, relufy_lr: float, f
                 "history": _history(rr.history), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         _save_run(rr.model, folder, meta)
         print(rr, flush=True)
-    # the equal-budget base: swiglu trained from scratch for steps + steps // 2
-    sc2 = dict(sc, steps=sc["steps"] + rsteps)
-    train_base("swiglu", seed, sc2, lr, layers, corpus, root, force=force)
+    # the equal-budget base: swiglu trained from scratch for steps + steps // 2 (the same run
+    # as `train --models swiglu --steps-mult 1.5`)
+    if equal_budget:
+        sc2 = dict(sc, steps=sc["steps"] + rsteps)
+        train_base("swiglu", seed, sc2, lr, layers, corpus, root, force=force)
 
 
 # ------------------------------------------------------------------------------------------
@@ -374,7 +376,16 @@ def cmd_analyse(args) -> int:
             continue
         if (out / f"{folder.name}.json").exists() and not args.force:
             continue
-        analyse_run(folder, out, args.max_windows, subset_all=args.quick)
+        lock = out / f".{folder.name}.lock"          # another process is analysing this run
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.mkdir()
+        except FileExistsError:
+            continue
+        try:
+            analyse_run(folder, out, args.max_windows, subset_all=args.quick)
+        finally:
+            lock.rmdir()
     return 0
 
 
@@ -663,7 +674,8 @@ def cmd_train(args) -> int:
             for act in [a.strip() for a in args.models.split(",") if a.strip()]:
                 train_base(act, seed, sc, lr, layers, corpus, root, force=args.force)
             if args.relufy:
-                train_relufied(seed, sc, lr, layers, corpus, root, args.relufy_lr, force=args.force)
+                train_relufied(seed, sc, lr, layers, corpus, root, args.relufy_lr, force=args.force,
+                               equal_budget=not args.no_equal_budget)
     return 0
 
 
@@ -681,6 +693,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", default="3e-3", help="peak learning rate(s), comma-separated for a sweep")
     ap.add_argument("--relufy", action="store_true",
                     help="also ReLUfy each seed's swiglu (+steps/2) and train an equal-budget swiglu")
+    ap.add_argument("--no-equal-budget", action="store_true",
+                    help="with --relufy: skip the from-scratch swiglu of equal length (train it as a separate "
+                         "job with --steps-mult 1.5)")
     ap.add_argument("--relufy-lr", type=float, default=1e-3, help="peak learning rate of the ReLUfication runs")
     ap.add_argument("--models", default="swiglu,drelu", help="comma-separated activations to train")
     ap.add_argument("--seeds", default="0", help="seeds, e.g. 0-4 or 0,2,5 (paired across activations)")
