@@ -13,6 +13,9 @@ OpenBLAS idle threads    ``OPENBLAS_THREAD_TIMEOUT=4`` at ``import minisparse`` 
                          busy-wait ~0.1 s after every call and hold the cores the
                          Numba kernels need next (numba skip after a BLAS call
                          21.8 -> 9.6 ms, 2-core AMD EPYC, bench/README.md)
+Numba's thread count     the cores the load average says are free, at first use of     ``NUMBA_NUM_THREADS``
+                         the numba backend (:func:`auto_threads`; all cores on an      (or ``numba.set_num_threads``
+                         idle machine)                                                 afterwards)
 Numba's OpenMP threads   started with ``OMP_WAIT_POLICY=PASSIVE`` (set only while      ``OMP_WAIT_POLICY`` or
                          Numba launches its thread pool, then removed again, so        ``NUMBA_THREADING_LAYER``
                          torch or other OpenMP users are unaffected): idle workers     in the environment
@@ -107,6 +110,7 @@ def configure_numba() -> None:
     restored, so OpenMP runtimes loaded later (torch's) keep their own defaults."""
     if "numba_threads" in _DECISIONS:
         return
+    _numba_thread_count()
     explicit = [v for v in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY") if v in os.environ]
     if explicit or _off():
         _DECISIONS["numba_threads"] = "Numba default" + (f" ({', '.join(explicit)} set by you)" if explicit else "")
@@ -122,6 +126,20 @@ def configure_numba() -> None:
         _DECISIONS["numba_threads"] = f"Numba default (could not pre-start its threads: {e})"
     finally:
         del os.environ["OMP_WAIT_POLICY"]
+
+
+def _numba_thread_count() -> None:
+    """Numba's thread count: the cores the load average says are free (its default is all
+    cores; on a busy 2-core machine two threads that wait for descheduled partners made
+    neuron skipping 2.0x faster than dense instead of 2.35x with one, bench/README.md)."""
+    import numba
+    if "NUMBA_NUM_THREADS" in os.environ or _off():
+        _DECISIONS["numba_thread_count"] = f"{numba.get_num_threads()} (Numba default" + (
+            ", NUMBA_NUM_THREADS set by you)" if "NUMBA_NUM_THREADS" in os.environ else ")")
+        return
+    n = min(auto_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    _DECISIONS["numba_thread_count"] = f"{n} (free cores by load average at first use; minisparse default)"
 
 
 # ======================================================================================

@@ -78,3 +78,13 @@ def test_training_threads_default_and_explicit(monkeypatch):
     assert "set_blas_threads" in runtime.configure_training()["blas_threads"]
     with pytest.raises(ValueError):
         runtime.set_blas_threads(0)
+
+
+def test_numba_thread_count_by_load_unless_set():
+    pytest.importorskip("numba")
+    code = ("import minisparse as ms, numba\nfrom minisparse.kernels import get_backend\nget_backend('numba')\n"
+            "print(numba.get_num_threads(), '|', ms.runtime.describe()['numba_thread_count'])")
+    n, how = _run(code).split(" | ")
+    assert 1 <= int(n) <= (os.cpu_count() or 1) and "load average" in how
+    n, how = _run(code, NUMBA_NUM_THREADS="1").split(" | ")
+    assert n == "1" and "set by you" in how

@@ -195,8 +195,18 @@ def test_make_ffn_sparsity_is_exact():
 def test_numba_threaded_passes_equal_dense(monkeypatch, act, dtype):
     """Small problems run serially; force the threaded passes (partials per task) here."""
     require("numba")
+    import numba
     from minisparse.kernels import numba_
     monkeypatch.setattr(numba_, "_PARALLEL_FROM", 0)
+    n = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)       # minisparse.runtime may have chosen fewer
+    try:
+        _threaded_cases(act, dtype)
+    finally:
+        numba.set_num_threads(n)
+
+
+def _threaded_cases(act, dtype):
     for D, F, T, s in [(1, 1, 1, 0.0), (7, 33, 3, 0.5), (33, 257, 1, 0.9), (64, 100, 8, 0.2), (130, 97, 5, 1.0)]:
         p = make_ffn(D, F, tokens=T, sparsity=s, activation=act, dtype=dtype, seed=D)
         for kw in ({}, {"active": p["active"]}, {"threshold": 0.05}):
