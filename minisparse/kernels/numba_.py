@@ -3,11 +3,14 @@
 Batch-1 decoding is memory bound (the time is the bytes of weights read), so the kernels
 are organised around passes over memory:
 
-1. **gate pass** (``_gate_pass``): stream W_gate row by row (rows split over threads,
-   ``prange``), ``g = x . w_gate[f]`` for every token, ``a = act_gate(g)``, and mark f
-   active when ``|a| > threshold`` for any token (the union over tokens).
+1. **gate pass** (``_gate_pass``): stream W_gate four rows at a time (rows split over
+   threads, ``prange``), ``g = x . w_gate[f]`` for every token, ``a = act_gate(g)``, and
+   mark f active when ``|a| > threshold`` for any token (the union over tokens). Four
+   rows per pass keep four memory streams in flight per core: with one, the pass read at
+   ~60% of BLAS's rate on an Intel Xeon; with four it times like BLAS's GEMV.
 2. **up/down pass** (``_up_down_pass``): the active list is cut into chunks, one per
-   thread-task; each task reads ``w_up[f]`` and ``w_down[f]`` of its neurons only and
+   thread-task; each task reads ``w_up[f]`` and ``w_down[f]`` of its neurons only (four
+   neurons per pass: four up dot products per read of x, ``p += h0 r0 + .. + h3 r3``) and
    accumulates ``h_tf * w_down[f]`` into its *own* partial output (T, D): no two threads
    write the same memory, so there are no races and no atomics. The partials are summed.
 3. with ``active`` given (a predictor), one fused pass (``_predicted_pass``) reads
