@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--max-bytes", type=float, default=30e6)
+    ap.add_argument("--tf32", action="store_true",
+                    help="let cuBLAS use TF32 tensor cores for float32 matmuls (CUPY_TF32=1): ~10 mantissa bits")
     ap.add_argument("--out", default="bench/results/science_gpu.json")
     ap.add_argument("--activation", help=argparse.SUPPRESS)       # child process: one run
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -97,11 +99,13 @@ def main(argv=None) -> int:
         return 0
     procs = {}
     base = [a for a in (argv or sys.argv[1:]) if a]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    if a.tf32:
+        env["CUPY_TF32"] = "1"
     for act in a.activations:
         for s in a.seeds:
             cmd = [sys.executable, __file__, *base, "--activation", act, "--seed", str(s)]
-            procs[(act, s)] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                               env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+            procs[(act, s)] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     runs = []
     for key, p in procs.items():
         out, err = p.communicate()
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
         return 1
     r0 = runs[0]
     print(f"\n{r0['params'] / 1e6:.1f}M parameters, {r0['tokens'] / 1e6:.1f}M tokens per run, "
-          f"device {a.device}; train time per run {min(r['train_s'] for r in runs):.0f}-{max(r['train_s'] for r in runs):.0f} s")
+          f"device {a.device}{' (TF32 matmuls)' if a.tf32 else ''}; train time per run {min(r['train_s'] for r in runs):.0f}-{max(r['train_s'] for r in runs):.0f} s")
     print(f"{'activation':<10} {'seeds':>5} {'val loss':>16} {'top-10% loss rise':>18} {'exact zeros':>12}")
     by = {}
     for act in a.activations:
