@@ -210,13 +210,16 @@ def cpu_case(p, sparsity, label, repeats, copy_GBs, have_numba, reference_skip, 
         from minisparse.kernels import numba_
         fns["numba skip"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba")
         if gate_variants and T == 1:
-            def blas_gate():
-                numba_.GATE_ONE_TOKEN = "blas"
+            default = numba_.GATE_ONE_TOKEN
+            other = "numba" if default == "blas" else "blas"
+
+            def other_gate():
+                numba_.GATE_ONE_TOKEN = other
                 try:
                     return ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba")
                 finally:
-                    numba_.GATE_ONE_TOKEN = "numba"
-            fns["numba skip [blas gate]"] = blas_gate
+                    numba_.GATE_ONE_TOKEN = default
+            fns[f"numba skip [{other} gate]"] = other_gate
         fns["numba given active"] = lambda: ms.sparse_ffn(x, wg, wu, wd, ACT, backend="numba",
                                                           active=act_idx)
     for k, f in fns.items():

@@ -197,13 +197,15 @@ def _set_openblas_ctypes(n: int) -> bool:
 
 def auto_threads() -> int:
     """The cores that the load average says are free (at least 1): all of them on an idle
-    machine, fewer when other processes keep some busy."""
+    machine, fewer when other processes keep some busy. A fraction of a busy core does not
+    count (load 0.7 on 2 cores: 2 threads; 1.2: 1), so a quiet machine's background noise
+    does not halve a 2-core machine."""
     n = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return n
-    return max(1, min(n, int(round(n - load))))
+    return max(1, min(n, n - int(load)))
 
 
 # ======================================================================================

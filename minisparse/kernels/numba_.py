@@ -62,9 +62,10 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _DENSE_ABOVE = ((1, 0.70), (4, 0.55), (16, 0.35), (64, 0.2))
 _BLAS_GATE_FROM_T = 8          # from this many tokens, the gate is one BLAS GEMM
 # batch 1: the dense gate GEMV by the numba pass ("numba", four rows at a time) or by BLAS
-# ("blas"). Measured side by side (bench/ffn_sparse.py --targets, 2-core Intel Xeon, Mistral-7B
-# layer, 90%): numba 2.46x vs BLAS 1.99x over dense; the numba pass also keeps BLAS's thread
-# pool out of the call (no hand-over between two thread pools on every FFN).
+# ("blas"). Side by side on the loaded 2-core Xeon (six runs, bench/README.md) they tie on
+# average (2.12x vs 2.08x over dense, each run's spread wider than the difference); the
+# numba pass keeps one thread pool per call and was the one within 1.1x of dense at 0%
+# in the last run (0.96x vs 0.89x).
 GATE_ONE_TOKEN = "numba"
 _PARALLEL_FROM = 1 << 20       # weights (x tokens) a pass must stream before threads are used
 
