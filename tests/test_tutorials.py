@@ -4,7 +4,8 @@ Each ``tutorials/NN_*.py`` is executed as a script in a fresh subprocess with
 ``MINISPARSE_QUICK=1`` (smaller models, fewer steps) and matplotlib's non-interactive
 ``Agg`` backend, from a temporary working directory. A tutorial that raises, fails an
 assert, or runs past its time limit fails the test; its last output lines are shown.
-Without a display, each figure must be saved in the working directory, and its path printed.
+Without a display, each figure must be saved under runs/tutorials/ in the working directory
+(ignored by git), and its path printed.
 
 The docs show the same tutorials executed in full mode (docs/scripts/execute_tutorials.py);
 tests/test_docs.py checks that those notebooks match these sources.
@@ -55,12 +56,12 @@ def test_tutorial_runs_in_quick_mode(path, tmp_path):
         tail = (proc.stdout[-3000:] + "\n--- stderr ---\n" + proc.stderr[-4000:])
         pytest.fail(f"{path.name} failed (exit {proc.returncode}) after {dt:.0f} s:\n{tail}")
     assert "all checks passed" in proc.stdout, f"{path.name} ended without its closing checks:\n{proc.stdout[-2000:]}"
-    # run as a script without a display, each figure is saved beside the run and its path printed
+    # run as a script without a display, each figure is saved under runs/tutorials/ and its path printed
     figures = re.findall(r'^\s*show_figure\("([^"]+)"\)', path.read_text(), flags=re.M)
     if path.name.startswith("06_") and importlib.util.find_spec("numba") is None:
         figures = []                                   # tutorial 6 plots the numba timings only
     for name in figures:
-        png = tmp_path / f"{name}.png"
+        png = tmp_path / "runs" / "tutorials" / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 1000, f"{path.name} did not save {png.name}"
         assert f"figure saved to {png}" in proc.stdout, f"{path.name} did not say where {png.name} went"
     print(f"{path.name}: {dt:.1f} s")

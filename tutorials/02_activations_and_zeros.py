@@ -39,9 +39,10 @@ QUICK = os.environ.get("MINISPARSE_QUICK", "0") == "1"
 
 def show_figure(name):
     """Show the figure in a notebook or a window; without a display (a script under a
-    non-interactive backend such as Agg) save it as NAME.png in the current folder."""
+    non-interactive backend such as Agg) save it as runs/tutorials/NAME.png instead."""
     if plt.get_backend().lower() in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template"):
-        path = os.path.abspath(f"{name}.png")
+        path = os.path.abspath(os.path.join("runs", "tutorials", f"{name}.png"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         plt.savefig(path, dpi=100)
         plt.close()
         print(f"no display: figure saved to {path}")
