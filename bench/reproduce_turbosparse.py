@@ -527,6 +527,19 @@ def cmd_report(args) -> int:
         ci = lambda st, f: "-" if st["n"] < 2 else f"[{st['ci'][0]:{f}}, {st['ci'][1]:{f}}]"
         lines.append(f"| {a} | {d['n']} | {d['mean']:+.4f} | {ci(d, '+.4f')} | {d90['mean']:+.3f} | {ci(d90, '+.3f')} |")
     summary["tables"]["paired_vs_swiglu"] = tabB
+    # the gap along training (sampled validation batches at 1/4 .. 4/4 of the run)
+    def _curve(r):
+        return [(h["step"] + 1, h["val_loss"]) for h in r["train"]["history"] if "val_loss" in h]
+    if "drelu" in acts and sw:
+        g = [r for r in _group(runs, activation="drelu", **base) if r["seed"] in sw]
+        n = min(min(len(_curve(r)), len(_curve(sw[r["seed"]]))) for r in g)
+        steps_at = [s for s, _ in _curve(g[0])][:n]
+        gaps = [t_ci([_curve(r)[i][1] - _curve(sw[r["seed"]])[i][1] for r in g]) for i in range(n)]
+        lines.append("\nGap along training, drelu − swiglu (validation loss on 8 sampled batches of 16 x 128, the "
+                     "trainer's evaluation; mean and 95% t interval over the paired seeds): "
+                     + "; ".join(f"step {s}: {st['mean']:+.4f} [{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}]"
+                                 for s, st in zip(steps_at, gaps)))
+        summary["tables"]["gap_along_training"] = {str(s): st for s, st in zip(steps_at, gaps)}
 
     # -- table C: beside TurboSparse's Tables 2 and 3 -------------------------------------
     lines.append("\n### Beside TurboSparse Tables 2 and 3 (perplexity ratios; ours: per byte, theirs: "
