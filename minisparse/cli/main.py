@@ -95,7 +95,7 @@ DEMO_QUICK = dict(preset="nano", activation="drelu", max_bytes=300_000, steps=15
 
 def _threads(args) -> str:
     """Apply --threads (default: auto) to NumPy's OpenBLAS; returns a line for the header."""
-    from ..train import auto_threads, set_blas_threads
+    from ..runtime import auto_threads, set_blas_threads
     n = args.threads if args.threads is not None else auto_threads()
     ok = set_blas_threads(n)
     why = ""
