@@ -1,0 +1,47 @@
+"""Run by ../test_cupy_host_logic.py in a subprocess: the CuPy backend's host logic through
+the NumPy stand-in for CuPy in this folder (see cupy/__init__.py)."""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)                                   # the stand-in `cupy` package
+import numpy as np
+import cupy as cp
+import minisparse as ms
+from minisparse.kernels import cupy_
+from minisparse.kernels.testing import make_ffn
+sys.path.insert(0, os.path.dirname(HERE))
+from backend_helpers import check
+cupy_.SPARSE_KERNEL = "fused"
+n = 0
+for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32, np.float32), (np.float64, np.float64)]:
+    for act in ("drelu", "relu", "swiglu"):
+        for D, F, T in [(1, 1, 1), (7, 33, 3), (40, 130, 19), (16, 50, 8)]:
+            p = make_ffn(D, F, tokens=T, sparsity=0.8, activation=act, dtype=wdt, seed=D + F)
+            d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+            wu = d["w_up"] if act != "relu" else None
+            x = cp.asarray(p["x"].astype(xdt))
+            tol = np.float16 if wdt == np.float16 else wdt
+            for i in range(2):
+                y = cupy_.ffn_device(x, d["w_gate"], wu, d["w_down"], act)
+                check(y, p["x"].astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol, what="dev")
+                mask = cp.asarray(np.isin(np.arange(F), p["active"][::2]))
+                out = cp.empty((T, D), dtype=xdt)
+                y2 = cupy_.ffn_device(x, d["w_gate"], wu, d["w_down"], act, active=mask, out=out)
+                assert y2 is out
+                check(out, p["x"].astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol, active=p["active"][::2], what="dev mask")
+            if act != "swiglu" and xdt == wdt and T <= 8 or (act != "swiglu" and xdt == wdt):
+                for kw in ({}, {"active": p["active"][::2]}, {"active": cp.asarray(np.isin(np.arange(F), p["active"]))}, {"threshold": 0.02}):
+                    if T >= 9 and "active" not in kw: continue
+                    st = {}
+                    for rep in range(2):
+                        y = ms.sparse_ffn(x, d["w_gate"], wu, d["w_down"], act, backend="cupy", stats=st, **kw)
+                    ref = dict(kw)
+                    if "active" in ref and not isinstance(ref["active"], np.ndarray): ref["active"] = p["active"]
+                    check(y, p["x"].astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol, what=f"sparse_ffn {kw.keys()} {st}", **ref)
+                    if T < 9 or kw.get("active") is not None:
+                        assert st["path"] == "sparse", st
+                    if not kw and st["path"] == "sparse":
+                        assert st["n_active"] == p["active"].size, (st, p["active"].size)
+            n += 1
+print("ok", n, "cases;", len(cp.CALLS), "emulated launches; plans", len(cupy_._DEVICE_PLANS), len(cupy_._FUSED_PLANS), len(cupy_._VALIDATED))
