@@ -4,6 +4,8 @@ conftest.py is pytest's, not a module to import from: importing it by name picks
 conftest is first on ``sys.path``. This module sits next to it in ``tests/`` (on the path
 for every test, like ``backends/backend_helpers.py`` and ``interop/hf_helpers.py``).
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -25,3 +27,18 @@ def assert_close(actual, expected, dtype, what="result"):
         lines = [f"  at {tuple(i)}: got {actual[tuple(i)]!r}, want {expected[tuple(i)]!r}" for i in idx]
         pytest.fail(f"{what}: {int(bad.sum())} of {bad.size} elements differ (rtol={rtol}, atol={atol})\n"
                     + "\n".join(lines))
+
+
+def tiny_tokenizer(folder):
+    """A byte-level BPE trained in the test (no download), saved as tokenizer.json."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "sparse neurons fire rarely"] * 20, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    return tok

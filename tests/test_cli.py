@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import minisparse as ms
+from helpers import tiny_tokenizer
 from minisparse import cli
 
 
@@ -203,21 +204,6 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys, argv):
 # generate on Hugging Face folders (moved here from tests/interop/test_hf.py; no torch needed:
 # the folder is written by save_hf and the truth is the library's own greedy decode)
 # --------------------------------------------------------------------------------------
-def _tiny_tokenizer(folder):
-    """A byte-level BPE trained in the test (no download), saved as tokenizer.json."""
-    pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat", "sparse neurons fire rarely"] * 20, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
-    return tok
-
-
 def test_cli_generate_on_hf_folder(tmp_path, capsys):
     """`minisparse generate --model DIR --prompt ...` prints the model's greedy continuation, with the
     folder's own tokenizer."""
@@ -225,7 +211,7 @@ def test_cli_generate_on_hf_folder(tmp_path, capsys):
     pytest.importorskip("safetensors")
     folder = tmp_path / "hfmodel"
     folder.mkdir()
-    tok = _tiny_tokenizer(folder)
+    tok = tiny_tokenizer(folder)
     model = ms.Transformer(ms.preset("nano", vocab_size=tok.get_vocab_size()), seed=0)
     ms.save_hf(model, folder)
     prompt = "the cat"

@@ -19,6 +19,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 import minisparse as ms  # noqa: E402
 from minisparse.hf import HFFormatError  # noqa: E402
 
+from helpers import tiny_tokenizer  # noqa: E402
 from hf_helpers import (HAVE_MOE, MOE_REASON, PROMPT, assert_logits_close, build_hf,  # noqa: E402
                        hf_greedy, hf_logits)
 
@@ -301,23 +302,8 @@ def test_save_hf_refuses_inexpressible_config(tmp_path):
 # ======================================================================================
 # tokenizer.json
 # ======================================================================================
-def _tiny_tokenizer(folder):
-    """A byte-level BPE trained in the test (no download), saved as tokenizer.json."""
-    pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat", "sparse neurons fire rarely"] * 20, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
-    return tok
-
-
 def test_load_tokenizer_from_model_folder(tmp_path):
-    tok = _tiny_tokenizer(tmp_path)
+    tok = tiny_tokenizer(tmp_path)
     t = ms.load_tokenizer(tmp_path)
     assert t.bos_id == tok.token_to_id("<s>") and t.eos_id == tok.token_to_id("</s>")
     ids = t.encode("the cat sat", eos=True)
