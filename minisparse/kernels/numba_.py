@@ -61,12 +61,13 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 # exceeds this fraction (measured with bench/ffn_sparse.py on 2 cores; see bench/README.md)
 _DENSE_ABOVE = ((1, 0.70), (4, 0.55), (16, 0.35), (64, 0.2))
 _BLAS_GATE_FROM_T = 8          # from this many tokens, the gate is one BLAS GEMM
-# batch 1: the dense gate GEMV by the numba pass ("numba", four rows at a time) or by BLAS
-# ("blas"). Side by side on the loaded 2-core Xeon (six runs, bench/README.md) they tie on
-# average (2.12x vs 2.08x over dense, each run's spread wider than the difference); the
-# numba pass keeps one thread pool per call and was the one within 1.1x of dense at 0%
-# in the last run (0.96x vs 0.89x).
-GATE_ONE_TOKEN = "numba"
+# batch 1: the dense gate GEMV by BLAS ("blas") or by the numba pass ("numba", four rows
+# at a time). Side by side on the loaded 2-core Xeon (seven runs, bench/README.md) they are
+# within noise overall (medians 2.09x vs 2.02x over dense); with Numba's threads cut to
+# the free cores (minisparse.runtime), BLAS's gate, which keeps all of BLAS's threads on
+# the one dense matrix, was ahead in three of four runs. The gate stays dense, so the best
+# dense GEMV is the tool for it; numba does only the skipped part.
+GATE_ONE_TOKEN = "blas"
 _PARALLEL_FROM = 1 << 20       # weights (x tokens) a pass must stream before threads are used
 
 
