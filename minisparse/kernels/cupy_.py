@@ -9,8 +9,8 @@ dtype and zeroes it for the next launch. With ``active`` (a predictor's mask) on
 masked-in rows of all three matrices are read.
 
 The three-launch path (``ffn_gate`` / ``ffn_up`` / ``ffn_down``, :func:`_plan`,
-:func:`_launch`) is :func:`ffn`'s default until the fused kernel has run on a GPU
-(``SPARSE_KERNEL``).
+:func:`_launch`) stays selectable (``SPARSE_KERNEL = "split"``): it is the faster one
+inside a CUDA graph, where launches cost little (measurements at ``SPARSE_KERNEL``).
 
 Two ways in:
 
@@ -256,11 +256,15 @@ def _launch(plan, x, wg, wu, wd, mask, y):
 # ------------------------------------------------------------------------------------
 # the fused path: ONE launch per token tile (ffn_fused), planned once per weight set
 # ------------------------------------------------------------------------------------
-# sparse_ffn's sparse path: "split" (ffn_gate / ffn_up / ffn_down, validated on the H200 on
-# 2026-11-28) or "fused" (one launch, ffn_fused: compile-checked with nvcc for sm_90 but NOT
-# yet run on a GPU; tests/backends/test_gpu_kernels.py covers both). ffn_device always uses
-# "fused". Switch the default to "fused" once `bash bench/run_gpu_targets.sh` passes on a GPU.
-SPARSE_KERNEL = "split"
+# sparse_ffn's sparse path: "fused" (one launch, ffn_fused) or "split" (ffn_gate / ffn_up /
+# ffn_down). Both pass tests/backends/test_gpu_kernels.py on the H200 (148 passed,
+# 2026-12-01). Measured there side by side (Mistral-7B layer, 90%, float16,
+# bench/results/h200_targets/): called eagerly from Python, as sparse_ffn is, fused skips at
+# 2.43x over cuBLAS (split 1.28x: its three launches cost more than the bytes saved); inside a
+# CUDA graph split is faster (2.19x / 4.20x given active vs fused 1.78x / 2.64x). sparse_ffn
+# is the eager entry point, so "fused" is its default; graph users call ffn_device or
+# GraphDecoder. ffn_device always uses "fused".
+SPARSE_KERNEL = "fused"
 FUSED_BLOCKS_PER_SM = 2         # ffn_fused grid ~ this many blocks per multiprocessor
 _FUSED_MAX_PER_BLOCK = 512      # neurons per block (bounds the shared list)
 _FUSED_PLANS: Dict[tuple, dict] = {}

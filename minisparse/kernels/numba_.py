@@ -63,11 +63,12 @@ _DENSE_ABOVE = ((1, 0.70), (4, 0.55), (16, 0.35), (64, 0.2))
 _BLAS_GATE_FROM_T = 8          # from this many tokens, the gate is one BLAS GEMM
 # batch 1: the dense gate GEMV by BLAS ("blas") or by the numba pass ("numba", four rows
 # at a time). Side by side on the loaded 2-core Xeon (seven runs, bench/README.md) they are
-# within noise overall (medians 2.09x vs 2.02x over dense); with Numba's threads cut to
-# the free cores (minisparse.runtime), BLAS's gate, which keeps all of BLAS's threads on
-# the one dense matrix, was ahead in three of four runs. The gate stays dense, so the best
-# dense GEMV is the tool for it; numba does only the skipped part.
-GATE_ONE_TOKEN = "blas"
+# within noise overall (medians 2.09x vs 2.02x over dense). On the H200 host's 16-core
+# Xeon (quiet, bench/results/h200_targets/ffn_sparse_cpu_targets_h200host.log) the numba
+# pass skips at 3.76x over dense NumPy and the BLAS gate at 1.50x (the BLAS call and the
+# numba pass that follows it hand the cores back and forth); at 0% sparsity they tie
+# (0.91x / 0.92x). So the numba pass is the default.
+GATE_ONE_TOKEN = "numba"
 _PARALLEL_FROM = 1 << 20       # weights (x tokens) a pass must stream before threads are used
 
 
