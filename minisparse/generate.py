@@ -75,7 +75,8 @@ def sample_next(logits, temperature: float = 1.0, top_k: Optional[int] = None,
         return best
     if rng is None:
         rng = np.random.default_rng()
-    z = (logits - logits[best]) / temperature                        # max first: no inf - inf, any T > 0
+    with np.errstate(over="ignore"):                                  # T -> 0: the others go to -inf (greedy)
+        z = (logits - logits[best]) / temperature                    # max first: no inf - inf, any T > 0
     if top_k is not None and top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
