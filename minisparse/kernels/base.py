@@ -53,7 +53,8 @@ class Backend(Protocol):
 # The Numba kernel (numba_._act) implements the same codes in Python; the CUDA source of
 # every CuPy kernel is generated from this table by :func:`cuda_activation_source`.
 _CUDA_ACT = {
-    "relu": (0, "return (v > thr || (thr == A(0) && v != v)) ? v : A(0);"),  # NaN: like np.maximum / np.where
+    # relu (thr 0): v > 0, NaN kept (np.maximum); FATReLU (thr > 0): v >= thr, NaN -> 0 (np.where)
+    "relu": (0, "return (thr > A(0) ? v >= thr : (v > A(0) || v != v)) ? v : A(0);"),
     "relu2": (1, "{ A r = v <= A(0) ? A(0) : v; return r * r; }"),
     "silu": (2, "{ if (v >= A(0)) return v / (A(1) + m_exp(-v)); A e = m_exp(v); return v * e / (A(1) + e); }"),
     "gelu": (3, "return A(0.5) * v * (A(1) + m_erf(v * A(0.70710678118654752)));"),

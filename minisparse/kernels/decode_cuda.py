@@ -412,6 +412,10 @@ class GraphDecoder:
             raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
         if sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
+        if getattr(c, "norm_relu", False):
+            raise NotImplementedError("GraphDecoder folds each RMSNorm into the next weights, so it cannot put "
+                                      "a ReLU after the norms (norm_relu=True); use the eager device path: "
+                                      "model.to('cupy') then minisparse.generate")
         if c.n_experts > 0:
             moe = [i for i in range(c.n_layers) if c.is_moe_layer(i)]
             raise NotImplementedError(f"GraphDecoder has no MoE FFN (layers {moe} are MoE); decode this model "

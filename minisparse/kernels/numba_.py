@@ -86,9 +86,11 @@ if numba is not None:
     @njit(cache=True, inline="always")
     def _act(v, kind, thr):
         v = float(v)
-        if kind == 0:                                   # relu / FATReLU: v if v > thr else 0
+        if kind == 0:                                   # relu: v if v > 0; FATReLU: v if v >= thr
             # NaN: np.maximum (relu) propagates it, np.where (FATReLU) gives 0; mirror both
-            return v if (v > thr or (thr == 0.0 and v != v)) else 0.0
+            if thr > 0.0:
+                return v if v >= thr else 0.0
+            return v if (v > 0.0 or v != v) else 0.0
         elif kind == 1:                                 # relu^2 (NaN propagates)
             r = 0.0 if v <= 0.0 else v
             return r * r

@@ -242,3 +242,17 @@ def test_every_backend_module_fulfils_the_protocol():
         mod = get_backend(name)
         assert isinstance(mod, base.Backend), name
         assert mod.NAME == name and all(np.dtype(d).kind == "f" for d in mod.WEIGHT_DTYPES)
+
+
+@pytest.mark.parametrize("act", ["fatrelu:0.25", "drelu:0.25"])
+def test_fatrelu_keeps_a_gate_exactly_at_the_threshold(backend, act):
+    """FATReLU keeps x >= t (Kurtz et al. 2020): a gate exactly at t survives in every backend."""
+    x = np.array([[1.0, 0.0]])                                       # (1, 2): exact dot products
+    w_gate = np.array([[0.25, 0.0], [0.125, 0.0], [0.5, 0.0]])        # gates t, below t, above t
+    w_up = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]) if act.startswith("drelu") else None
+    w_down = np.array([[1.0, 0.0], [10.0, 0.0], [100.0, 0.0]])
+    ref = ms.sparse_ffn(x, w_gate, w_up, w_down, act, backend="numpy")
+    got = to_numpy(ms.sparse_ffn(x, w_gate, w_up, w_down, act, backend=backend))
+    np.testing.assert_array_equal(got, ref)
+    want = 0.25 * 1.0 + 0.5 * 100.0                                  # up(x) = 1 for every neuron
+    assert ref[0, 0] == want                                         # the neuron at t counted, the one below not

@@ -229,6 +229,12 @@ def test_moe_is_refused_with_the_eager_path_named():
         GraphDecoder(model)
 
 
+def test_relu_after_the_norms_is_refused_with_the_eager_path_named():
+    model = ms.Transformer(ms.preset("nano", activation="drelu", norm_relu=True), seed=0)
+    with pytest.raises(NotImplementedError, match="norm_relu"):
+        GraphDecoder(model)
+
+
 def test_bad_mode_and_dtype():
     model = ms.Transformer(ms.preset("nano"), seed=0)
     with pytest.raises(ValueError, match="mode"):
