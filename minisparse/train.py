@@ -5,7 +5,7 @@
   Norm weights and biases (1-D parameters) are not decayed.
 * Schedule: linear warmup, then cosine decay to ``lr * min_lr_ratio`` (as in nanoGPT).
 * Global-norm gradient clipping (Pascanu et al. 2013) and gradient accumulation.
-* ``l1``: ProSparse's activation penalty ``l1 * mean|h|`` per FFN (Song et al. 2024).
+* ``l1``: ProSparse's activation penalty ``l1 * sum_f |h_f|`` per token and FFN (Song et al. 2024).
 
 Exact resume: the model, the optimizer moments, the step and the state of the batch
 generator are checkpointed, so training k steps, saving, loading and training on to N
@@ -57,7 +57,7 @@ class TrainConfig:
     eval_every: int = 100            # validate every this many steps (0 = only at the end)
     eval_batches: int = 8            # validation batches per evaluation
     seed: int = 0                    # seed of the batch sampler
-    l1: float = 0.0                  # ProSparse activation penalty l1 * mean|h| per FFN
+    l1: float = 0.0                  # ProSparse activation penalty l1 * sum_f |h_f| per token, each FFN
     log_every: int = 10              # plain-text progress line every this many steps (no tqdm)
     progress: bool = True            # show a progress bar (tqdm) or plain lines
     out_dir: Optional[str] = None    # where to write checkpoint, metrics.jsonl, loss curve

@@ -351,7 +351,7 @@ def _register_train(sub) -> None:
     g.add_argument("--weight-decay", type=nonneg_float, help="AdamW weight decay (default 0.1)")
     g.add_argument("--grad-clip", type=nonneg_float, help="global gradient-norm clip, 0 = off (default 1)")
     g.add_argument("--grad-accum", type=positive_int, help="micro-batches per step (default 1)")
-    g.add_argument("--l1", type=nonneg_float, help="ProSparse activation penalty l1*mean|h| (default 0)")
+    g.add_argument("--l1", type=nonneg_float, help="ProSparse activation penalty: l1 * sum over neurons of |h|, per token, each FFN (default 0)")
     g.add_argument("--eval-every", type=nonneg_int, help="validate every N steps (default 100)")
     g.add_argument("--save-every", type=nonneg_int, help="checkpoint every N steps (default: at the end)")
     g.add_argument("--seed", type=nonneg_int, help="seed of init and batches (default 0)")

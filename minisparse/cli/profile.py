@@ -23,13 +23,13 @@ def _fmt_pct(x) -> str:
 def profile_table(rows) -> str:
     """The per-layer table of :meth:`Recorder.summary` rows."""
     head = (f"{'layer':>5} {'expert':>6} {'tokens':>7} {'zeros':>6} {'<1e-2':>6} {'CETT.2':>6} {'t_CETT':>8} "
-            f"{'hot10':>6} {'reuse':>6} {'dead':>5} {'p50|h|':>8} {'p99|h|':>8}")
+            f"{'n@80%':>6} {'reuse':>6} {'dead':>5} {'p50|h|':>8} {'p99|h|':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         e = "-" if r["expert"] is None else ("shared" if r["expert"] == -1 else str(r["expert"]))
         lines.append(f"{r['layer']:>5} {e:>6} {r['tokens']:>7} {_fmt_pct(r['exact_zero'])} "
                      f"{_fmt_pct(r.get('below_0.01'))} {_fmt_pct(r.get('cett_sparsity'))} "
-                     f"{r.get('cett_threshold', float('nan')):>8.4f} {_fmt_pct(r['hot10_coverage'])} "
+                     f"{r.get('cett_threshold', float('nan')):>8.4f} {_fmt_pct(r['neurons_80'])} "
                      f"{_fmt_pct(r['reuse'])} {r['dead_neurons']:>5} {r['p50']:>8.4f} {r['p99']:>8.4f}")
     return "\n".join(lines)
 

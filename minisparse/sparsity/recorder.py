@@ -266,10 +266,12 @@ class Recorder:
 
     def summary(self, model=None, cett_target: Optional[float] = 0.2) -> list:
         """One dict per FFN: tokens, exact-zero and below-eps fractions, reuse, quantiles,
-        the share of activations covered by the hottest 10% of neurons, dead neurons, and
-        (given the model, for its down projections) the CETT threshold and sparsity."""
+        ``neurons_80``: the smallest share of neurons (hottest first) that accounts for 80% of
+        the activations (PowerInfer's statistic; a model without exact zeros gives 80% by
+        construction), dead neurons, and (given the model) the CETT-``cett_target``
+        output-norm threshold ``eps`` and the sparsity it gives (ReLU² Wins)."""
         from .metrics import cett_threshold
-        from .neurons import coverage
+        from .neurons import neurons_for_coverage
 
         rows = []
         for key in self.keys():
@@ -279,7 +281,8 @@ class Recorder:
             for e, f in st.below_eps_fraction().items():
                 row[f"below_{e:g}"] = f
             row["reuse"] = st.reuse()
-            row["hot10_coverage"] = coverage(st.neuron_active, 0.1) if st.neuron_active.sum() else float("nan")
+            row["neurons_80"] = (neurons_for_coverage(st.neuron_active, 0.8) if st.neuron_active.sum()
+                                 else float("nan"))
             row["dead_neurons"] = int(np.count_nonzero(st.neuron_active == 0))
             q = st.quantiles((0.5, 0.9, 0.99))
             row.update(p50=q[0.5], p90=q[0.9], p99=q[0.99])
