@@ -510,10 +510,10 @@ class Transformer:
         use_kernel = backend is not None and not train and hook is None
         if c.is_moe_layer(i):
             from .moe import moe_forward
-            if use_kernel:
-                self._warn_host_weights(backend)
             y, cache, aux = moe_forward(x2, self.params, f"layers.{i}.feed_forward.", c, self.act, layer=i,
                                         hook=hook, backend=backend if use_kernel else None)
+            if use_kernel:
+                self._warn_host_weights(backend)                      # after the backend ran: it exists
             for st in aux.pop("ffn_stats", []):
                 self.ffn_stats.append(dict(layer=i, **st))
             for k, v in aux.items():
@@ -522,9 +522,9 @@ class Transformer:
         wg, wu, wd = self.ffn_weights(i)
         if use_kernel:
             from .kernels import sparse_ffn
-            self._warn_host_weights(backend)
             stats: dict = {}
             y = sparse_ffn(x2, wg, wu, wd, self.act, backend=backend, stats=stats)
+            self._warn_host_weights(backend)
             self.ffn_stats.append(dict(layer=i, **stats))
             return y, FFNOut("kernel", None)
         h_hook = (lambda h: hook(i, None, h)) if hook is not None else None
@@ -538,7 +538,7 @@ class Transformer:
             self._warned_host = True
             warnings.warn("backend='cupy' on a model whose parameters are NumPy arrays: every FFN's weights "
                           "are copied to the GPU at every call, which is slower than the CPU. Move the model "
-                          "once with model.to('cupy').", stacklevel=4)
+                          "once with model.to('cupy').", stacklevel=7)     # the caller of forward
 
     def _forward(self, tokens: Array, cache: Optional[KVCache], ffn_hook, train: bool,
                  backend: Optional[str] = None):
