@@ -84,18 +84,9 @@ def attn_shared_bytes(max_len: int, head_dim: int) -> int:
 
 
 def _cupy():
-    try:
-        import cupy as cp
-    except ImportError as e:
-        raise ImportError(f"GraphDecoder needs CuPy and a CUDA GPU ({e}); "
-                          "pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13)") from e
-    try:
-        n = cp.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver
-        raise ImportError(f"GraphDecoder: CuPy is installed but no CUDA device is usable ({e})") from e
-    if n < 1:
-        raise ImportError("GraphDecoder: CuPy is installed but no CUDA device is visible")
-    return cp
+    """The cupy module, or ImportError with the install command (minisparse.xp's one check)."""
+    from ..xp import get_module
+    return get_module("cupy")
 
 
 def cuda_source() -> str:

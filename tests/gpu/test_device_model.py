@@ -18,17 +18,6 @@ from minisparse.xp import to_numpy
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def cp():
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device visible")
-    except Exception as e:  # ImportError, CUDARuntimeError
-        pytest.skip(f"needs CuPy and a CUDA GPU ({type(e).__name__})")
-    return cupy
-
-
 def _cfg(**kw):
     base = dict(vocab_size=61, dim=40, n_layers=3, n_heads=5, n_kv_heads=1, ffn_dim=70, max_seq_len=64,
                 activation="drelu")

@@ -25,17 +25,6 @@ from minisparse.kernels.decode_cuda import GraphDecoder, exactly_sparse_params
 from minisparse.model import KVCache
 
 
-@pytest.fixture(scope="module")
-def cp():
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device visible")
-    except Exception as e:  # ImportError, CUDARuntimeError
-        pytest.skip(f"needs CuPy and a CUDA GPU ({type(e).__name__}: {e})")
-    return cupy
-
-
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
