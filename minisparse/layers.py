@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .activations import Activation
+from .activations import Activation, silu
 from .xp import add_at, array_module
 
 Array = np.ndarray
@@ -101,19 +101,41 @@ def causal_mask_bias(T: int, S: int, q_start: int = 0, dtype=np.float32, xp=np) 
 QUERY_BLOCK = 64  # queries per block in attention: later blocks need more keys, early ones fewer
 
 
+def _exp_needs_shift(qs: Array, k: Array):
+    """Whether softmax must subtract each row's max before ``exp`` (the usual safeguard).
+
+    Softmax is shift-invariant; the shift only keeps ``exp`` in range. By Cauchy-Schwarz
+    every score lies within +-max|q_i| * max|k_j|; while that bound is below ln(dtype max)/3
+    (29.6 in float32), ``exp(scores)`` can neither overflow nor lose a row to underflow, and
+    the pass computing the max and the pass subtracting it can be skipped (small models in
+    training, the common case). A bool on the host; on CuPy a 0-d device array (no host sync).
+    """
+    xp = array_module(qs)
+    q2 = np.max(np.einsum("...d,...d->...", qs, qs))                  # max_i |q_i|^2
+    k2 = np.max(np.einsum("...d,...d->...", k, k))                    # max_j |k_j|^2
+    need = q2 * k2 > (math.log(np.finfo(qs.dtype).max) / 3) ** 2
+    return bool(need) if xp is np else need
+
+
 def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block: int = QUERY_BLOCK):
     """Causal softmax attention, softmax(q k^T / sqrt(Dh) + mask) v.
 
     q (B, H, T, Dh); k, v (B, K, S, Dh) with K dividing H; query i sits at absolute position
     ``q_start + i`` and sees keys 0..q_start+i. Returns out (B, H, T, Dh) and a cache.
 
-    Two savings, same result:
+    Savings, same result:
 
     * Grouped-query attention without copying k and v: the rep = H/K query heads that
       share a KV head are stacked along time, so one matmul per KV head serves all of them
       (query head h uses KV head h // rep, as ``np.repeat(k, rep, axis=1)`` would give).
     * Causality: queries are taken ``block`` at a time, and a block only computes scores
-      against the keys its last query can see (about half the work of the full T x S).
+      against the keys its last query can see (about half the work of the full T x S);
+      the mask is added only to the keys the block's first query cannot see.
+    * Few passes over the (block x keys) scores: the max is subtracted only when the
+      scores could overflow ``exp`` (:func:`_exp_needs_shift`), the probabilities
+      p = e / l (e = exp(scores), l = row sums of e) are never formed: the output is
+      (e @ v) / l, a division over Dh columns instead of over the keys (FlashAttention's
+      deferred normalisation; the backward folds 1/l into dout the same way).
     """
     B, H, T, Dh = q.shape
     K, S = k.shape[1], k.shape[2]
@@ -121,43 +143,60 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     scale = 1.0 / math.sqrt(Dh)
     xp = array_module(q)                                              # numpy or cupy (minisparse.xp)
     qs = q * q.dtype.type(scale)                                      # (B, H, T, Dh) scaled queries
+    shift = _exp_needs_shift(qs, k)
     out = np.empty_like(q)                                            # (B, H, T, Dh)
     blocks = []
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         Tb, s1 = t1 - t0, min(S, q_start + t1)                        # s1: keys the block can see
+        c0 = min(s1, q_start + t0)                                    # keys c0.. are hidden from some queries
         qb = qs[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)              # (B, K, rep*Tb, Dh)
-        kb, vb = k[:, :, :s1], v[:, :, :s1]                           # (B, K, s1, Dh)
-        scores = qb @ kb.transpose(0, 1, 3, 2)                        # (B, K, rep*Tb, s1), a new C array,
+        scores = qb @ k[:, :, :s1].transpose(0, 1, 3, 2)              # (B, K, rep*Tb, s1), a new C array,
         # so the reshape below is a view and the mask lands in `scores`
-        scores.reshape(B, K, rep, Tb, s1)[...] += causal_mask_bias(Tb, s1, q_start + t0, q.dtype, xp)
-        scores -= scores.max(axis=-1, keepdims=True)                  # subtract max: exp never overflows
-        p = np.exp(scores, out=scores)                                # (B, K, rep*Tb, s1), in place
-        p /= p.sum(axis=-1, keepdims=True)
-        ob = p @ vb                                                   # (B, K, rep*Tb, Dh)
+        scores.reshape(B, K, rep, Tb, s1)[..., c0:] += causal_mask_bias(Tb, s1 - c0, q_start + t0 - c0,
+                                                                         q.dtype, xp)
+        if xp is np:
+            if shift:
+                scores -= scores.max(axis=-1, keepdims=True)          # exp never overflows
+        else:                                                         # the same choice without a host sync
+            scores -= xp.where(shift, scores.max(axis=-1, keepdims=True), scores.dtype.type(0))
+        e = np.exp(scores, out=scores)                                # (B, K, rep*Tb, s1) softmax numerators
+        l = e.sum(axis=-1, keepdims=True)                             # (B, K, rep*Tb, 1) denominators
+        ob = e @ v[:, :, :s1]                                         # (B, K, rep*Tb, Dh)
+        ob /= l                                                       # = p @ v with p = e / l
         out[:, :, t0:t1] = ob.reshape(B, H, Tb, Dh)
-        blocks.append((t0, t1, s1, qb, p, ob))
+        blocks.append((t0, t1, s1, qb, e, l, ob))
     return out, (k, v, scale, blocks)
 
 
 def attention_core_backward(dout: Array, cache):
-    """dout (B, H, T, Dh) -> dq (B, H, T, Dh), dk, dv (B, K, S, Dh)."""
+    """dout (B, H, T, Dh) -> dq (B, H, T, Dh), dk, dv (B, K, S, Dh).
+
+    With p = e / l (forward) and dp = dout v^T, softmax's backward is ds = p (dp - D),
+    D = sum_j dp_j p_j = dout . out (FlashAttention's identity, a dot over Dh). Writing
+    do' = dout / l and D' = D / l gives ds = e (do' v^T - D'); the row constant D' rides
+    in the same matmul as a last coordinate, [do', -D'] @ [v, 1]^T, so ds costs one pass
+    over the scores (the product with e).
+    """
     k, v, scale, blocks = cache
     B, H, T, Dh = dout.shape
     K = k.shape[1]
     rep = H // K
+    xp = array_module(dout)
     dq = np.empty_like(dout)                                          # (B, H, T, Dh)
     dk = np.zeros_like(k)                                             # (B, K, S, Dh)
     dv = np.zeros_like(v)                                             # (B, K, S, Dh)
-    for t0, t1, s1, qb, p, ob in blocks:
+    v1 = xp.empty(v.shape[:-1] + (Dh + 1,), dtype=v.dtype)            # (B, K, S, Dh+1) = [v, 1]
+    v1[..., :Dh] = v
+    v1[..., Dh] = 1
+    for t0, t1, s1, qb, e, l, ob in blocks:
         Tb = t1 - t0
-        do = dout[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)            # (B, K, rep*Tb, Dh)
-        dv[:, :, :s1] += p.transpose(0, 1, 3, 2) @ do                 # (B, K, s1, Dh): sums the rep heads
-        dp = do @ v[:, :, :s1].transpose(0, 1, 3, 2)                  # (B, K, rep*Tb, s1)
-        # softmax backward: ds = p * (dp - sum_j dp_j p_j), and sum_j dp_j p_j = do . ob
-        # (FlashAttention's identity): a dot over Dh instead of a pass over s1
-        dp -= np.sum(do * ob, axis=-1, keepdims=True)
-        ds = np.multiply(dp, p, out=dp)                               # (B, K, rep*Tb, s1), in place
+        do1 = xp.empty((B, K, rep * Tb, Dh + 1), dtype=dout.dtype)    # [do', -D']
+        do = np.divide(dout[:, :, t0:t1].reshape(B, K, rep * Tb, Dh), l, out=do1[..., :Dh])  # do' = dout / l
+        do1[..., Dh] = -np.einsum("...d,...d->...", do, ob)           # -D' = -do' . out
+        dv[:, :, :s1] += e.transpose(0, 1, 3, 2) @ do                 # (B, K, s1, Dh) = p^T dout, sums the rep heads
+        ds = do1 @ v1[:, :, :s1].transpose(0, 1, 3, 2)                # (B, K, rep*Tb, s1) = do' v^T - D'
+        ds *= e                                                       # ds = e (do' v^T - D') = p (dp - D)
         dqb = (ds @ k[:, :, :s1]) * k.dtype.type(scale)               # (B, K, rep*Tb, Dh)
         dq[:, :, t0:t1] = dqb.reshape(B, H, Tb, Dh)
         dk[:, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb                # (B, K, s1, Dh)
@@ -232,6 +271,18 @@ class FFNCache(NamedTuple):
     g: Array                    # (N, F) gate pre-activation  x @ w_gate.T
     u: Optional[Array]          # (N, F) up pre-activation    x @ w_up.T (None: plain activation)
     h: Array                    # (N, F) activation output    act(g, u), after any hook
+    a: Optional[Array] = None   # (N, F) gate(g) of a gated activation (h = a * b before any hook)
+    b: Optional[Array] = None   # (N, F) up(u) of a gated activation (u itself when up is the identity)
+    s: Optional[Array] = None   # (N, F) sigmoid(g) when the gate is SiLU (kept for its derivative)
+
+
+def _sigmoid(x: Array) -> Array:
+    """1 / (1 + exp(-x)) in four passes, in place after the first (exp(-x) may overflow to
+    inf for x < -88 in float32, giving the right limit 0)."""
+    with np.errstate(over="ignore"):
+        e = np.exp(np.negative(x))
+    e += 1
+    return np.reciprocal(e, out=e)
 
 
 def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
@@ -241,17 +292,28 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
     w_gate, w_up, w_down are all (F, D): row f holds neuron f's weights (contiguous, so a
     sparse kernel can read only the rows of active neurons). Plain activations use no
     ``w_up``. ``hook(h)`` may observe or replace the intermediate activation h (N, F).
-    Returns y (N, D) and an :class:`FFNCache` ``(x, g, u, h)``.
+    Returns y (N, D) and an :class:`FFNCache` ``(x, g, u, h, a, b, s)``.
     """
     g = x @ w_gate.T                                                 # (N, F) gate pre-activation
-    u = x @ w_up.T if act.gated else None                            # (N, F) up pre-activation
-    h = act.forward(g, u)                                            # (N, F)
+    a = b = s = None
+    if act.gated:                                                    # = act.forward(g, u), keeping its factors
+        u = x @ w_up.T                                               # (N, F) up pre-activation
+        if act.gate_fn is silu:                                      # SwiGLU: sigmoid(g) once, for the
+            s = _sigmoid(g)                                          # forward and the derivative
+            a = g * s                                                # (N, F) silu(g)
+        else:
+            a = act.gate_fn(g)                                       # (N, F) gate(g)
+        b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
+        h = a * b                                                    # (N, F)
+    else:
+        u = None
+        h = act.forward(g)                                           # (N, F)
     if hook is not None:
         h2 = hook(h)
         if h2 is not None:
             h = h2
     y = h @ w_down                                                   # (N, D)
-    return y, FFNCache(x, g, u, h)
+    return y, FFNCache(x, g, u, h, a, b, s)
 
 
 def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down: Array,
@@ -262,17 +324,22 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     penalty: a sum over neurons, averaged over tokens; ``l1_tokens`` defaults to N, and a
     MoE expert passes the layer's token count so each token is penalised once).
     """
-    x, g, u, h = cache
+    x, g, u, h, a, b, s = cache
     dw_down = h.T @ dy                                               # (F, D)
     dh = dy @ w_down.T                                               # (N, F)
     if l1:
         dh += dh.dtype.type(l1 / (l1_tokens or h.shape[0])) * np.sign(h)
-    # = act.backward(dh, g, u), written out to skip work when the up factor is the identity
+    # = act.backward(dh, g, u), with the forward's gate(g), up(u) (and sigmoid(g)) reused
     if act.gated:
-        b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
         dg = dh * b                                                  # (N, F)
-        dg *= act.gate_grad(g)                                       # dL/dg = dh * up(u) * gate'(g)
-        du = np.multiply(dh, act.gate_fn(g), out=dh)                 # (N, F), in place of dh
+        if s is not None:                                            # silu'(g) = s + g s (1 - s) = s + a (1 - s)
+            d_gate = np.subtract(1, s, dtype=s.dtype)
+            d_gate *= a
+            d_gate += s
+        else:
+            d_gate = act.gate_grad(g)
+        dg *= d_gate                                                 # dL/dg = dh * up(u) * gate'(g)
+        du = np.multiply(dh, a, out=dh)                              # (N, F), in place of dh
         if act.up_kind != "identity":
             du *= act.up_grad(u)                                     # dL/du = dh * gate(g) * up'(u)
     else:

@@ -1,0 +1,83 @@
+"""The two softmax paths of the attention core, and float32 against a float64 loop.
+
+``attention_core_forward`` skips the row-max shift when the Cauchy-Schwarz bound on the
+scores says ``exp`` cannot overflow (:func:`minisparse.layers._exp_needs_shift`), and
+keeps the probabilities unnormalised (dividing the output instead). Both paths are checked
+here: small q, k (no shift) and large ones (scores of several hundred: shift), forward
+against a per-query loop and backward against central finite differences in float64.
+"""
+import numpy as np
+import pytest
+
+from minisparse import layers as L
+
+from test_gradients import check, naive_attention
+
+
+@pytest.mark.parametrize("scale, shifted", [(1.0, False), (30.0, True)])
+@pytest.mark.parametrize("B, K, rep, T, Dh, q_start, block", [(1, 1, 1, 1, 1, 0, 64), (2, 2, 2, 7, 5, 0, 3),
+                                                               (1, 3, 1, 33, 4, 3, 8), (2, 1, 4, 9, 2, 0, 1)])
+def test_attention_core_both_softmax_paths(B, K, rep, T, Dh, q_start, block, scale, shifted):
+    rng = np.random.default_rng(T * 7 + Dh)
+    H, S = K * rep, q_start + T
+    q = rng.standard_normal((B, H, T, Dh)) * scale
+    k = rng.standard_normal((B, K, S, Dh)) * scale
+    v = rng.standard_normal((B, K, S, Dh))
+    R = rng.standard_normal((B, H, T, Dh))
+    assert L._exp_needs_shift(q / np.sqrt(Dh), k) == shifted
+    out, cache = L.attention_core_forward(q, k, v, q_start, block=block)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, naive_attention(q, k, v, q_start), rtol=1e-10, atol=1e-12)
+    if shifted:
+        return          # at scores of hundreds the softmax saturates: finite differences say nothing
+
+    def f():
+        return float(np.sum(L.attention_core_forward(q, k, v, q_start, block=block)[0] * R))
+
+    dq, dk, dv = L.attention_core_backward(R, cache)
+    for name, x, g in (("dq", q, dq), ("dk", k, dk), ("dv", v, dv)):
+        check(f, x, g, rng, f"attention core {name}")
+
+
+def test_attention_core_shifted_backward_matches_unshifted_formula():
+    """Scores near 230 (every key has a large common component along the queries' axis 0)
+    need the shift, but their differences are O(1): the softmax is not saturated and the
+    backward can be checked by finite differences."""
+    rng = np.random.default_rng(0)
+    B, H, K, T, Dh = 1, 2, 1, 6, 3
+    q = rng.standard_normal((B, H, T, Dh))
+    q[..., 0] = 1.0                                   # every query has component 1 along axis 0
+    k = rng.standard_normal((B, K, T, Dh))
+    k[..., 0] += 400.0                                # every score gains 400 / sqrt(Dh): shift needed
+    v = rng.standard_normal((B, K, T, Dh))
+    R = rng.standard_normal((B, H, T, Dh))
+    assert L._exp_needs_shift(q / np.sqrt(Dh), k)
+    out, cache = L.attention_core_forward(q, k, v, block=4)
+    np.testing.assert_allclose(out, naive_attention(q, k, v, 0), rtol=1e-10, atol=1e-12)
+
+    def f():
+        return float(np.sum(L.attention_core_forward(q, k, v, block=4)[0] * R))
+
+    dq, dk, dv = L.attention_core_backward(R, cache)
+    for name, x, g in (("dq", q, dq), ("dv", v, dv)):
+        check(f, x, g, rng, f"attention core, shifted softmax, {name}")
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_attention_core_float32_close_to_float64(block):
+    rng = np.random.default_rng(1)
+    B, K, rep, T, Dh = 2, 2, 2, 33, 8
+    q = rng.standard_normal((B, K * rep, T, Dh))
+    k = rng.standard_normal((B, K, T, Dh))
+    v = rng.standard_normal((B, K, T, Dh))
+    R = rng.standard_normal((B, K * rep, T, Dh))
+    ref = naive_attention(q, k, v, 0)
+    f32 = [a.astype(np.float32) for a in (q, k, v)]
+    out, cache = L.attention_core_forward(*f32, block=block)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    out64, cache64 = L.attention_core_forward(q, k, v, block=block)
+    for g32, g64 in zip(L.attention_core_backward(R.astype(np.float32), cache),
+                        L.attention_core_backward(R, cache64)):
+        assert g32.dtype == np.float32
+        np.testing.assert_allclose(g32, g64, rtol=1e-3, atol=1e-4)
