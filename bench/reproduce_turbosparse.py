@@ -89,7 +89,7 @@ def scale(args) -> dict:
     """The training scale of this invocation (what the keys and the JSONs record)."""
     q = args.quick
     return {"preset": args.preset or ("nano" if q else "tiny"),
-            "steps": int(round((150 if q else 800) * args.steps_mult)),
+            "steps": int(args.steps) if getattr(args, "steps", None) else int(round((150 if q else 800) * args.steps_mult)),
             "batch_size": args.batch_size or 16, "seq_len": args.seq_len or (64 if q else 128),
             "corpus_bytes": 400_000 if q else 2_000_000, "quick": q}
 
@@ -179,7 +179,8 @@ def train_base(act, seed, sc, lr, layers, corpus, root: Path, force=False) -> Pa
     return folder
 
 
-def train_relufied(seed, sc, lr, layers, corpus, root: Path, relufy_lr: float, force=False, equal_budget=True):
+def train_relufied(seed, sc, lr, layers, corpus, root: Path, relufy_lr: float, force=False, equal_budget=True,
+                   targets=("reglu", "drelu")):
     """ReLUfy seed's base swiglu to reglu and drelu (+steps//2), and train an equal-budget swiglu."""
     import minisparse as ms
     from minisparse.sparsity import relufy
@@ -187,7 +188,7 @@ def train_relufied(seed, sc, lr, layers, corpus, root: Path, relufy_lr: float, f
     base = root / run_key("swiglu", seed, sc["steps"], lr, layers, sc["preset"])
     if not (base / "meta.json").exists():
         train_base("swiglu", seed, sc, lr, layers, corpus, root)
-    for to in ("reglu", "drelu"):
+    for to in targets:
         key = run_key(f"swiglu->{to}", seed, sc["steps"], lr, layers, sc["preset"], relufy_steps=rsteps)
         folder = root / key
         if (folder / "meta.json").exists() and not force:
@@ -370,7 +371,7 @@ def analyse_run(folder: Path, out_dir: Path, max_windows: int = 0, subset_all: b
 
 def cmd_analyse(args) -> int:
     root = Path(args.ckpt_root)
-    out = RUNS_JSON if not args.quick else RESULTS / "turbosparse_quick"
+    out = Path(args.out_json) if args.out_json else (RUNS_JSON if not args.quick else RESULTS / "turbosparse_quick")
     for folder in sorted(root.glob(args.runs)):
         if not (folder / "meta.json").exists():
             continue
@@ -690,7 +691,8 @@ def cmd_train(args) -> int:
                 train_base(act, seed, sc, lr, layers, corpus, root, force=args.force)
             if args.relufy:
                 train_relufied(seed, sc, lr, layers, corpus, root, args.relufy_lr, force=args.force,
-                               equal_budget=not args.no_equal_budget)
+                               equal_budget=not args.no_equal_budget,
+                               targets=[t.strip() for t in args.relufy_to.split(",") if t.strip()])
     return 0
 
 
@@ -702,6 +704,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default=None, help="model size preset (default: tiny; --quick: nano)")
     ap.add_argument("--steps-mult", type=float, default=1.0,
                     help="multiply the training steps (default 800; --quick 150) by this")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps of the base runs (overrides --steps-mult; default 800, --quick 150)")
     ap.add_argument("--layers", type=int, default=None, help="depth (default: the preset's 4; --quick 2)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
@@ -711,12 +715,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-equal-budget", action="store_true",
                     help="with --relufy: skip the from-scratch swiglu of equal length (train it as a separate "
                          "job with --steps-mult 1.5)")
+    ap.add_argument("--relufy-to", default="reglu,drelu",
+                    help="with --relufy: the activations to ReLUfy to (comma-separated; default reglu,drelu)")
     ap.add_argument("--relufy-lr", type=float, default=1e-3, help="peak learning rate of the ReLUfication runs")
     ap.add_argument("--models", default="swiglu,drelu", help="comma-separated activations to train")
     ap.add_argument("--seeds", default="0", help="seeds, e.g. 0-4 or 0,2,5 (paired across activations)")
     ap.add_argument("--force", action="store_true", help="retrain / re-analyse runs that already exist")
     ap.add_argument("--ckpt-root", default=str(CKPT_ROOT), help="where checkpoints go (default runs/turbosparse)")
     ap.add_argument("--runs", default="*", help="analyse: glob over run keys (default all)")
+    ap.add_argument("--out-json", default=None,
+                    help="analyse: write the per-run JSONs here (default bench/results/turbosparse)")
     ap.add_argument("--max-windows", type=int, default=0,
                     help="analyse: evaluate at most this many validation windows (0 = the whole split)")
     args = ap.parse_args(argv)

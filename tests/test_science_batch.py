@@ -1,0 +1,90 @@
+"""bench/science_batch.py: the job keys match reproduce_turbosparse's, the schedule keeps
+to the cores and the deadline, and (slow) a tiny batch runs and is killed at its deadline."""
+import importlib.util
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sb = _load("science_batch")
+rt = _load("reproduce_turbosparse")
+
+
+def test_keys_match_reproduce_turbosparse():
+    for j in sb.master_jobs() + sb.plan_jobs("quick"):
+        pre = "nano" if j.quick else "tiny"
+        if j.relufy:
+            want = rt.run_key(f"swiglu->{j.act}", j.seed, j.steps, j.lr, j.layers, pre, relufy_steps=j.steps // 2)
+        else:
+            want = rt.run_key(j.act, j.seed, j.steps, j.lr, j.layers, pre)
+        assert j.key() == want
+
+
+def test_existing_runs_are_skipped():
+    existing = {p.stem for p in sb.RUNS_JSON.glob("*.json")}
+    keys = {j.key() for j in sb.plan_jobs("A")}
+    assert not keys & existing
+    assert {j.key() for j in sb.plan_jobs("A", skip_existing=False)} >= keys
+
+
+def test_fit_picks_the_fewest_threads_that_fit():
+    j = sb.Job("swiglu", 0, steps=800)
+    one = j.estimate(1)
+    assert j.estimate(2) < one and j.estimate(4) < j.estimate(2)
+    assert j.fit(13, one / sb.SAFETY + 1) == 1
+    assert j.fit(13, j.estimate(2) / sb.SAFETY + 1) == 2
+    assert j.fit(1, j.estimate(2) / sb.SAFETY + 1) == 0          # 2 threads needed, 1 core free
+    assert j.fit(13, 1.0) == 0
+
+
+def test_simulate_respects_cores_and_deadline():
+    jobs = sb.master_jobs()
+    deadline = 500.0
+    sched = sb.simulate(jobs, 13, deadline)
+    assert sched
+    for start, end, t in sched.values():
+        assert end <= deadline + 1e-6 and 1 <= t <= 4
+    events = sorted({s for s, _, _ in sched.values()})
+    for ev in events:             # cores in use at every start time
+        assert sum(t for s, e, t in sched.values() if s <= ev < e) <= 13
+    # priority: nothing of a later priority starts at 0 while an earlier one could but waits
+    first = sb.order(jobs)[0]
+    assert sched[first.name][0] == 0.0
+
+
+@pytest.mark.slow
+def test_quick_batch_runs_and_is_killed_at_its_deadline(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "science_batch.py"), "--plan", "quick", "--workers", "2",
+                        "--deadline-s", "120", "--out", str(out)], capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = json.loads((out / "batch_log.json").read_text())
+    assert all(v["status"] == "done" for v in log["jobs"].values()), log["jobs"]
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert sum(n.startswith("turbosparse/") for n in names) == 3
+    # a deadline shorter than the jobs: they are killed, the driver exits, nothing is left running
+    out2 = tmp_path / "out2"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "science_batch.py"), "--plan", "quick", "--workers", "2",
+                        "--deadline-s", "12", "--est-scale", "0.2", "--out", str(out2)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = json.loads((out2 / "batch_log.json").read_text())
+    assert {v["status"] for v in log["jobs"].values()} <= {"killed at deadline", "done",
+                                                           "not started (would not finish before the deadline)"}
+    assert any(v["status"] == "killed at deadline" for v in log["jobs"].values())
+    assert log["elapsed_s"] < 12
