@@ -94,11 +94,12 @@ def scale(args) -> dict:
             "corpus_bytes": 400_000 if q else 2_000_000, "quick": q}
 
 
-def run_key(act: str, seed: int, steps: int, lr: float, layers: int, preset: str, relufy_steps: int = 0) -> str:
+def run_key(act: str, seed: int, steps: int, lr: float, layers: int, preset: str, relufy_steps: int = 0,
+            device: str = "numpy") -> str:
     k = f"{preset}_L{layers}_{act.replace('->', '-to-')}_st{steps}"
     if relufy_steps:
         k += f"+{relufy_steps}"
-    return k + f"_lr{lr:g}_seed{seed}"
+    return k + f"_lr{lr:g}_seed{seed}" + ("_gpu" if device == "cupy" else "")
 
 
 def parse_seeds(s: str):
@@ -117,6 +118,15 @@ def machine() -> dict:
     return {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+
+
+def _gpu_name():
+    try:
+        import cupy
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception as e:          # the name is a record only
+        return f"unknown ({type(e).__name__})"
 
 
 def _corpus(sc):
@@ -148,16 +158,20 @@ def _history(h):
     return [{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in h]
 
 
-def train_base(act, seed, sc, lr, layers, corpus, root: Path, force=False) -> Path:
-    """Train one from-scratch run (skipped when its checkpoint exists)."""
+def train_base(act, seed, sc, lr, layers, corpus, root: Path, force=False, device: str = "numpy") -> Path:
+    """Train one from-scratch run (skipped when its checkpoint exists). ``device="cupy"``
+    trains on the GPU (same initial weights and batches; the key gets ``_gpu``); the
+    checkpoint is saved from the host either way, and ``analyse`` runs on the CPU."""
     import minisparse as ms
     from minisparse.train import ffn_zero_fraction, train
-    key = run_key(act, seed, sc["steps"], lr, layers, sc["preset"])
+    key = run_key(act, seed, sc["steps"], lr, layers, sc["preset"], device=device)
     folder = root / key
     if (folder / "meta.json").exists() and not force:
         print(f"[{key}] exists, skipped", flush=True)
         return folder
     model = ms.Transformer(ms.preset(sc["preset"], activation=act, n_layers=layers), seed=seed)
+    if device != "numpy":
+        model.to(device)
     cfg = _train_cfg(sc["steps"], sc, lr, seed)
     traj = []
 
@@ -168,7 +182,10 @@ def train_base(act, seed, sc, lr, layers, corpus, root: Path, force=False) -> Pa
 
     t0, c0 = time.perf_counter(), time.process_time()
     r = train(model, corpus, cfg, callback=track)
-    meta = {"key": key, "kind": "base", "activation": act, "seed": seed, "lr": lr, "layers": layers,
+    if device != "numpy":
+        model.to("numpy")
+    meta = {"key": key, "kind": "base", "device": device, "gpu": _gpu_name() if device != "numpy" else None,
+            "activation": act, "seed": seed, "lr": lr, "layers": layers,
             "steps": sc["steps"], "scale": sc, "train_config": cfg.to_dict(), "params": model.num_parameters(),
             "train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
             "final_val_loss_sampled": r.final_val_loss, "history": _history(r.history),
@@ -318,6 +335,7 @@ def analyse_run(folder: Path, out_dir: Path, max_windows: int = 0, subset_all: b
     res = {"key": meta["key"], "activation": meta["activation"], "seed": meta["seed"], "lr": meta["lr"],
            "layers": meta["layers"], "steps": meta["steps"], "relufy_steps": meta.get("relufy_steps", 0),
            "params": meta["params"], "scale": sc, "kind": meta["kind"],
+           "train_device": meta.get("device", "numpy"), "train_gpu": meta.get("gpu"),
            "val": {"windows": int(len(windows)), "window_tokens": T, "tokens": int(len(windows) * T),
                    "split_tokens": int(len(corpus.val))},
            "val_loss": float(dense.mean()), "val_loss_ci": bootstrap_ci(dense),
@@ -688,7 +706,7 @@ def cmd_train(args) -> int:
     for seed in parse_seeds(args.seeds):
         for lr in lrs:
             for act in [a.strip() for a in args.models.split(",") if a.strip()]:
-                train_base(act, seed, sc, lr, layers, corpus, root, force=args.force)
+                train_base(act, seed, sc, lr, layers, corpus, root, force=args.force, device=args.device)
             if args.relufy:
                 train_relufied(seed, sc, lr, layers, corpus, root, args.relufy_lr, force=args.force,
                                equal_budget=not args.no_equal_budget,
@@ -706,6 +724,9 @@ def main(argv=None) -> int:
                     help="multiply the training steps (default 800; --quick 150) by this")
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps of the base runs (overrides --steps-mult; default 800, --quick 150)")
+    ap.add_argument("--device", default="numpy", choices=("numpy", "cupy"),
+                    help="train: where the from-scratch runs train (cupy: on the GPU; keys get _gpu; "
+                         "analysis stays on the CPU)")
     ap.add_argument("--layers", type=int, default=None, help="depth (default: the preset's 4; --quick 2)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)

@@ -71,6 +71,8 @@ COST = {
     # one thread whatever the setting); geglu's exact-erf GELU makes its share smaller
     "blas_share": {"swiglu": 0.55, "drelu": 0.55, "reglu": 0.55, "relu": 0.55, "geglu": 0.3},
     "thread_efficiency": 0.75,
+    # GPU training of the tiny model (not measured yet: a guess, launch-bound eager CuPy)
+    "gpu_step_s": 0.04, "gpu_startup": 15.0,
 }
 EST_SCALE = 1.15  # measured / estimated wall on the machine the plans run on (updated from batch_log.json;
 #                   1.15 before the first call: that host's 1-thread float32 matmul ran at 70 GFLOP/s, this
@@ -93,6 +95,7 @@ class Job:
     relufy: bool = False          # ReLUfy seed's swiglu (steps) to `act` for steps // 2
     threads: int = 1              # the fewest BLAS threads (the driver may give more, see `fit`)
     quick: bool = False
+    gpu: bool = False             # train on the GPU (reproduce_turbosparse --device cupy); analyse on the CPU
     prio: float = 9               # lower runs first (the issue's priority order)
     name: str = ""
     est_s: float = 0.0            # estimated wall at `threads` threads, EST_SCALE included
@@ -106,11 +109,14 @@ class Job:
         pre = "nano" if self.quick else "tiny"
         if self.relufy:
             return f"{pre}_L{self.layers}_swiglu-to-{self.act}_st{self.steps}+{self.steps // 2}_lr{self.lr:g}_seed{self.seed}"
-        return f"{pre}_L{self.layers}_{self.act}_st{self.steps}_lr{self.lr:g}_seed{self.seed}"
+        return f"{pre}_L{self.layers}_{self.act}_st{self.steps}_lr{self.lr:g}_seed{self.seed}" + ("_gpu" if self.gpu else "")
 
     def estimate(self, threads: int = 1) -> float:
         c, depth = COST, self.layers / 4
         per = c["train_per_100"]
+        if self.gpu:           # GPU training: launch-bound, so per step whatever the threads
+            return (c["gpu_step_s"] * self.steps * depth + c["analyse"][self.act] * depth / speedup(self.act, threads)
+                    + 2 * c["startup"] + c["gpu_startup"]) * EST_SCALE
         if self.relufy:
             t = (per["swiglu"] * self.steps + per[self.act] * (self.steps // 2)) / 100
         else:
@@ -139,6 +145,8 @@ class Job:
             runs = f"*swiglu-to-{self.act}_*"
         else:
             train = py + ["train", "--models", self.act, "--steps", str(self.steps)] + common
+            if self.gpu:
+                train += ["--device", "cupy"]
             runs = self.key()
         analyse = py + ["analyse", "--runs", runs, "--out-json", str(out_json)] + common
         return [train, analyse]
@@ -180,7 +188,13 @@ def master_jobs() -> List[Job]:
     return jobs
 
 
-def plan_jobs(name: str, skip_existing: bool = True) -> List[Job]:
+def gpu_jobs() -> List[Job]:
+    """(a) at 4x the steps, trained on the GPU (opt-in with --gpu): swiglu and drelu, 3200
+    steps, paired seeds 0-4. The tiny model's GPU step is launch-bound (one core drives it)."""
+    return _base(["swiglu", "drelu"], [0, 1, 2, 3, 4], steps=3200, gpu=True, prio=0.5)
+
+
+def plan_jobs(name: str, skip_existing: bool = True, gpu: bool = False) -> List[Job]:
     """The named plan's jobs. A, B and C are the same queue (`master_jobs`) minus the runs
     whose result JSON is already in bench/results/turbosparse/ (merge each call's results
     before the next call): each call takes the next jobs in priority order that fit."""
@@ -190,17 +204,18 @@ def plan_jobs(name: str, skip_existing: bool = True) -> List[Job]:
             [Job("reglu", 0, quick=True, layers=2, steps=40, relufy=True)]
     if n not in ("A", "B", "C", "ALL"):
         raise SystemExit(f"error: unknown plan {name!r}; choose one of quick, A, B, C")
-    jobs = master_jobs()
+    jobs = (gpu_jobs() if gpu else []) + master_jobs()
     if skip_existing:
         jobs = [j for j in jobs if not (RUNS_JSON / f"{j.key()}.json").exists()]
     return jobs
 
 
 def order(jobs: List[Job]) -> List[Job]:
-    return sorted(jobs, key=lambda j: (j.prio, -j.est_s))
+    # GPU jobs by seed, so that a seed's swiglu and drelu run in the same wave (paired)
+    return sorted(jobs, key=lambda j: (j.prio, j.seed if j.gpu else 0, -j.est_s))
 
 
-def simulate(jobs: List[Job], workers: int, deadline_s: float, est_scale: float = 1.0):
+def simulate(jobs: List[Job], workers: int, deadline_s: float, est_scale: float = 1.0, gpu_slots: int = 5):
     """Schedule the jobs as the driver does (priority order, then longest first; a job starts
     with the fewest threads whose estimate fits before the deadline) on ``workers`` cores;
     {name: (start, end, threads)} for the jobs started."""
@@ -208,6 +223,8 @@ def simulate(jobs: List[Job], workers: int, deadline_s: float, est_scale: float 
     pending = order(jobs)
     while True:
         for j in list(pending):
+            if j.gpu and sum(r[1].gpu for r in running) >= gpu_slots:
+                continue
             t = j.fit(cores_free, deadline_s - now, est_scale)
             if t:
                 end = now + j.estimate(t) * est_scale
@@ -265,8 +282,10 @@ def _env(threads: int) -> dict:
 
 
 class Batch:
-    def __init__(self, jobs: List[Job], workers: int, deadline_s: float, out: Path, est_scale: float, plan: str):
+    def __init__(self, jobs: List[Job], workers: int, deadline_s: float, out: Path, est_scale: float, plan: str,
+                 gpu_slots: int = 5):
         self.jobs, self.workers, self.out, self.est_scale = jobs, workers, out, est_scale
+        self.gpu_slots = gpu_slots
         self.t0 = time.monotonic()
         self.kill_at = self.t0 + deadline_s - 8.0          # leave time to kill, pack and exit
         self.deadline_s = deadline_s
@@ -277,7 +296,7 @@ class Batch:
         self.log_dir.mkdir()
         self.records = {j.name: {"job": asdict(j), "status": "pending", "est_s": round(j.est_s * est_scale, 1)}
                         for j in jobs}
-        self.log = {"plan": plan, "workers": workers, "deadline_s": deadline_s, "est_scale": est_scale,
+        self.log = {"plan": plan, "workers": workers, "gpu_slots": gpu_slots, "deadline_s": deadline_s, "est_scale": est_scale,
                     "cpu": cpu_info(), "git": git_info(), "python": sys.version.split()[0],
                     "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()) + " UTC", "jobs": self.records}
 
@@ -387,6 +406,8 @@ class Batch:
                 self.finish(st, "done" if rc == 0 else f"failed (exit {rc} in stage {st['stage']})")
             left = self.kill_at - time.monotonic()
             for j in list(pending):
+                if j.gpu and sum(r["job"].gpu for r in running) >= self.gpu_slots:
+                    continue
                 t = j.fit(cores_free, left, self.est_scale)
                 if not t:
                     continue
@@ -444,7 +465,7 @@ def merge(folder: Path, force: bool = False) -> int:
     return 0
 
 
-def dry_run(plan: str, jobs: List[Job], workers: int, deadline_s: float, est_scale: float) -> int:
+def dry_run(plan: str, jobs: List[Job], workers: int, deadline_s: float, est_scale: float, gpu_slots: int = 5) -> int:
     """Print the plan's jobs and estimated core-minutes; for A/B/C, the simulated schedule of
     this call and of the calls before it (B assumes A's simulated jobs were done and merged)."""
     calls = ["A", "B", "C"][: "ABC".index(plan.upper()) + 1] if plan.upper() in ("A", "B", "C") else [plan]
@@ -454,7 +475,7 @@ def dry_run(plan: str, jobs: List[Job], workers: int, deadline_s: float, est_sca
           f"estimates x{est_scale} (EST_SCALE {EST_SCALE}, SAFETY {SAFETY})")
     left = list(jobs)
     for c in calls:
-        sched = simulate(left, workers, deadline_s - 8.0, est_scale)
+        sched = simulate(left, workers, deadline_s - 8.0, est_scale, gpu_slots)
         started = [j for j in order(left) if j.name in sched]
         used = sum((sched[j.name][1] - sched[j.name][0]) * sched[j.name][2] for j in started) / 60
         print(f"\ncall {c}: {len(started)} jobs, {used:.1f} core-minutes "
@@ -477,6 +498,9 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=520.0, help="the driver exits by this many seconds")
     ap.add_argument("--out", help="folder for batch_log.json and runs.tar.gz")
     ap.add_argument("--est-scale", type=float, default=1.0, help="multiply the time estimates by this")
+    ap.add_argument("--gpu", action="store_true",
+                    help="also the GPU jobs (swiglu/drelu 3200 steps trained with CuPy, priority above all)")
+    ap.add_argument("--gpu-slots", type=int, default=5, help="with --gpu: GPU jobs at a time (default 5)")
     ap.add_argument("--dry-run", action="store_true", help="print the jobs, core-minutes and a simulated schedule")
     ap.add_argument("--all", action="store_true", help="also jobs whose result JSON exists already")
     ap.add_argument("--merge", metavar="DIR", help="unpack DIR/runs.tar.gz's run JSONs into bench/results/turbosparse")
@@ -490,15 +514,15 @@ def main(argv=None) -> int:
     if args.workers < 1 or args.deadline_s <= 10:
         print("error: --workers must be >= 1 and --deadline-s > 10")
         return 2
-    jobs = plan_jobs(args.plan, skip_existing=not args.all)
+    jobs = plan_jobs(args.plan, skip_existing=not args.all, gpu=args.gpu)
     if args.dry_run:
-        return dry_run(args.plan, jobs, args.workers, args.deadline_s, args.est_scale)
+        return dry_run(args.plan, jobs, args.workers, args.deadline_s, args.est_scale, args.gpu_slots)
     if not args.out:
         print("error: --out is required (the folder for batch_log.json and runs.tar.gz)")
         return 2
     if not jobs:
         print(f"plan {args.plan}: nothing to do (every job's result exists; --all runs them again)")
-    b = Batch(jobs, args.workers, args.deadline_s, Path(args.out), args.est_scale, args.plan)
+    b = Batch(jobs, args.workers, args.deadline_s, Path(args.out), args.est_scale, args.plan, args.gpu_slots)
     return b.run()
 
 
