@@ -432,8 +432,33 @@ def t_ci(x, level_t=_T975):
 def _load_runs(folder: Path):
     runs = []
     for f in sorted(folder.glob("*.json")):
-        runs.append(json.loads(f.read_text()))
+        r = json.loads(f.read_text())
+        r.setdefault("train_device", "numpy")       # runs analysed before --device existed trained on the CPU
+        runs.append(r)
     return runs
+
+
+def _curve(r):
+    """(step, sampled val loss) at the trainer's evaluations (1/4 .. 4/4 of the run)."""
+    return [(h["step"] + 1, h["val_loss"]) for h in r["train"]["history"] if "val_loss" in h]
+
+
+def _paired(g_a, g_b, field):
+    """t interval of a[field] - b[field] over the seeds both groups have."""
+    b = {r["seed"]: r for r in g_b}
+    return t_ci([r[field] - b[r["seed"]][field] for r in g_a if r["seed"] in b])
+
+
+def _fmt_ci(st, f="+.4f"):
+    if st["n"] == 0:
+        return "-"
+    if st["n"] == 1:
+        return f"{st['mean']:{f}} (1 pair)"
+    return f"{st['mean']:{f}} [{st['ci'][0]:{f}}, {st['ci'][1]:{f}}]"
+
+
+def _devname(dev):
+    return "GPU (CuPy)" if dev == "cupy" else "CPU"
 
 
 def _group(runs, **want):
@@ -496,7 +521,7 @@ def cmd_report(args) -> int:
         return 1
     sc0 = scale(args)
     steps0, layers0, lr0 = sc0["steps"], args.layers or (2 if args.quick else 4), float(str(args.lr).split(",")[0])
-    base = dict(kind="base", steps=steps0, layers=layers0, lr=lr0)
+    base = dict(kind="base", steps=steps0, layers=layers0, lr=lr0, train_device="numpy")
     acts = [a for a in ACTS if _group(runs, activation=a, **base)]
     lines, summary = [], {"published": PUBLISHED, "scale": sc0, "tables": {}}
     P = PUBLISHED["turbosparse"]
@@ -547,8 +572,6 @@ def cmd_report(args) -> int:
         lines.append(f"| {a} | {d['n']} | {d['mean']:+.4f} | {ci(d, '+.4f')} | {d90['mean']:+.3f} | {ci(d90, '+.3f')} |")
     summary["tables"]["paired_vs_swiglu"] = tabB
     # the gap along training (sampled validation batches at 1/4 .. 4/4 of the run)
-    def _curve(r):
-        return [(h["step"] + 1, h["val_loss"]) for h in r["train"]["history"] if "val_loss" in h]
     if "drelu" in acts and sw:
         g = [r for r in _group(runs, activation="drelu", **base) if r["seed"] in sw]
         n = min(min(len(_curve(r)), len(_curve(sw[r["seed"]]))) for r in g)
@@ -583,65 +606,146 @@ def cmd_report(args) -> int:
     depth_rows = {}
     for L in sorted({r["layers"] for r in runs if r["kind"] == "base" and r["steps"] == steps0 and r["lr"] == lr0}):
         for a in ("swiglu", "drelu"):
-            g = _group(runs, activation=a, kind="base", steps=steps0, layers=L, lr=lr0)
+            g = _group(runs, activation=a, kind="base", steps=steps0, layers=L, lr=lr0, train_device="numpy")
             if g:
                 depth_rows[(L, a)] = {"val_loss": t_ci([r["val_loss"] for r in g]),
                                       "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
                                       "ratio80": t_ci([_ratio(r, 0.8) for r in g]),
                                       "exact_zero": t_ci([r["exact_zero"] for r in g]),
-                                      "params": g[0]["params"]}
+                                      "params": g[0]["params"], "seeds": sorted(r["seed"] for r in g)}
+        sw_, dr_ = (_group(runs, activation=a, kind="base", steps=steps0, layers=L, lr=lr0, train_device="numpy")
+                    for a in ("swiglu", "drelu"))
+        if (L, "drelu") in depth_rows and (L, "swiglu") in depth_rows:
+            depth_rows[(L, "drelu")]["paired_val_loss_diff"] = _paired(dr_, sw_, "val_loss")
     if len({L for L, _ in depth_rows}) > 1:
         lines.append(f"\n### Depth ({steps0} steps; TurboSparse's SwiGLU: 24 layers, ppl x3.95 at 90%)\n")
-        lines.append("| layers | activation | params | seeds | val loss | exact zeros | ppl x at top-k 80% | 90% |")
-        lines.append("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        lines.append("| layers | activation | params | seeds | val loss | drelu − swiglu (paired, 95% CI) | exact zeros "
+                     "| ppl x at top-k 80% | 90% |")
+        lines.append("| ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
         for (L, a), v in sorted(depth_rows.items()):
-            lines.append(f"| {L} | {a} | {v['params']:,} | {v['val_loss']['n']} | {_pm(v['val_loss'])} | "
+            pd = _fmt_ci(v["paired_val_loss_diff"]) if "paired_val_loss_diff" in v else ""
+            lines.append(f"| {L} | {a} | {v['params']:,} | {v['val_loss']['n']} | {_pm(v['val_loss'])} | {pd} | "
                          f"{_pct(v['exact_zero'])} | {_pm(v['ratio80'], '{:.3f}')} | {_pm(v['ratio90'], '{:.3f}')} |")
     summary["tables"]["depth"] = {f"L{L}_{a}": v for (L, a), v in depth_rows.items()}
 
-    # -- table E: training length and the gap along training ------------------------------
-    long_rows = {}
-    for st in sorted({r["steps"] for r in runs if r["kind"] == "base" and r["layers"] == layers0 and r["lr"] == lr0}):
-        for a in ("swiglu", "drelu"):
-            g = _group(runs, activation=a, kind="base", steps=st, layers=layers0, lr=lr0)
+    # -- table E: training length, the paired gap at the end and along the run -------------
+    long_rows, gap_rows = {}, {}
+    lengths = sorted({(r["steps"], r["train_device"]) for r in runs
+                      if r["kind"] == "base" and r["layers"] == layers0 and r["lr"] == lr0})
+    for st, dev in lengths:
+        grp = {a: _group(runs, activation=a, kind="base", steps=st, layers=layers0, lr=lr0, train_device=dev)
+               for a in ("swiglu", "drelu")}
+        for a, g in grp.items():
             if g:
-                long_rows[(st, a)] = {"val_loss": t_ci([r["val_loss"] for r in g]),
-                                      "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
-                                      "exact_zero": t_ci([r["exact_zero"] for r in g]),
-                                      "curve": {r["seed"]: [(h["step"] + 1, h["val_loss"]) for h in r["train"]["history"]
-                                                            if "val_loss" in h] for r in g}}
-    if len({st for st, _ in long_rows}) > 1:
-        lines.append(f"\n### Training length ({layers0} layers; val loss on the whole split at the end)\n")
-        lines.append("| steps | tokens | activation | seeds | val loss | exact zeros | ppl x at top-k 90% | "
-                     "sampled val loss at 1/4, 2/4, 3/4, 4/4 of the run (seed mean) |")
-        lines.append("| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")
-        for (st, a), v in sorted(long_rows.items()):
-            curves = list(v["curve"].values())
-            pts = " / ".join(f"{np.mean([c[i][1] for c in curves]):.4f}" for i in range(min(len(c) for c in curves)))
-            lines.append(f"| {st} | {st * sc0['batch_size'] * sc0['seq_len'] / 1e6:.1f}M | {a} | {v['val_loss']['n']} | "
-                         f"{_pm(v['val_loss'])} | {_pct(v['exact_zero'])} | {_pm(v['ratio90'], '{:.3f}')} | {pts} |")
-    summary["tables"]["length"] = {f"st{st}_{a}": {k: v[k] for k in ("val_loss", "ratio90", "exact_zero", "curve")}
-                                   for (st, a), v in long_rows.items()}
+                long_rows[(st, dev, a)] = {
+                    "val_loss": t_ci([r["val_loss"] for r in g]), "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
+                    "exact_zero": t_ci([r["exact_zero"] for r in g]), "seeds": sorted(r["seed"] for r in g),
+                    "curve": {r["seed"]: _curve(r) for r in g}}
+        if grp["swiglu"] and grp["drelu"]:
+            sw = {r["seed"]: r for r in grp["swiglu"]}
+            pairs = [(r, sw[r["seed"]]) for r in grp["drelu"] if r["seed"] in sw]
+            if pairs:
+                n = min(min(len(_curve(x)), len(_curve(y))) for x, y in pairs)
+                gap_rows[(st, dev)] = {
+                    "val_loss_diff": t_ci([x["val_loss"] - y["val_loss"] for x, y in pairs]),
+                    "ratio90_diff": t_ci([_ratio(x, 0.9) - _ratio(y, 0.9) for x, y in pairs]),
+                    "steps_at": [s for s, _ in _curve(pairs[0][0])][:n],
+                    "gap_along": [t_ci([_curve(x)[i][1] - _curve(y)[i][1] for x, y in pairs]) for i in range(n)],
+                    "swiglu_along": [t_ci([_curve(y)[i][1] for _, y in pairs]) for i in range(n)],
+                    "drelu_along": [t_ci([_curve(x)[i][1] for x, _ in pairs]) for i in range(n)]}
+    if len(lengths) > 1:
+        lines.append(f"\n### Training length ({layers0} layers, lr {lr0:g}; val loss on the whole split at the end)\n")
+        lines.append("| steps | tokens | trained on | activation | seeds | val loss | exact zeros | ppl x at top-k 90% |")
+        lines.append("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
+        for (st, dev, a), v in sorted(long_rows.items()):
+            lines.append(f"| {st} | {st * sc0['batch_size'] * sc0['seq_len'] / 1e6:.1f}M | {_devname(dev)} | {a} | "
+                         f"{v['val_loss']['n']} | {_pm(v['val_loss'])} | {_pct(v['exact_zero'])} | "
+                         f"{_pm(v['ratio90'], '{:.3f}')} |")
+        lines.append("\nPaired drelu − swiglu at each length: at the end on the whole validation split, and along "
+                     "the run on the trainer's 8 sampled validation batches (mean [95% t interval] over seeds):\n")
+        lines.append("| steps | trained on | pairs | val loss diff (end) | ppl x at 90% top-k diff | "
+                     "gap at 1/4, 2/4, 3/4, 4/4 of the run |")
+        lines.append("| ---: | --- | ---: | --- | --- | --- |")
+        for (st, dev), v in sorted(gap_rows.items()):
+            along = "; ".join(f"{s}: {_fmt_ci(g)}" for s, g in zip(v["steps_at"], v["gap_along"]))
+            lines.append(f"| {st} | {_devname(dev)} | {v['val_loss_diff']['n']} | {_fmt_ci(v['val_loss_diff'])} | "
+                         f"{_fmt_ci(v['ratio90_diff'], '+.3f')} | {along} |")
+    summary["tables"]["length"] = {f"st{st}_{dev}_{a}": {k: v[k] for k in ("val_loss", "ratio90", "exact_zero",
+                                                                           "curve", "seeds")}
+                                   for (st, dev, a), v in long_rows.items()}
+    summary["tables"]["length_paired"] = {f"st{st}_{dev}": v for (st, dev), v in gap_rows.items()}
+
+    # -- table H: learning-rate sweep -----------------------------------------------------
+    lr_rows = {}
+    for a in ACTS:
+        for lr in sorted({r["lr"] for r in runs if r["kind"] == "base" and r["steps"] == steps0
+                          and r["layers"] == layers0 and r["activation"] == a and r["train_device"] == "numpy"}):
+            g = _group(runs, activation=a, kind="base", steps=steps0, layers=layers0, lr=lr, train_device="numpy")
+            lr_rows[(a, lr)] = {"val_loss": t_ci([r["val_loss"] for r in g]), "seeds": sorted(r["seed"] for r in g),
+                                "per_seed": {r["seed"]: r["val_loss"] for r in g},
+                                "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
+                                "exact_zero": t_ci([r["exact_zero"] for r in g])}
+    lrs_all = sorted({lr for _, lr in lr_rows})
+    if len(lrs_all) > 1:
+        lines.append(f"\n### Learning rate ({steps0} steps, {layers0} layers; val loss mean ± sd (seeds), "
+                     "the same seeds at every rate where they exist)\n")
+        lines.append("| activation | " + " | ".join(f"lr {lr:g}" for lr in lrs_all)
+                     + " | best lr | at the best lr, ppl x at top-k 90% |")
+        lines.append("| --- | " + " | ".join("---:" for _ in lrs_all) + " | ---: | ---: |")
+        best = {}
+        for a in ACTS:
+            have = {lr: v for (b_, lr), v in lr_rows.items() if b_ == a}
+            if len(have) < 2:
+                continue
+            # best by the mean over the seeds every rate shares (seeds 0 and 1 of the sweep)
+            common = set.intersection(*[set(v["seeds"]) for v in have.values()])
+            key = (lambda lr: np.mean([have[lr]["per_seed"][s] for s in common])) if common else \
+                (lambda lr: have[lr]["val_loss"]["mean"])
+            b = min(have, key=key)
+            best[a] = {"lr": b, "common_seeds": sorted(common),
+                       "mean_on_common": {f"{lr:g}": float(key(lr)) for lr in have}}
+            cells = [(f"{_pm(have[lr]['val_loss'])} ({len(have[lr]['seeds'])})" if lr in have else "-") for lr in lrs_all]
+            lines.append(f"| {a} | " + " | ".join(cells) + f" | {b:g} | {_pm(have[b]['ratio90'], '{:.3f}')} |")
+        if best:
+            lines.append("\nBest rate chosen on the seeds every rate of that activation shares (" +
+                         "; ".join(f"{a}: seeds {v['common_seeds']}" for a, v in best.items()) + ").")
+        # paired drelu - swiglu, each at its own best rate
+        if "swiglu" in best and "drelu" in best:
+            sw_b = _group(runs, activation="swiglu", kind="base", steps=steps0, layers=layers0, lr=best["swiglu"]["lr"],
+                          train_device="numpy")
+            dr_b = _group(runs, activation="drelu", kind="base", steps=steps0, layers=layers0, lr=best["drelu"]["lr"],
+                          train_device="numpy")
+            d = _paired(dr_b, sw_b, "val_loss")
+            best["drelu_minus_swiglu_at_best"] = d
+            lines.append(f"drelu (lr {best['drelu']['lr']:g}) − swiglu (lr {best['swiglu']['lr']:g}), each at its "
+                         f"best rate, paired over {d['n']} seeds: {_fmt_ci(d)} nats/byte.")
+        summary["tables"]["lr_sweep"] = {"rows": {f"{a}_lr{lr:g}": v for (a, lr), v in lr_rows.items()}, "best": best}
 
     # -- table F: ReLUfication at equal budget --------------------------------------------
     rsteps = steps0 // 2
     relu_rows = {}
-    for name, want in (("swiglu (from scratch)", dict(activation="swiglu", kind="base", steps=steps0 + rsteps)),
-                       ("swiglu -> reglu", dict(activation="swiglu->reglu", kind="relufied", steps=steps0)),
-                       ("swiglu -> drelu", dict(activation="swiglu->drelu", kind="relufied", steps=steps0))):
-        g = sorted(_group(runs, layers=layers0, lr=lr0, **want), key=lambda r: r["seed"])
+    wants = (("swiglu (from scratch)", dict(activation="swiglu", kind="base", steps=steps0 + rsteps)),
+             ("swiglu -> reglu", dict(activation="swiglu->reglu", kind="relufied", steps=steps0)),
+             ("swiglu -> drelu", dict(activation="swiglu->drelu", kind="relufied", steps=steps0)))
+    groups = {name: sorted(_group(runs, layers=layers0, lr=lr0, train_device="numpy", **want), key=lambda r: r["seed"])
+              for name, want in wants}
+    for name, g in groups.items():
         if g:
             relu_rows[name] = {"seeds": [r["seed"] for r in g], "val_loss": t_ci([r["val_loss"] for r in g]),
                                "exact_zero": t_ci([r["exact_zero"] for r in g]),
                                "dead": [r["dead_neurons"] for r in g], "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
                                "per_seed_val_loss": {r["seed"]: r["val_loss"] for r in g}}
+            if name != "swiglu (from scratch)" and groups["swiglu (from scratch)"]:
+                relu_rows[name]["paired_vs_scratch"] = _paired(g, groups["swiglu (from scratch)"], "val_loss")
     if relu_rows:
         lines.append(f"\n### ReLUfication at equal budget ({steps0 + rsteps} steps in all: {steps0} swiglu + "
                      f"{rsteps} after the swap, or {steps0 + rsteps} swiglu from scratch)\n")
-        lines.append("| model | seeds | val loss | exact zeros | dead neurons per seed | ppl x at top-k 90% |")
-        lines.append("| --- | ---: | ---: | ---: | --- | ---: |")
+        lines.append("| model | seeds | val loss | − swiglu from scratch (paired, 95% CI) | exact zeros | "
+                     "dead neurons per seed | ppl x at top-k 90% |")
+        lines.append("| --- | ---: | ---: | --- | ---: | --- | ---: |")
         for name, v in relu_rows.items():
-            lines.append(f"| {name} | {len(v['seeds'])} | {_pm(v['val_loss'])} | {_pct(v['exact_zero'])} | "
+            pd = _fmt_ci(v["paired_vs_scratch"]) if "paired_vs_scratch" in v else ""
+            lines.append(f"| {name} | {len(v['seeds'])} | {_pm(v['val_loss'])} | {pd} | {_pct(v['exact_zero'])} | "
                          f"{'/'.join(map(str, v['dead']))} | {_pm(v['ratio90'], '{:.3f}')} |")
     summary["tables"]["relufication"] = relu_rows
 

@@ -9,9 +9,11 @@
 
 From the benchmark results in ``bench/results/`` (the Benchmarks page):
 
-* ``bench_loss_curves.png``: training loss of the small-scale TurboSparse reproduction
-  (``reproduce_turbosparse.json``), one curve per activation and ReLUfied model;
-* ``bench_sparsity_per_layer.png``: exact zeros of the FFN activation per layer, same runs;
+* ``bench_loss_curves.png``: the small-scale TurboSparse reproduction (the per-run JSONs in
+  ``turbosparse/`` and ``reproduce_turbosparse_summary.json``): training loss per activation
+  with seed bands, and swiglu/drelu validation loss along runs of each length;
+* ``bench_sparsity_per_layer.png``: exact zeros of the FFN activation per layer, mean and sd
+  over seeds, per activation and ReLUfied model;
 * ``bench_speedup_cpu.png``: FFN speed-up over dense BLAS against sparsity, Numba kernels,
   with the ideal curves (``ffn_sparse_cpu_quiet.json``);
 * ``bench_speedup_gpu.png``: the same for the CuPy kernels over cuBLAS on an H200
@@ -133,54 +135,109 @@ TURBO_STYLE = {"swiglu": ("C0", "-"), "geglu": ("C1", "-"), "reglu": ("C2", "-")
                "swiglu->reglu": ("C2", "--"), "swiglu->drelu": ("C3", "--")}
 
 
-def bench_loss_curves(path: Path, data: dict) -> None:
-    hist, res = data["histories"], data["results"]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    for name in [n for n in TURBO_ORDER if n in hist]:
-        steps = np.array([r["step"] for r in hist[name]])
-        loss = np.array([r["loss"] for r in hist[name]])
-        k = 25
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")                # moving average
-        color, ls = TURBO_STYLE.get(name, ("0.3", "-"))
-        if "->" in name:                                                       # ReLUfication continues
-            steps = steps + data["config"]["steps"]                            # after the base run
-        val = res.get(name, {}).get("val_loss")
-        ax.plot(steps[k - 1:], smooth, ls, color=color, lw=1.4,
-                label=f"{name} (val {val:.3f})" if val is not None else name)
-    ax.set_xlabel("training step (ReLUfied models continue the trained swiglu model)")
+def _turbo_runs():
+    """The per-run JSONs of the reproduction (bench/results/turbosparse/), keyed by key."""
+    import json
+    folder = RESULTS / "turbosparse"
+    runs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    for r in runs:
+        r.setdefault("train_device", "numpy")
+    return runs
+
+
+def _turbo_group(runs, **want):
+    return sorted([r for r in runs if all(r.get(k) == v for k, v in want.items())], key=lambda r: r["seed"])
+
+
+def bench_loss_curves(path: Path, summary: dict, runs: list) -> None:
+    """Left: training loss (moving average) of each activation at the base length, mean and
+    seed band. Right: swiglu and drelu along longer runs (the trainer's sampled validation
+    loss at 1/4 .. 4/4 of each run), mean and seed band, per length."""
+    sc = summary["scale"]
+    base = dict(kind="base", steps=sc["steps"], layers=4, lr=3e-3, train_device="numpy")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    k = 25
+    lo = np.inf
+    for name in [n for n in TURBO_ORDER if "->" not in n] + ["relu"]:
+        g = _turbo_group(runs, activation=name, **base)
+        if not g:
+            continue
+        curves = np.array([[h["loss"] for h in r["train"]["history"]] for r in g])      # (seeds, steps)
+        smooth = np.array([np.convolve(c, np.ones(k) / k, mode="valid") for c in curves])
+        steps = np.arange(1, curves.shape[1] + 1)[k - 1:]
+        m, sd = smooth.mean(0), smooth.std(0, ddof=1) if len(g) > 1 else np.zeros(smooth.shape[1])
+        color = TURBO_STYLE.get(name, ("C4", "-"))[0]
+        val = np.array([r["val_loss"] for r in g])
+        ax.plot(steps, m, color=color, lw=1.3,
+                label=f"{name}: val {val.mean():.3f}" + (f" ± {val.std(ddof=1):.3f}" if len(g) > 1 else "")
+                + f" ({len(g)} seed{'s' if len(g) > 1 else ''})")
+        ax.fill_between(steps, m - sd, m + sd, color=color, alpha=0.2, lw=0)
+        lo = min(lo, m.min())
+    ax.set_ylim(lo - 0.05, lo + 1.0)
+    ax.set_xlabel("training step")
     ax.set_ylabel("training loss, nats/byte (moving average of 25)")
-    lo = min(np.min([r["loss"] for r in h]) for h in hist.values())
-    ax.set_ylim(lo - 0.05, lo + 1.2)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False, ncol=2)
-    c = data["config"]
-    ax.set_title(f"Small-scale TurboSparse reproduction: preset {c['preset']}, {c['steps']} steps of "
-                 f"{c['batch_size']}x{c['seq_len']} bytes, {c['corpus']}", fontsize=9)
+    ax.legend(fontsize=7.5, frameon=False)
+    ax.set_title(f"Activations: preset {sc['preset']}, {sc['steps']} steps of {sc['batch_size']}x{sc['seq_len']} "
+                 "bytes (mean, band ± sd over seeds)", fontsize=8.5)
+    styles = {}
+    lengths = sorted({(r["steps"], r["train_device"]) for r in runs if r["kind"] == "base" and r["layers"] == 4
+                      and r["lr"] == 3e-3})
+    for i, (st, dev) in enumerate(lengths):
+        for name in ("swiglu", "drelu"):
+            g = _turbo_group(runs, activation=name, kind="base", steps=st, layers=4, lr=3e-3, train_device=dev)
+            if not g:
+                continue
+            pts = [[(h["step"] + 1, h["val_loss"]) for h in r["train"]["history"] if "val_loss" in h] for r in g]
+            n = min(len(p) for p in pts)
+            x = np.array([s for s, _ in pts[0][:n]])
+            y = np.array([[v for _, v in p[:n]] for p in pts])
+            m, sd = y.mean(0), (y.std(0, ddof=1) if len(g) > 1 else np.zeros(n))
+            color = TURBO_STYLE[name][0]
+            ls = ["-", "--", ":", "-."][i % 4]
+            styles[(st, dev)] = ls
+            ax2.plot(x, m, ls, marker="o", ms=3, color=color, lw=1.2,
+                     label=f"{name}, {st} steps{' (GPU)' if dev == 'cupy' else ''}, {len(g)} seed{'s' if len(g) > 1 else ''}")
+            ax2.fill_between(x, m - sd, m + sd, color=color, alpha=0.15, lw=0)
+    ax2.set_xlabel("training step")
+    ax2.set_ylabel("validation loss (8 sampled batches), nats/byte")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7.5, frameon=False)
+    ax2.set_title("swiglu and drelu along runs of each length (cosine schedule per run)", fontsize=8.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def bench_sparsity_per_layer(path: Path, data: dict) -> None:
-    res = data["results"]
-    names = [n for n in TURBO_ORDER if n in res]
-    n_layers = len(res[names[0]]["exact_zero_per_layer"])
+def bench_sparsity_per_layer(path: Path, summary: dict, runs: list) -> None:
+    sc = summary["scale"]
+    groups = {}
+    for name in TURBO_ORDER + ["relu"]:
+        kind = "relufied" if "->" in name else "base"
+        g = _turbo_group(runs, activation=name, kind=kind, steps=sc["steps"], layers=4, lr=3e-3, train_device="numpy")
+        if g:
+            groups[name] = g
+    names = list(groups)
+    n_layers = len(groups[names[0]][0]["exact_zero_per_layer"])
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
-        z = np.array(res[name]["exact_zero_per_layer"])
-        color, ls = TURBO_STYLE.get(name, ("0.3", "-"))
-        ax.bar(np.arange(n_layers) + (j - (len(names) - 1) / 2) * width, 100 * z, width, color=color,
+        z = np.array([r["exact_zero_per_layer"] for r in groups[name]])           # (seeds, layers)
+        color, ls = TURBO_STYLE.get(name, ("C4", "-"))
+        overall = np.array([r["exact_zero"] for r in groups[name]])
+        ax.bar(np.arange(n_layers) + (j - (len(names) - 1) / 2) * width, 100 * z.mean(0), width,
+               yerr=100 * z.std(0, ddof=1) if len(z) > 1 else None, color=color, ecolor="0.3",
                hatch="//" if ls == "--" else None, edgecolor="white", lw=0.5,
-               label=f"{name} ({100 * res[name]['exact_zero']:.1f}% overall)")
+               label=f"{name} ({100 * overall.mean():.1f}%, {len(z)} seed{'s' if len(z) > 1 else ''})")
     ax.set_xticks(np.arange(n_layers))
     ax.set_xticklabels([f"layer {i}" for i in range(n_layers)])
     ax.set_ylabel("FFN activations exactly 0 (%)")
     ax.set_ylim(0, 128)
     ax.set_yticks([0, 20, 40, 60, 80, 100])
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, frameon=False, ncol=3, loc="upper left")
-    ax.set_title("Exact zeros of h per layer on held-out text (SwiGLU and GEGLU: none)", fontsize=9)
+    ax.legend(fontsize=7.5, frameon=False, ncol=3, loc="upper left")
+    ax.set_title("Exact zeros of h per layer on the whole validation split (mean ± sd over seeds; "
+                 "SwiGLU and GEGLU: none)", fontsize=8.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -247,10 +304,10 @@ def bench_speedup_gpu(path: Path, data: dict) -> None:
 
 
 def bench_figures() -> None:
-    turbo = _load("reproduce_turbosparse.json")
-    if turbo:
-        bench_loss_curves(OUT / "bench_loss_curves.png", turbo)
-        bench_sparsity_per_layer(OUT / "bench_sparsity_per_layer.png", turbo)
+    summary, runs = _load("reproduce_turbosparse_summary.json"), _turbo_runs()
+    if summary and runs:
+        bench_loss_curves(OUT / "bench_loss_curves.png", summary, runs)
+        bench_sparsity_per_layer(OUT / "bench_sparsity_per_layer.png", summary, runs)
     cpu = _load("ffn_sparse_cpu_quiet.json")
     if cpu:
         bench_speedup_cpu(OUT / "bench_speedup_cpu.png", cpu)
