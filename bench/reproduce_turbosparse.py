@@ -488,7 +488,7 @@ def _best_predictor_point(r, max_ppl_ratio=1.01):
     return max(rows, key=lambda x: x["predicted_sparsity"]) if rows else None
 
 
-def _figures(runs, base, acts, tag: str) -> None:
+def _figures(runs, base, acts, tag: str, out_dir: Path = RESULTS) -> None:
     """Seed-band figures: ppl ratio vs top-k sparsity beside TurboSparse's Table 3, and the
     sampled validation loss along training."""
     from minisparse.sparsity import plots
@@ -496,7 +496,7 @@ def _figures(runs, base, acts, tag: str) -> None:
     series = {a: [[_ratio(r, sp) for sp in TOPK] for r in _group(runs, activation=a, **base)] for a in acts}
     ref = {f"TurboSparse {a} (published, 300M)": [v / P["table3_ppl"][a][0] for v in P["table3_ppl"][a]]
            for a in ("swiglu", "drelu")}
-    plots.plot_seed_bands([100 * s for s in TOPK], series, RESULTS / f"turbosparse_ppl_ratio_vs_topk{tag}.png",
+    plots.plot_seed_bands([100 * s for s in TOPK], series, out_dir / f"turbosparse_ppl_ratio_vs_topk{tag}.png",
                           xlabel="top-k sparsity (% of neurons zeroed per token)",
                           ylabel="perplexity / dense perplexity", logy=True, reference=ref,
                           title="top-k sparsity: ours (mean ± sd over seeds) and TurboSparse Table 3")
@@ -508,13 +508,14 @@ def _figures(runs, base, acts, tag: str) -> None:
         n = min(len(x) for x in rows)
         curves[a] = [x[:n] for x in rows]
         steps = [h["step"] + 1 for h in _group(runs, activation=a, **base)[0]["train"]["history"] if "val_loss" in h][:n]
-    plots.plot_seed_bands(steps, curves, RESULTS / f"turbosparse_val_loss_seed_bands{tag}.png", xlabel="step",
+    plots.plot_seed_bands(steps, curves, out_dir / f"turbosparse_val_loss_seed_bands{tag}.png", xlabel="step",
                           ylabel="validation loss (8 sampled batches, nats/byte)",
                           title="validation loss along training (mean ± sd over seeds)")
 
 
 def cmd_report(args) -> int:
-    folder = RUNS_JSON if not args.quick else RESULTS / "turbosparse_quick"
+    folder = Path(args.out_json) if args.out_json else (RUNS_JSON if not args.quick else RESULTS / "turbosparse_quick")
+    out_dir = folder if args.out_json else RESULTS      # --out-json: read and write there (tests, trials)
     runs = _load_runs(folder)
     if not runs:
         print(f"no analysed runs under {folder}; run `train` and `analyse` first")
@@ -785,15 +786,15 @@ def cmd_report(args) -> int:
     text = "\n".join(lines)
     print(text)
     try:
-        _figures(runs, base, acts, tag="_quick" if args.quick else "")
+        _figures(runs, base, acts, tag="_quick" if args.quick else "", out_dir=out_dir)
     except ImportError as e:                      # matplotlib missing: tables only
         print(f"(no figures: {e})")
     tag = "_quick" if args.quick else ""
-    (RESULTS / f"reproduce_turbosparse_tables{tag}.md").write_text(text + "\n")
+    (out_dir / f"reproduce_turbosparse_tables{tag}.md").write_text(text + "\n")
     summary["runs"] = sorted(r["key"] for r in runs)
     summary["machine"], summary["date"] = machine(), time.strftime("%Y-%m-%d %H:%M:%S")
-    (RESULTS / f"reproduce_turbosparse_summary{tag}.json").write_text(json.dumps(summary, indent=1, default=float))
-    print(f"\nwrote {RESULTS / f'reproduce_turbosparse_tables{tag}.md'} and the summary JSON")
+    (out_dir / f"reproduce_turbosparse_summary{tag}.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(f"\nwrote {out_dir / f'reproduce_turbosparse_tables{tag}.md'} and the summary JSON")
     return 0
 
 
@@ -849,7 +850,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-root", default=str(CKPT_ROOT), help="where checkpoints go (default runs/turbosparse)")
     ap.add_argument("--runs", default="*", help="analyse: glob over run keys (default all)")
     ap.add_argument("--out-json", default=None,
-                    help="analyse: write the per-run JSONs here (default bench/results/turbosparse)")
+                    help="analyse: write the per-run JSONs here (default bench/results/turbosparse); report: "
+                         "read them from here and write the tables and summary here too")
     ap.add_argument("--max-windows", type=int, default=0,
                     help="analyse: evaluate at most this many validation windows (0 = the whole split)")
     args = ap.parse_args(argv)
