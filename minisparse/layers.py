@@ -45,7 +45,8 @@ def embedding_backward(dout: Array, tokens: Array, vocab_size: int) -> Array:
 # ======================================================================================
 def rms_norm_forward(x: Array, w: Array, eps: float, offset: bool = False):
     """x (..., D), w (D,) -> y (..., D)."""
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    mean_sq = np.einsum("...d,...d->...", x, x)[..., None] / x.shape[-1]  # (..., 1) mean(x^2), no x*x array
+    rstd = 1.0 / np.sqrt(mean_sq + eps)                              # (..., 1)
     xhat = x * rstd                                                  # (..., D)
     scale = (1.0 + w) if offset else w                               # (D,)
     return xhat * scale, (xhat, rstd, scale)
@@ -54,10 +55,13 @@ def rms_norm_forward(x: Array, w: Array, eps: float, offset: bool = False):
 def rms_norm_backward(dy: Array, cache):
     """dy (..., D) -> dx (..., D), dw (D,)."""
     xhat, rstd, scale = cache
-    dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)           # (D,)
+    D = xhat.shape[-1]
+    dw = np.einsum("nd,nd->d", dy.reshape(-1, D), xhat.reshape(-1, D))  # (D,) sum over tokens of dy * xhat
     dxhat = dy * scale                                               # (..., D)
-    # d/dx of x*rstd: rstd * (dxhat - xhat * mean(dxhat * xhat))
-    dx = rstd * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+    # d/dx of x*rstd: rstd * (dxhat - xhat * mean(dxhat * xhat)), the row means as dot products
+    dx = xhat * (np.einsum("...d,...d->...", dxhat, xhat)[..., None] / D)
+    np.subtract(dxhat, dx, out=dx)
+    dx *= rstd
     return dx, dw
 
 
@@ -72,19 +76,27 @@ def rope_tables(head_dim: int, max_len: int, theta: float, dtype=np.float32):
     return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
 
 
-def _rotate_half(x: Array) -> Array:
-    half = x.shape[-1] // 2
-    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 def rope_forward(x: Array, cos: Array, sin: Array) -> Array:
-    """x (B, heads, T, Dh), cos/sin (T, Dh) -> rotated x, same shape."""
-    return x * cos + _rotate_half(x) * sin
+    """x (B, heads, T, Dh), cos/sin (T, Dh) -> rotated x, same shape (Dh even).
+
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] for the halves x1, x2 of
+    the last axis; written half by half, without building rotate_half(x).
+    """
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]               # -x2 * sin
+    out[..., half:] += x[..., :half] * sin[..., half:]               # +x1 * sin
+    return out
 
 
 def rope_backward(dout: Array, cos: Array, sin: Array) -> Array:
-    """The rotation is orthogonal: its gradient is the inverse rotation (angle -> -angle)."""
-    return dout * cos - _rotate_half(dout) * sin
+    """The rotation is orthogonal: its gradient is the inverse rotation (angle -> -angle),
+    dout * cos - rotate_half(dout) * sin."""
+    half = dout.shape[-1] // 2
+    dx = dout * cos
+    dx[..., :half] += dout[..., half:] * sin[..., :half]
+    dx[..., half:] -= dout[..., :half] * sin[..., half:]
+    return dx
 
 
 # ======================================================================================
@@ -145,13 +157,14 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     qs = q * q.dtype.type(scale)                                      # (B, H, T, Dh) scaled queries
     shift = _exp_needs_shift(qs, k)
     out = np.empty_like(q)                                            # (B, H, T, Dh)
+    kt = k.transpose(0, 1, 3, 2).copy()                               # (B, K, Dh, S): q @ kt is a plain matmul
     blocks = []
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         Tb, s1 = t1 - t0, min(S, q_start + t1)                        # s1: keys the block can see
         c0 = min(s1, q_start + t0)                                    # keys c0.. are hidden from some queries
         qb = qs[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)              # (B, K, rep*Tb, Dh)
-        scores = qb @ k[:, :, :s1].transpose(0, 1, 3, 2)              # (B, K, rep*Tb, s1), a new C array,
+        scores = qb @ kt[:, :, :, :s1]             # (B, K, rep*Tb, s1), a new C array,
         # so the reshape below is a view and the mask lands in `scores`
         scores.reshape(B, K, rep, Tb, s1)[..., c0:] += causal_mask_bias(Tb, s1 - c0, q_start + t0 - c0,
                                                                          q.dtype, xp)
@@ -184,23 +197,55 @@ def attention_core_backward(dout: Array, cache):
     rep = H // K
     xp = array_module(dout)
     dq = np.empty_like(dout)                                          # (B, H, T, Dh)
-    dk = np.zeros_like(k)                                             # (B, K, S, Dh)
-    dv = np.zeros_like(v)                                             # (B, K, S, Dh)
-    v1 = xp.empty(v.shape[:-1] + (Dh + 1,), dtype=v.dtype)            # (B, K, S, Dh+1) = [v, 1]
-    v1[..., :Dh] = v
-    v1[..., Dh] = 1
+    dk = xp.zeros(k.shape, dtype=k.dtype)                             # (B, K, S, Dh), C order
+    dv = xp.zeros(v.shape, dtype=v.dtype)                             # (B, K, S, Dh)
+    S = v.shape[2]
+    v1t = xp.empty((B, K, Dh + 1, S), dtype=v.dtype)                  # (B, K, Dh+1, S) = [v, 1]^T
+    v1t[:, :, :Dh] = v.transpose(0, 1, 3, 2)
+    v1t[:, :, Dh] = 1
     for t0, t1, s1, qb, e, l, ob in blocks:
         Tb = t1 - t0
         do1 = xp.empty((B, K, rep * Tb, Dh + 1), dtype=dout.dtype)    # [do', -D']
         do = np.divide(dout[:, :, t0:t1].reshape(B, K, rep * Tb, Dh), l, out=do1[..., :Dh])  # do' = dout / l
         do1[..., Dh] = -np.einsum("...d,...d->...", do, ob)           # -D' = -do' . out
         dv[:, :, :s1] += e.transpose(0, 1, 3, 2) @ do                 # (B, K, s1, Dh) = p^T dout, sums the rep heads
-        ds = do1 @ v1[:, :, :s1].transpose(0, 1, 3, 2)                # (B, K, rep*Tb, s1) = do' v^T - D'
+        ds = do1 @ v1t[:, :, :, :s1]               # (B, K, rep*Tb, s1) = do' v^T - D'
         ds *= e                                                       # ds = e (do' v^T - D') = p (dp - D)
         dqb = (ds @ k[:, :, :s1]) * k.dtype.type(scale)               # (B, K, rep*Tb, Dh)
         dq[:, :, t0:t1] = dqb.reshape(B, H, Tb, Dh)
         dk[:, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb                # (B, K, s1, Dh)
     return dq, dk, dv
+
+
+def _to_pairs(w: Array, heads: int) -> Array:
+    """Columns (or entries) of a (..., heads*Dh) projection reordered per head from the
+    rotate-half layout [x_0 .. x_{h-1}, x_h .. x_{Dh-1}] (h = Dh/2) to adjacent rotation
+    pairs [x_0, x_h, x_1, x_{h+1}, ...] (a copy)."""
+    *lead, n = w.shape
+    return w.reshape(*lead, heads, 2, n // heads // 2).swapaxes(-1, -2).reshape(*lead, n)
+
+
+def _from_pairs(g: Array, heads: int) -> Array:
+    """The inverse of :func:`_to_pairs` (gradients back to the parameters' layout)."""
+    *lead, n = g.shape
+    return g.reshape(*lead, heads, n // heads // 2, 2).swapaxes(-1, -2).reshape(*lead, n)
+
+
+def _rotate_pairs(x: Array, cos: Array, sin: Array, heads: int, inverse: bool = False) -> Array:
+    """Rotary embedding of x (B, T, heads*Dh) in the pair layout of :func:`_to_pairs`, in place.
+
+    Pair (a, b) at position t rotates by the angle of cos/sin (T, Dh) column j: with
+    z = a + i b, the rotation is z * (cos + i sin), one complex multiplication per pair
+    (RoFormer's complex form; ``inverse``: by cos - i sin, the backward). The rotate-half
+    tables hold each angle twice (columns j and j + Dh/2), so their first half is used.
+    """
+    B, T, n = x.shape
+    half = n // heads // 2
+    rot = cos[:, :half] + 1j * (-sin[:, :half] if inverse else sin[:, :half])  # (T, Dh/2) e^{+-i theta}
+    rot = array_module(x).tile(rot.astype(np.result_type(x.dtype, np.complex64)), (1, heads))  # (T, heads*Dh/2)
+    z = x.view(rot.dtype)                                            # (B, T, heads*Dh/2) complex view
+    z *= rot
+    return x
 
 
 def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
@@ -213,9 +258,22 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
     positions start_pos..start_pos+T-1. With ``kv_cache=(k_buf, v_buf)`` of shape
     (B, K, L, Dh) the new keys/values are written at start_pos and attention runs over all
     cached positions. Returns y (B, T, D) and a cache for the backward.
+
+    Without a KV cache (training, a whole sequence), the query and key projections are
+    computed with their columns in the pair layout of :func:`_to_pairs`: attention only
+    uses dot products q . k, which do not change when q and k have their coordinates
+    permuted alike, and with each rotation pair side by side the rotary embedding is one
+    complex multiplication (:func:`_rotate_pairs`) instead of :func:`rope_forward`'s
+    three passes over half-rows. The permuted weights are small copies (D x H*Dh); with a
+    KV cache (decoding, one token at a time) the rotate-half path is used as written.
     """
     B, T, D = x.shape
     Dh = wq.shape[1] // n_heads
+    paired = kv_cache is None
+    if paired:
+        wq, wk = _to_pairs(wq, n_heads), _to_pairs(wk, n_kv_heads)
+        if bq is not None:
+            bq, bk = _to_pairs(bq, n_heads), _to_pairs(bk, n_kv_heads)
     q = x @ wq                                                       # (B, T, H*Dh)
     k = x @ wk                                                       # (B, T, K*Dh)
     v = x @ wv                                                       # (B, T, K*Dh)
@@ -223,12 +281,15 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
         q = q + bq
         k = k + bk
         v = v + bv
+    if paired:
+        q = _rotate_pairs(q, cos, sin, n_heads)                      # in place
+        k = _rotate_pairs(k, cos, sin, n_kv_heads)
     q = q.reshape(B, T, n_heads, Dh).transpose(0, 2, 1, 3)           # (B, H, T, Dh)
     k = k.reshape(B, T, n_kv_heads, Dh).transpose(0, 2, 1, 3)        # (B, K, T, Dh)
     v = v.reshape(B, T, n_kv_heads, Dh).transpose(0, 2, 1, 3)        # (B, K, T, Dh)
-    q = rope_forward(q, cos, sin)
-    k = rope_forward(k, cos, sin)
-    if kv_cache is not None:
+    if not paired:
+        q = rope_forward(q, cos, sin)
+        k = rope_forward(k, cos, sin)
         k_buf, v_buf = kv_cache
         k_buf[:, :, start_pos:start_pos + T] = k
         v_buf[:, :, start_pos:start_pos + T] = v
@@ -237,27 +298,37 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
     o, core_cache = attention_core_forward(q, k, v, q_start=start_pos)  # (B, H, T, Dh)
     o = o.transpose(0, 2, 1, 3).reshape(B, T, n_heads * Dh)          # (B, T, H*Dh)
     y = o @ wo                                                       # (B, T, D)
-    return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads)
+    return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads, paired)
 
 
 def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Array):
     """dy (B, T, D) -> dx (B, T, D) and a dict of parameter gradients."""
-    x, o, core_cache, cos, sin, H, K = cache
+    x, o, core_cache, cos, sin, H, K, paired = cache
     B, T, D = x.shape
     Dh = wq.shape[1] // H
     g = {}
     g["wo"] = o.reshape(-1, H * Dh).T @ dy.reshape(-1, D)            # (H*Dh, D)
     do = (dy @ wo.T).reshape(B, T, H, Dh).transpose(0, 2, 1, 3)      # (B, H, T, Dh)
     dq, dk, dv = attention_core_backward(do, core_cache)
-    dq = rope_backward(dq, cos, sin)
-    dk = rope_backward(dk, cos, sin)
-    dq = dq.transpose(0, 2, 1, 3).reshape(B * T, H * Dh)             # (N, H*Dh)
-    dk = dk.transpose(0, 2, 1, 3).reshape(B * T, K * Dh)             # (N, K*Dh)
+    if not paired:
+        dq = rope_backward(dq, cos, sin)
+        dk = rope_backward(dk, cos, sin)
+    dq = dq.transpose(0, 2, 1, 3).reshape(B, T, H * Dh)              # (B, T, H*Dh)
+    dk = dk.transpose(0, 2, 1, 3).reshape(B, T, K * Dh)              # (B, T, K*Dh)
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * Dh)             # (N, K*Dh)
+    if paired:                                                       # back through the rotation, then
+        xp = array_module(dq)                                        # the pair layout
+        dq = _rotate_pairs(xp.ascontiguousarray(dq), cos, sin, H, inverse=True)
+        dk = _rotate_pairs(xp.ascontiguousarray(dk), cos, sin, K, inverse=True)
+        wq, wk = _to_pairs(wq, H), _to_pairs(wk, K)
+    dq, dk = dq.reshape(B * T, H * Dh), dk.reshape(B * T, K * Dh)    # (N, H*Dh), (N, K*Dh)
     x2 = x.reshape(-1, D)                                            # (N, D)
     g["wq"], g["wk"], g["wv"] = x2.T @ dq, x2.T @ dk, x2.T @ dv
     g["bq"], g["bk"], g["bv"] = dq.sum(0), dk.sum(0), dv.sum(0)
     dx = dq @ wq.T + dk @ wk.T + dv @ wv.T                           # (N, D)
+    if paired:
+        for name, heads in (("wq", H), ("bq", H), ("wk", K), ("bk", K)):
+            g[name] = _from_pairs(g[name], heads)
     return dx.reshape(B, T, D), g
 
 
@@ -271,9 +342,12 @@ class FFNCache(NamedTuple):
     g: Array                    # (N, F) gate pre-activation  x @ w_gate.T
     u: Optional[Array]          # (N, F) up pre-activation    x @ w_up.T (None: plain activation)
     h: Array                    # (N, F) activation output    act(g, u), after any hook
-    a: Optional[Array] = None   # (N, F) gate(g) of a gated activation (h = a * b before any hook)
-    b: Optional[Array] = None   # (N, F) up(u) of a gated activation (u itself when up is the identity)
-    s: Optional[Array] = None   # (N, F) sigmoid(g) when the gate is SiLU (kept for its derivative)
+
+
+class _FFNCacheKept(FFNCache):
+    """An :class:`FFNCache` that also keeps, as attributes (it still unpacks as (x, g, u, h)),
+    what a gated activation's backward would compute again: ``a`` = gate(g), ``b`` = up(u)
+    (h = a * b before any hook) and ``s`` = sigmoid(g) when the gate is SiLU (else None)."""
 
 
 def _sigmoid(x: Array) -> Array:
@@ -292,7 +366,7 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
     w_gate, w_up, w_down are all (F, D): row f holds neuron f's weights (contiguous, so a
     sparse kernel can read only the rows of active neurons). Plain activations use no
     ``w_up``. ``hook(h)`` may observe or replace the intermediate activation h (N, F).
-    Returns y (N, D) and an :class:`FFNCache` ``(x, g, u, h, a, b, s)``.
+    Returns y (N, D) and an :class:`FFNCache` ``(x, g, u, h)``.
     """
     g = x @ w_gate.T                                                 # (N, F) gate pre-activation
     a = b = s = None
@@ -313,7 +387,9 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
         if h2 is not None:
             h = h2
     y = h @ w_down                                                   # (N, D)
-    return y, FFNCache(x, g, u, h, a, b, s)
+    cache = _FFNCacheKept(x, g, u, h)
+    cache.a, cache.b, cache.s = a, b, s
+    return y, cache
 
 
 def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down: Array,
@@ -324,13 +400,16 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     penalty: a sum over neurons, averaged over tokens; ``l1_tokens`` defaults to N, and a
     MoE expert passes the layer's token count so each token is penalised once).
     """
-    x, g, u, h, a, b, s = cache
+    x, g, u, h = cache
+    a, b, s = (getattr(cache, name, None) for name in "abs")         # kept by ffn_forward, or None
     dw_down = h.T @ dy                                               # (F, D)
     dh = dy @ w_down.T                                               # (N, F)
     if l1:
         dh += dh.dtype.type(l1 / (l1_tokens or h.shape[0])) * np.sign(h)
     # = act.backward(dh, g, u), with the forward's gate(g), up(u) (and sigmoid(g)) reused
     if act.gated:
+        if a is None:                                                # a cache built elsewhere
+            a, b = act.gate_fn(g), (u if act.up_kind == "identity" else act.up_fn(u))
         dg = dh * b                                                  # (N, F)
         if s is not None:                                            # silu'(g) = s + g s (1 - s) = s + a (1 - s)
             d_gate = np.subtract(1, s, dtype=s.dtype)

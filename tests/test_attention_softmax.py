@@ -81,3 +81,23 @@ def test_attention_core_float32_close_to_float64(block):
                         L.attention_core_backward(R, cache64)):
         assert g32.dtype == np.float32
         np.testing.assert_allclose(g32, g64, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("heads, Dh, T", [(1, 2, 1), (3, 4, 7), (2, 8, 33)])
+def test_rotate_pairs_equals_rope_in_the_pair_layout(dtype, heads, Dh, T):
+    """The complex rotation of the pair layout is rope_forward with coordinates permuted,
+    its inverse is rope_backward, and _from_pairs undoes _to_pairs."""
+    rng = np.random.default_rng(Dh * T)
+    B = 2
+    x = rng.standard_normal((B, T, heads * Dh)).astype(dtype)
+    cos, sin = L.rope_tables(Dh, T, 10000.0, dtype)
+    np.testing.assert_array_equal(L._from_pairs(L._to_pairs(x, heads), heads), x)
+    heads_first = lambda a: a.reshape(B, T, heads, Dh).transpose(0, 2, 1, 3)   # noqa: E731
+    ref = L.rope_forward(heads_first(x), cos, sin)                 # (B, heads, T, Dh), rotate-half layout
+    got = L._rotate_pairs(L._to_pairs(x, heads), cos, sin, heads)
+    assert got.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(heads_first(L._from_pairs(got, heads)), ref, **tol)
+    back = L._rotate_pairs(L._to_pairs(x, heads), cos, sin, heads, inverse=True)
+    np.testing.assert_allclose(heads_first(L._from_pairs(back, heads)), L.rope_backward(heads_first(x), cos, sin), **tol)
