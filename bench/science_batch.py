@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SCRIPT = HERE / "reproduce_turbosparse.py"
@@ -78,6 +80,25 @@ EST_SCALE = 1.15  # measured / estimated wall on the machine the plans run on (u
 #                   1.15 before the first call: that host's 1-thread float32 matmul ran at 70 GFLOP/s, this
 #                   machine's at 85, bench/results/train_throughput_xeon_1thread.json)
 SAFETY = 0.9      # a job is planned with the fewest threads whose estimate is <= SAFETY x the time left
+
+
+REF_S_PER_STEP = 0.20    # --probe on this VM, one thread: 0.18-0.23 s per tiny swiglu step (the other core busy or not)
+
+
+def probe(steps: int = 25) -> dict:
+    """Seconds per training step of the tiny swiglu model in this process (after 5 warm-up
+    steps): what --calibrate measures on every core at once."""
+    import minisparse as ms
+    from minisparse.data import load_corpus
+    from minisparse.train import TrainConfig, train
+    corpus = load_corpus(max_bytes=2_000_000)
+    model = ms.Transformer(ms.preset("tiny", activation="swiglu"), seed=0)
+    kw = dict(batch_size=16, seq_len=128, lr=3e-3, warmup=2, eval_every=10 ** 9, eval_batches=1, progress=False,
+              log_every=10 ** 9)
+    train(model, corpus, TrainConfig(steps=5, **kw))
+    t0 = time.perf_counter()
+    train(model, corpus, TrainConfig(steps=steps, **kw))
+    return {"s_per_step": (time.perf_counter() - t0) / steps, "threads": os.environ.get("OPENBLAS_NUM_THREADS")}
 
 
 def depth_factor(layers: int) -> float:
@@ -292,6 +313,7 @@ class Batch:
                  gpu_slots: int = 5):
         self.jobs, self.workers, self.out, self.est_scale = jobs, workers, out, est_scale
         self.gpu_slots = gpu_slots
+        self.do_calibrate = True
         self.t0 = time.monotonic()
         self.kill_at = self.t0 + deadline_s - 8.0          # leave time to kill, pack and exit
         self.deadline_s = deadline_s
@@ -378,6 +400,53 @@ class Batch:
         print(f"[{self.elapsed():6.0f} s] {j.name}: {status} in {rec['wall_s']:.0f} s "
               f"(estimated {rec['est_s']:.0f} s)", flush=True)
 
+    def calibrate(self, timeout: float = 90.0) -> None:
+        """Time a few training steps on every core at once (one third of the cores at 1 BLAS
+        thread, the rest in pairs at 2) and set the estimates from it: EST_SCALE = measured
+        seconds per 1-thread step / REF_S_PER_STEP, and the 2-thread efficiency."""
+        global EST_SCALE
+        n1 = max(1, self.workers // 3)
+        n2 = (self.workers - n1) // 2
+        procs = []
+        for i in range(n1 + n2):
+            t = 1 if i < n1 else 2
+            procs.append((t, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--probe"], cwd=ROOT,
+                                              env=_env(t), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True, preexec_fn=os.setpgrp)))
+        res = {1: [], 2: []}
+        t_end = time.monotonic() + timeout
+        for t, p in procs:
+            try:
+                out, _ = p.communicate(timeout=max(1.0, t_end - time.monotonic()))
+                res[t].append(json.loads(out.strip().splitlines()[-1])["s_per_step"])
+            except Exception as e:           # a probe that fails or hangs: keep the defaults
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                self.log.setdefault("calibration_errors", []).append(f"{type(e).__name__}: {e}"[:300])
+        cal = {"s_per_step_1thread": res[1], "s_per_step_2threads": res[2], "ref_s_per_step": REF_S_PER_STEP,
+               "prior_est_scale": EST_SCALE, "prior_thread_efficiency": COST["thread_efficiency"],
+               "wall_s": round(time.monotonic() - self.t0, 1)}
+        if res[1]:
+            s1 = float(np.median(res[1]))
+            EST_SCALE = min(1.6, max(0.6, s1 / REF_S_PER_STEP))     # clamped: a disturbed probe must not stop all
+            if res[2]:
+                r = s1 / float(np.median(res[2]))                    # measured 2-thread speed-up
+                f = COST["blas_share"]["swiglu"]
+                denom = 1 / r - (1 - f)
+                eff = (f / denom - 1) if denom > 0 else 1.0
+                COST["thread_efficiency"] = float(min(1.0, max(0.0, eff)))
+                cal["speedup_2threads"] = r
+        cal["est_scale"], cal["thread_efficiency"] = EST_SCALE, COST["thread_efficiency"]
+        self.log["calibration"] = cal
+        for j in self.jobs:
+            j.est_s = j.estimate(j.threads)
+            self.records[j.name]["est_s"] = round(j.est_s * self.est_scale, 1)
+        print(f"[{self.elapsed():6.0f} s] calibrated: {cal.get('est_scale'):.3f} x this VM's step time "
+              f"(1 thread, every core busy), 2-thread speed-up {cal.get('speedup_2threads', float('nan')):.2f}", flush=True)
+        self.write()
+
     def _on_signal(self, signum, frame) -> None:
         self.stop_reason = f"driver got signal {signum}"
 
@@ -386,6 +455,8 @@ class Batch:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.write()
+        if self.do_calibrate and self.jobs:
+            self.calibrate(timeout=min(45.0, 0.1 * self.deadline_s))
         pending = order(self.jobs)
         running, cores_free = [], self.workers
         while True:
@@ -507,11 +578,17 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true",
                     help="also the GPU jobs (swiglu/drelu 3200 steps trained with CuPy, priority above all)")
     ap.add_argument("--gpu-slots", type=int, default=5, help="with --gpu: GPU jobs at a time (default 5)")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="skip the ~15 s probe of the step time on every core that sets the estimates")
+    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true", help="print the jobs, core-minutes and a simulated schedule")
     ap.add_argument("--all", action="store_true", help="also jobs whose result JSON exists already")
     ap.add_argument("--merge", metavar="DIR", help="unpack DIR/runs.tar.gz's run JSONs into bench/results/turbosparse")
     ap.add_argument("--force", action="store_true", help="--merge: overwrite existing run JSONs")
     args = ap.parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe()))
+        return 0
     if args.merge:
         return merge(Path(args.merge), args.force)
     if not args.plan:
@@ -529,6 +606,7 @@ def main(argv=None) -> int:
     if not jobs:
         print(f"plan {args.plan}: nothing to do (every job's result exists; --all runs them again)")
     b = Batch(jobs, args.workers, args.deadline_s, Path(args.out), args.est_scale, args.plan, args.gpu_slots)
+    b.do_calibrate = not args.no_calibrate and args.plan.upper() != "QUICK"
     return b.run()
 
 
