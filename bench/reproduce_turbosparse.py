@@ -31,6 +31,10 @@ On a shared machine run one BLAS thread per process (OMP_NUM_THREADS=1
 OPENBLAS_NUM_THREADS=1): a multi-threaded BLAS spinning under contention made each training
 step ~15x more expensive in CPU time (3.9 vs 0.27 CPU-seconds per step of the tiny model).
 
+The corpus is read from ``bench/data/turbosparse_corpus.tar.gz`` (the first 74 files of
+CPython 3.11.7's standard library), not from the running Python's own stdlib, so every
+machine trains and validates on the same tokens (each run's JSON records their hashes).
+
 Nothing here is imported by the package; nothing asserts on the numbers.
 """
 from __future__ import annotations
@@ -129,9 +133,45 @@ def _gpu_name():
         return f"unknown ({type(e).__name__})"
 
 
+# The corpus every committed run used: the first 74 .py files of CPython 3.11.7's standard
+# library (2,003,464 bytes; the embedded corpus of the machine the first runs were made on).
+# The embedded corpus is *this* Python's stdlib, which differs between versions (3.12 has
+# other files), so the script reads the archived copy: the same tokens on any machine.
+CORPUS_ARCHIVE = HERE / "data" / "turbosparse_corpus.tar.gz"
+CORPUS_SHA1 = {2_000_000: ("cdd49a16a93ae1e8", "ac68fe296ce4a6d5"),      # (train, val) tokens, 16 hex digits
+               400_000: ("f71fb0457a2600f1", "4e14708251caf39e")}
+
+
+def _sha1(a) -> str:
+    import hashlib
+    return hashlib.sha1(np.ascontiguousarray(np.asarray(a)).tobytes()).hexdigest()[:16]
+
+
 def _corpus(sc):
+    """The training corpus at this scale: the archived stdlib files (CORPUS_ARCHIVE), or the
+    embedded corpus of this Python if the archive is missing; warns when the tokens are not
+    the ones the committed runs used."""
+    import shutil
+    import tarfile
+    import tempfile
     from minisparse.data import load_corpus
-    return load_corpus(max_bytes=sc["corpus_bytes"])
+    if CORPUS_ARCHIVE.exists():
+        tmp = Path(tempfile.mkdtemp(prefix="turbosparse_corpus_"))
+        try:
+            with tarfile.open(CORPUS_ARCHIVE) as tar:
+                kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(tmp, **kw)
+            c = load_corpus(tmp, max_bytes=sc["corpus_bytes"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        c.name = "python-stdlib-3.11.7 (bench/data/turbosparse_corpus.tar.gz)"
+    else:
+        c = load_corpus(max_bytes=sc["corpus_bytes"])
+    want = CORPUS_SHA1.get(sc["corpus_bytes"])
+    if want and (_sha1(c.train), _sha1(c.val)) != want:
+        print(f"warning: the corpus tokens differ from those of the committed runs ({CORPUS_ARCHIVE} missing "
+              "or changed?): results are not comparable with bench/results/turbosparse/", file=sys.stderr)
+    return c
 
 
 # ------------------------------------------------------------------------------------------
@@ -189,6 +229,7 @@ def train_base(act, seed, sc, lr, layers, corpus, root: Path, force=False, devic
             "steps": sc["steps"], "scale": sc, "train_config": cfg.to_dict(), "params": model.num_parameters(),
             "train_wall_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
             "final_val_loss_sampled": r.final_val_loss, "history": _history(r.history),
+            "corpus": {"name": corpus.name, "train_sha1": _sha1(corpus.train), "val_sha1": _sha1(corpus.val)},
             "sparsity_during_training": traj, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     _save_run(model, folder, meta)
     print(f"[{key}] trained in {meta['train_wall_s']:.0f} s wall / {meta['train_cpu_s']:.0f} s CPU, "
@@ -336,6 +377,8 @@ def analyse_run(folder: Path, out_dir: Path, max_windows: int = 0, subset_all: b
            "layers": meta["layers"], "steps": meta["steps"], "relufy_steps": meta.get("relufy_steps", 0),
            "params": meta["params"], "scale": sc, "kind": meta["kind"],
            "train_device": meta.get("device", "numpy"), "train_gpu": meta.get("gpu"),
+           "corpus": {"train_sha1": _sha1(corpus.train), "val_sha1": _sha1(corpus.val),
+                      "trained_on": meta.get("corpus")},
            "val": {"windows": int(len(windows)), "window_tokens": T, "tokens": int(len(windows) * T),
                    "split_tokens": int(len(corpus.val))},
            "val_loss": float(dense.mean()), "val_loss_ci": bootstrap_ci(dense),

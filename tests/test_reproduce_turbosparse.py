@@ -54,3 +54,11 @@ def test_report_on_committed_runs(tmp_path):
     assert "### Learning rate" in text
     best = summary["tables"]["lr_sweep"]["best"]
     assert best["swiglu"]["lr"] == 0.01 and best["drelu"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("n_bytes", [400_000, 2_000_000])
+def test_archived_corpus_is_the_one_the_committed_runs_used(n_bytes, capsys):
+    """Any Python (3.12's stdlib differs from 3.11.7's) reads the same tokens."""
+    c = rt._corpus({"corpus_bytes": n_bytes})
+    assert (rt._sha1(c.train), rt._sha1(c.val)) == rt.CORPUS_SHA1[n_bytes]
+    assert "warning" not in capsys.readouterr().err
