@@ -164,7 +164,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
         Tb, s1 = t1 - t0, min(S, q_start + t1)                        # s1: keys the block can see
         c0 = min(s1, q_start + t0)                                    # keys c0.. are hidden from some queries
         qb = qs[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)              # (B, K, rep*Tb, Dh)
-        scores = qb @ kt[:, :, :, :s1]             # (B, K, rep*Tb, s1), a new C array,
+        scores = qb @ kt[:, :, :, :s1]                                # (B, K, rep*Tb, s1), a new C array,
         # so the reshape below is a view and the mask lands in `scores`
         scores.reshape(B, K, rep, Tb, s1)[..., c0:] += causal_mask_bias(Tb, s1 - c0, q_start + t0 - c0,
                                                                          q.dtype, xp)
@@ -203,17 +203,23 @@ def attention_core_backward(dout: Array, cache):
     v1t = xp.empty((B, K, Dh + 1, S), dtype=v.dtype)                  # (B, K, Dh+1, S) = [v, 1]^T
     v1t[:, :, :Dh] = v.transpose(0, 1, 3, 2)
     v1t[:, :, Dh] = 1
-    for t0, t1, s1, qb, e, l, ob in blocks:
-        Tb = t1 - t0
-        do1 = xp.empty((B, K, rep * Tb, Dh + 1), dtype=dout.dtype)    # [do', -D']
-        do = np.divide(dout[:, :, t0:t1].reshape(B, K, rep * Tb, Dh), l, out=do1[..., :Dh])  # do' = dout / l
-        do1[..., Dh] = -np.einsum("...d,...d->...", do, ob)           # -D' = -do' . out
-        dv[:, :, :s1] += e.transpose(0, 1, 3, 2) @ do                 # (B, K, s1, Dh) = p^T dout, sums the rep heads
-        ds = do1 @ v1t[:, :, :, :s1]               # (B, K, rep*Tb, s1) = do' v^T - D'
-        ds *= e                                                       # ds = e (do' v^T - D') = p (dp - D)
-        dqb = (ds @ k[:, :, :s1]) * k.dtype.type(scale)               # (B, K, rep*Tb, Dh)
-        dq[:, :, t0:t1] = dqb.reshape(B, H, Tb, Dh)
-        dk[:, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb                # (B, K, s1, Dh)
+    # a few batch rows at a time, so that a block's scores (~1 MB) stay in cache between the
+    # matmuls and the product that use them
+    rows = max(1, (1 << 20) // (H * QUERY_BLOCK * S * dout.dtype.itemsize))
+    for b in range(0, B, rows):
+        n, nb = slice(b, b + rows), min(B, b + rows) - b              # batch rows of this pass, their count
+        for t0, t1, s1, qb, e, l, ob in blocks:
+            Tb = t1 - t0
+            qb, e, l, ob = qb[n], e[n], l[n], ob[n]
+            do1 = xp.empty((nb, K, rep * Tb, Dh + 1), dtype=dout.dtype)   # [do', -D']
+            do = np.divide(dout[n, :, t0:t1].reshape(nb, K, rep * Tb, Dh), l, out=do1[..., :Dh])  # do' = dout / l
+            do1[..., Dh] = -np.einsum("...d,...d->...", do, ob)       # -D' = -do' . out
+            dv[n, :, :s1] += e.transpose(0, 1, 3, 2) @ do             # (nb, K, s1, Dh) = p^T dout, sums the rep heads
+            ds = do1 @ v1t[n, :, :, :s1]                              # (nb, K, rep*Tb, s1) = do' v^T - D'
+            ds *= e                                                   # ds = e (do' v^T - D') = p (dp - D)
+            dqb = (ds @ k[n, :, :s1]) * k.dtype.type(scale)           # (nb, K, rep*Tb, Dh)
+            dq[n, :, t0:t1] = dqb.reshape(nb, H, Tb, Dh)
+            dk[n, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb            # (nb, K, s1, Dh)
     return dq, dk, dv
 
 
@@ -353,8 +359,9 @@ class _FFNCacheKept(FFNCache):
 def _sigmoid(x: Array) -> Array:
     """1 / (1 + exp(-x)) in four passes, in place after the first (exp(-x) may overflow to
     inf for x < -88 in float32, giving the right limit 0)."""
+    e = np.negative(x)
     with np.errstate(over="ignore"):
-        e = np.exp(np.negative(x))
+        np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
