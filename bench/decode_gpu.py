@@ -323,6 +323,8 @@ def bench_minisparse(args, cp, copy_GBs):
             ("  given ORACLE, CuPy backend split [graph]", "given", "float16", True, args.new, "split"),
             ("minisparse dense, eager kernels (no graph)", "dense", "float16", False, min(32, args.new), "decode"),
             ("minisparse dense fp32 weights [graph]", "dense", "float32", True, args.new, "decode")]
+    if args.core:
+        runs = runs[:3]
     dense_ids = None
     for label, mode, wdt, graph, n_new, kernel in runs:
         try:
@@ -346,7 +348,7 @@ def bench_minisparse(args, cp, copy_GBs):
                 dense_ids = ids
             if kernel == "decode" and mode != "dense" and graph:   # grid of the down projection
                 sweep = {}
-                for dbs in (1, 2, 4):
+                for dbs in (2, 4, 8):
                     dec.down_blocks_per_sm = dbs
                     dec._graph = None                           # re-capture with the new grid
                     dec.generate(prompt, 4)
@@ -394,9 +396,50 @@ def bench_minisparse(args, cp, copy_GBs):
         rows.append(dict(row="minisparse model.forward on CuPy (eager, fp32)", error=f"{type(e).__name__}: {str(e)[:300]}"))
         print(f"  model.forward on CuPy: not available ({type(e).__name__}: {str(e)[:200]})")
     out["rows"] = rows
+    if args.pdl_sweep:
+        out["pdl_sweep"] = pdl_sweep(args, cp, model, active, prompt)
     del model, p_dev
     cp.get_default_memory_pool().free_all_blocks()
     return out
+
+
+def pdl_sweep(args, cp, model, active, prompt):
+    """ms/token of dense / skip / given with plain launches, and with programmatic dependent
+    launch at several L2 prefetch depths (same decoder, re-captured; best of 2 runs)."""
+    from minisparse.kernels import decode_cuda as dc
+    res = []
+    print("  kernel rung / programmatic dependent launch sites / prefetch bytes per weight row (ms/token, best of 2):")
+    for mode in ("dense", "skip", "given"):
+        dec = dc.GraphDecoder(model, mode=mode, weight_dtype="float16", active=active if mode == "given" else None,
+                              max_len=args.prompt + args.new)
+        line, ref_ids = [], None
+        rungs = {"dense": [None], "skip": ["split3", "split3pair", "single"], "given": ["quarter", "warp"]}[mode]
+        variants = [(r, pdl, pf) for r in rungs for pdl, pf in (("none", 0), ("all", 512), ("attn_side", 512))]
+        policy = {"none": (), "all": dc.PDL_SITES, "attn_side": dc.PDL_ATTN_SIDE}
+        for rung, pdl, pf in variants:
+            dec.pdl_sites = frozenset(policy[pdl])
+            dec.prefetch_bytes = pf
+            if rung:
+                dec.select_kernel = dec.list_kernel = rung
+            dec.k = dc.kernels(dec.wdt, pf)
+            dec._graph = None
+            try:
+                dec.generate(prompt, 4)
+                ts, ids = [], None
+                for _ in range(2):
+                    ids = dec.generate(prompt, args.new)
+                    ts.append(dec.last_timing["decode_s"] / dec.last_timing["decode_steps"])
+                ref_ids = ref_ids or ids
+                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, s_per_token=min(ts),
+                                spread=[min(ts), max(ts)], same_tokens=ids == ref_ids))
+                line.append(f"{rung or ''}/{pdl}/{pf}: {min(ts) * 1e3:.3f}{'' if ids == ref_ids else ' (TOKENS DIFFER)'}")
+            except Exception as e:
+                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, error=f"{type(e).__name__}: {e}"))
+                line.append(f"{rung or ''}/{pdl}/{pf}: ERROR {type(e).__name__}: {str(e)[:120]}")
+        print(f"    {mode:<6} " + "\n           ".join(", ".join(line[i:i + 3]) for i in range(0, len(line), 3)))
+        del dec
+        cp.get_default_memory_pool().free_all_blocks()
+    return res
 
 
 def check_fp16_full(args, cp):
@@ -455,6 +498,9 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     ap.add_argument("--no-compile", action="store_true", help="skip transformers' static cache + torch.compile")
     ap.add_argument("--compile-timeout", type=int, default=200)
+    ap.add_argument("--core", action="store_true", help="only the dense / skip / given rows of the own kernels")
+    ap.add_argument("--pdl-sweep", action="store_true",
+                    help="also time plain launches against programmatic dependent launch x L2 prefetch depth")
     ap.add_argument("--json", default=None, help="default bench/results/decode_gpu[_quick].json")
     ap.add_argument("--hf-compile-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check-fp16", type=int, default=0, metavar="N",

@@ -7,7 +7,8 @@ float32 weights, batch 1:
 * GEMV ``y = W x``: gemv_naive (a thread per row) -> gemv_warp (a warp per row, coalesced
   scalar loads) -> gemv_warp_vec16 (a warp per row, 16-byte loads, 4 in flight per lane);
   cuBLAS (``W @ x`` in CuPy, eager: it cannot be captured) for comparison;
-* decode attention: attn_decode_naive (a thread per head) -> attn_decode (a block per head);
+* decode attention: attn_decode_naive (a thread per head) -> attn_decode (a block per head)
+  -> attn_decode_split (a block per 32-key chunk, merged by the last block of each head);
 * the rest of a step: qkv_rope (RMSNorm + q/k/v GEMV + rotary + KV write), one FFN of a
   Mistral-7B layer at 90% sparsity (dense: ffn_gateup + GEMV; skip: ffn_gate_select +
   ffn_down_rows; given active set, an oracle: ffn_gateup_list + ffn_down_rows; the
@@ -100,7 +101,7 @@ def print_table(rows, title):
     print(f"{'kernel':<44} {'shape':<26} {'us':>9} {'GB/s':>8} {'% copy':>7} {'x rung 1':>9}  rel err")
     for r in rows:
         print(f"{r['kernel']:<44} {r['shape']:<26} {r['us']:9.2f} {r['GBs']:8.0f} {r['pct_copy']:6.0f}% "
-              f"{r['x_first']:8.1f}x  {r['rel_err']:.1e}")
+              f"{r['x_first']:8.1f}x  " + ("   (h only)" if r['rel_err'] is None else f"{r['rel_err']:.1e}"))
 
 
 def main(argv=None):
@@ -202,7 +203,12 @@ def main(argv=None):
                 "attn_decode": lambda: k["attn"]((H,), (dc.ATTN_THREADS,), (q, kc, vc, o, pos, i32(H), i32(K), i32(Dh),
                                                                           i32(S), scale),
                                                  shared_mem=dc.attn_shared_bytes(S, Dh)),
+                "attn_decode_split": lambda: k["attn_split"]((H, dc.attn_splits(S)), (256,),
+                                                             (q, kc, vc, o, pos, i32(H), i32(K), i32(Dh), i32(S),
+                                                              scale, part, ticket)),
             }
+            part = cp.zeros(H * dc.attn_splits(S) * (Dh + 2), dtype=cp.float32)
+            ticket = cp.zeros(H, dtype=cp.int32)
             first = None
             nbytes = 2 * K * S * Dh * 4 + 2 * H * Dh * 4
             for name, f in calls.items():
@@ -300,13 +306,58 @@ def main(argv=None):
                 lambda: k["ffn_gateup_list"](((A + 7) // 8,), (256,), (Wg, Wu, x0, i32(Dp), i32(D), f32(eps), i32(0),
                                                                         i32(0), f32(0), i32(1), gcnt, gidx, hv)),
                 lambda: k["ffn_down_rows"]((ncol, G), (256,), (gcnt, gidx, hv, Wd, xr, i32(Dp)))],
+            "FFN skip: gate_select2 + down_rows": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_select2"](((F + 15) // 16,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                         i32(0), i32(0), f32(0), i32(1), cnt, idx, hv)),
+                lambda: k["ffn_down_rows"]((ncol, G), (256,), (cnt, idx, hv, Wd, xr, i32(Dp)))],
+            "FFN given (oracle): gateup_list4 + down_rows": [
+                lambda: k["ffn_gateup_list4"](((A + 1) // 2,), (256,), (Wg, Wu, x0, i32(Dp), i32(D), f32(eps), i32(0),
+                                                                         i32(0), f32(0), i32(1), gcnt, gidx, hv)),
+                lambda: k["ffn_down_rows"]((ncol, G), (256,), (gcnt, gidx, hv, Wd, xr, i32(Dp)))],
+            "  (given first half alone: gateup_list)": [
+                lambda: k["ffn_gateup_list"](((A + 7) // 8,), (256,), (Wg, Wu, x0, i32(Dp), i32(D), f32(eps), i32(0),
+                                                                        i32(0), f32(0), i32(1), gcnt, gidx, hv))],
+            "  (given first half alone: gateup_list4)": [
+                lambda: k["ffn_gateup_list4"](((A + 1) // 2,), (256,), (Wg, Wu, x0, i32(Dp), i32(D), f32(eps), i32(0),
+                                                                         i32(0), f32(0), i32(1), gcnt, gidx, hv))],
+            "FFN skip: gate pass + up_list4 + down_rows": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_select"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                       i32(0), i32(0), f32(0), i32(0), cnt, idx, hv)),
+                lambda: k["ffn_up_list4"]((min((F + 1) // 2, 8 * sms),), (256,), (Wu, x0, i32(Dp), i32(D), f32(eps),
+                                                                                  i32(0), f32(0), cnt, idx, hv)),
+                lambda: k["ffn_down_rows"]((ncol, G), (256,), (cnt, idx, hv, Wd, xr, i32(Dp)))],
+            "  (skip first half alone: gate pass, 2 rows/warp)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_select2"](((F + 15) // 16,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                         i32(0), i32(0), f32(0), i32(0), cnt, idx, hv))],
+            "  (skip first half alone: gate pass)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_select"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                       i32(0), i32(0), f32(0), i32(0), cnt, idx, hv))],
+            "  (skip first half alone: gate_select)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_select"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                       i32(0), i32(0), f32(0), i32(1), cnt, idx, hv))],
+            "  (skip first half alone: gate_select2)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_select2"](((F + 15) // 16,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                         i32(0), i32(0), f32(0), i32(1), cnt, idx, hv))],
         }
         nbytes = {"dense": 3 * F * D * wb, "skip": (F + 2 * A) * D * wb, "given": 3 * A * D * wb}
+        half_bytes = {"gateup_list": 2 * A * D * wb, "gateup_list4": 2 * A * D * wb, "gate_select2": (F + A) * D * wb,
+                      "gate_select": (F + A) * D * wb, "gate pass": F * D * wb, "gate pass, 2 rows/warp": F * D * wb}
         t_dense = None
         for name, calls in ffns.items():
             xr.fill(0)
             for f in calls:
                 f()
+            if name.startswith("  ("):                               # a first half alone: timed, checked via its h
+                t = graph_time(cp, [lambda calls=calls: [f() for f in calls]], repeats)
+                kname = name.split(": ")[1].rstrip(")")
+                trows.append(row(name, f"{F}x{D} A={A}", wname, t, half_bytes[kname], t_dense, None))
+                continue
             err = check(f"{name} {wname}", xr.get()[:D], want, 1e-5, failures)
             call = lambda calls=calls: [f() for f in calls]
             t = graph_time(cp, [call], repeats)

@@ -17,7 +17,8 @@
 //           loads)  ->  gemv_warp_vec16 (warp per row, 16-byte loads, 4 in flight per lane)
 //   norm    rmsnorm (one block; optional residual add fused)
 //   attn    attn_decode_naive (thread per head)  ->  attn_decode (block per query head,
-//           a warp per key, scores in shared memory)
+//           a thread per key, scores in shared memory)  ->  attn_decode_split (a block per
+//           32-key chunk, 8 lanes per key, chunks merged by the last block of each head)
 //   others  embed, qkv_rope (RMSNorm + q/k/v GEMV + bias + rotary + KV write, rows in
 //           rotary pairs), ffn_gateup (RMSNorm + dense gate + up + activation, warp per
 //           neuron), ffn_gate_select / ffn_gateup_list + ffn_down_rows (neuron skipping,
@@ -32,8 +33,35 @@
 // minisparse.kernels.base.cuda_activation_source() (the one definition of the activations).
 
 #define WARPS 8                  // warps per block of the warp-per-row kernels
+#ifndef PF_BYTES
+#define PF_BYTES 0               // bytes of each weight row a kernel prefetches into L2 before pdl_wait
+#endif
 #define NEG_INF __int_as_float(0xff800000)   // NVRTC has no math.h: no INFINITY
 #define NTHREADS (32 * WARPS)
+
+// ------------------------------------------------------------------------------------
+// programmatic dependent launch (PDL, sm_90+). Launched with the PDL attribute (see
+// decode_cuda.Launcher), a kernel may start while the kernel before it still runs. Until
+// pdl_wait() returns it may touch only data nothing in the step writes: its weights, which
+// it prefetches into L2 (the first PF_BYTES of each of its rows), so the next kernel's first
+// loads overlap this one's tail. After pdl_wait() the previous kernel has completed and its
+// writes are visible; only then does a kernel let its own dependent launch (at most one
+// kernel runs ahead). Launched normally, both are no-ops.
+// ------------------------------------------------------------------------------------
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// lane l prefetches 128-byte line l of the first min(PF_BYTES, row bytes) of a row
+template <typename W>
+__device__ __forceinline__ void prefetch_row(const W* row, int ld, int lane) {
+#if PF_BYTES > 0
+    const int lim = min(PF_BYTES, ld * (int)sizeof(W));
+    if (lane * 128 < lim) asm volatile("prefetch.global.L2 [%0];" :: "l"(reinterpret_cast<const char*>(row) + lane * 128));
+#endif
+}
 
 // ------------------------------------------------------------------------------------
 // loads
@@ -187,6 +215,8 @@ __global__ void __launch_bounds__(NTHREADS) gemv_warp_vec16(const W* __restrict_
                                                             float* __restrict__ y, int N, int ld, int D, float eps) {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (r < N) prefetch_row(w + (size_t)r * ld, ld, lane);
+    pdl_wait();
     if (r >= N) return;
     float s, ss, unused;
     warp_dots<W, 1, EPI == 2>(w + (size_t)r * ld, w, x, ld, lane, &s, &unused, &ss);
@@ -235,6 +265,7 @@ __device__ __forceinline__ float block_max(float v, float* sh) {
 template <typename W>
 __global__ void embed(const W* __restrict__ table, int ld, const int* __restrict__ tokens,
                       const int* __restrict__ pos, float* __restrict__ x, int D, float scale, int use_scale) {
+    pdl_wait();
     const int tok = tokens[*pos];
     for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < D; d += gridDim.x * blockDim.x) {
         float v = to_f(table[(size_t)tok * ld + d]);
@@ -249,6 +280,7 @@ __global__ void embed(const W* __restrict__ table, int ld, const int* __restrict
 __global__ void rmsnorm(float* __restrict__ x, const float* __restrict__ add, const float* __restrict__ scale,
                         float* __restrict__ out, int D, float eps) {
     __shared__ float sh[32];
+    pdl_wait();
     float ss = 0.f;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float v = x[d];
@@ -279,9 +311,12 @@ __global__ void __launch_bounds__(NTHREADS) qkv_rope(const W* __restrict__ w, co
     const int lane = threadIdx.x & 31;
     const int half = Dh / 2;
     const int item = blockIdx.x * WARPS + (threadIdx.x >> 5);
-    if (item >= (H + 2 * K) * half) return;
+    const bool live = item < (H + 2 * K) * half;
     const int head = item / half, i = item - head * half;
     const int r0 = head * Dh + i, r1 = r0 + half;
+    if (live) { prefetch_row(w + (size_t)r0 * ld, ld, lane); prefetch_row(w + (size_t)r1 * ld, ld, lane); }
+    pdl_wait();
+    if (!live) return;
     float a, b, ss;
     warp_dots<W, 2, true>(w + (size_t)r0 * ld, w + (size_t)r1 * ld, x, ld, lane, &a, &b, &ss);
     if (lane != 0) return;
@@ -313,6 +348,7 @@ __global__ void attn_decode_naive(const float* __restrict__ q, const float* __re
                                   const float* __restrict__ vc, float* __restrict__ o,
                                   const int* __restrict__ pos_p, int H, int K, int Dh, int max_len,
                                   float scale, float* __restrict__ scratch) {
+    pdl_wait();
     const int h = blockIdx.x * blockDim.x + threadIdx.x;
     if (h >= H) return;
     const int kh = h / (H / K), S = *pos_p + 1;
@@ -354,6 +390,7 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
     float* qs = smem + ((max_len + 3) & ~3);                // (Dh,)
     float* part = qs + ((Dh + 3) & ~3);                     // (4 * blockDim.x,), 16-byte aligned
     __shared__ float sh[32];
+    pdl_wait();
     const int h = blockIdx.x;
     const int kh = h / (H / K);
     const int S = *pos_p + 1;
@@ -425,6 +462,118 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
 }
 
 // ====================================================================================
+// decode attention, split over keys (flash-decoding): block (h, c) takes the keys
+// [c * ACH, (c + 1) * ACH) of query head h (ACH = 32), all at once: 8 lanes per key, each
+// lane 1/8 of the dot product, so every load of the chunk is in flight together. It writes
+// its partial softmax (max m_c, sum l_c, unnormalised acc_c = sum_s e^{score_s - m_c} v_s)
+// to scratch; the last block of head h to finish (an atomic ticket, reset for the next
+// step) merges them:  M = max m_c,  o = sum_c e^{m_c - M} acc_c / sum_c e^{m_c - M} l_c.
+// A fixed grid (H, ceil(max_len / ACH)) serves every step of the graph: chunks past the
+// current position only take their ticket. part: (H, NS, Dh + 2) floats; ticket: (H,) ints, 0.
+// ====================================================================================
+#define ACH 32                                               // keys per block
+__global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict__ q, const float* __restrict__ kc,
+                                                         const float* __restrict__ vc, float* __restrict__ o,
+                                                         const int* __restrict__ pos_p, int H, int K, int Dh,
+                                                         int max_len, float scale, float* __restrict__ part,
+                                                         int* __restrict__ ticket) {
+    __shared__ float sc[ACH];
+    __shared__ float accs[256 * 4];
+    __shared__ int last;
+    pdl_wait();
+    const int h = blockIdx.x, c = blockIdx.y, NS = gridDim.y, t = threadIdx.x;
+    const int kh = h / (H / K);
+    const int S = *pos_p + 1;
+    const int s0 = c * ACH, n = max(0, min(ACH, S - s0));    // this block's keys
+    const int P = Dh + 2;
+    float* my = part + ((size_t)h * NS + c) * P;
+    const bool v4 = (Dh & 3) == 0;
+    if (n > 0) {
+        const float* qh = q + (size_t)h * Dh;
+        const float* kb = kc + ((size_t)kh * max_len + s0) * Dh;
+        const float* vb = vc + ((size_t)kh * max_len + s0) * Dh;
+        // scores: key t / 8, lane t % 8 of its dot
+        const int key = t >> 3, l8 = t & 7;
+        float d = 0.f;
+        if (key < n) {
+            const float* kr = kb + (size_t)key * Dh;
+            if (v4) {
+                for (int j = 4 * l8; j < Dh; j += 32) {
+                    const float4 a = *reinterpret_cast<const float4*>(kr + j);
+                    const float4 b = *reinterpret_cast<const float4*>(qh + j);
+                    d = fmaf(a.x, b.x, d); d = fmaf(a.y, b.y, d); d = fmaf(a.z, b.z, d); d = fmaf(a.w, b.w, d);
+                }
+            } else {
+                for (int j = l8; j < Dh; j += 8) d = fmaf(kr[j], qh[j], d);
+            }
+        }
+#pragma unroll
+        for (int off = 4; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        if (l8 == 0 && key < ACH) sc[key] = key < n ? d * scale : NEG_INF;
+        __syncthreads();
+        // the chunk's max and exp-sum: one warp, a lane per key (ACH == 32)
+        float m = NEG_INF, l = 0.f;
+        if (t < 32) {
+            const float v = sc[t];
+            m = v;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+            const float e = t < n ? expf(v - m) : 0.f;
+            sc[t] = e;
+            l = warp_sum(e);
+            if (t == 0) { my[Dh] = m; my[Dh + 1] = l; }
+        }
+        __syncthreads();
+        // acc = sum_s e_s v_s: thread (g, col), G groups each summing every G-th key
+        if (v4) {
+            const int C = Dh / 4, G = 256 / C;
+            const int col = t % C, g = t / C;
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (g < G) {
+                for (int s = g; s < n; s += G) {
+                    const float p = sc[s];
+                    const float4 v = *reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col);
+                    a.x = fmaf(p, v.x, a.x); a.y = fmaf(p, v.y, a.y); a.z = fmaf(p, v.z, a.z); a.w = fmaf(p, v.w, a.w);
+                }
+            }
+            reinterpret_cast<float4*>(accs)[t] = a;
+            __syncthreads();
+            for (int j = t; j < Dh; j += 256) {
+                float sum = 0.f;
+                for (int gg = 0; gg < G; ++gg) sum += accs[4 * (gg * C + j / 4) + (j & 3)];
+                my[j] = sum;
+            }
+        } else {
+            for (int j = t; j < Dh; j += 256) {
+                float sum = 0.f;
+                for (int s = 0; s < n; ++s) sum = fmaf(sc[s], vb[(size_t)s * Dh + j], sum);
+                my[j] = sum;
+            }
+        }
+    }
+    // ticket: the last block of head h merges the chunks that had keys
+    __threadfence();
+    __syncthreads();
+    if (t == 0) last = atomicAdd(ticket + h, 1) == NS - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int nc = (S + ACH - 1) / ACH;
+    const float* ph = part + (size_t)h * NS * P;
+    float M = NEG_INF;
+    for (int cc = 0; cc < nc; ++cc) M = fmaxf(M, __ldcg(ph + (size_t)cc * P + Dh));
+    float Lsum = 0.f;
+    for (int cc = 0; cc < nc; ++cc) Lsum += __ldcg(ph + (size_t)cc * P + Dh + 1) * expf(__ldcg(ph + (size_t)cc * P + Dh) - M);
+    const float inv = 1.0f / Lsum;
+    for (int j = t; j < Dh; j += 256) {
+        float sum = 0.f;
+        for (int cc = 0; cc < nc; ++cc) sum += __ldcg(ph + (size_t)cc * P + j) * expf(__ldcg(ph + (size_t)cc * P + Dh) - M);
+        o[(size_t)h * Dh + j] = sum * inv;
+    }
+    if (t == 0) ticket[h] = 0;
+}
+
+// ====================================================================================
 // dense FFN, first half: one warp per neuron f, RMSNorm fused (x raw; the norm weight is
 // folded into wg and wu):
 //   h[f] = a(rstd * wg[f] . x) * b(rstd * wu[f] . x)   (gated)      h[f] = a(...)   (plain)
@@ -441,6 +590,11 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg,
     __syncthreads();
     const int lane = threadIdx.x & 31;
     const int f = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (f < F) {
+        prefetch_row(wg + (size_t)f * ld, ld, lane);
+        if (gated) prefetch_row(wu + (size_t)f * ld, ld, lane);
+    }
+    pdl_wait();
     if (f < F) {
         float g, u = 0.f, ss;
         if (gated) warp_dots<W, 2, true>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
@@ -479,6 +633,8 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_select(const W* __restrict_
                                                             float* __restrict__ hv) {
     const int lane = threadIdx.x & 31;
     const int f = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    if (f < F) prefetch_row(wg + (size_t)f * ld, ld, lane);
+    pdl_wait();
     if (f >= F) return;
     float g, unused, ss;
     warp_dots<W, 1, true>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
@@ -504,8 +660,14 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup_list(const W* __restrict_
                                                             float* __restrict__ hv) {
     const int lane = threadIdx.x & 31;
     const int j = blockIdx.x * WARPS + (threadIdx.x >> 5);
-    if (j >= *cnt) return;
-    const int f = idx[j];
+    const bool live = j < *cnt;                              // cnt, idx: the fixed active set
+    const int f = live ? idx[j] : 0;
+    if (live) {
+        prefetch_row(wg + (size_t)f * ld, ld, lane);
+        if (gated) prefetch_row(wu + (size_t)f * ld, ld, lane);
+    }
+    pdl_wait();
+    if (!live) return;
     float g, u = 0.f, ss;
     if (gated) warp_dots<W, 2, true>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
     else warp_dots<W, 1, true>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &u, &ss);
@@ -517,6 +679,128 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup_list(const W* __restrict_
     }
 }
 
+// the second rungs of the two sparse first halves:
+//  ffn_gate_select2  skip: a warp streams the gate rows of TWO neurons at once (twice the
+//                    loads in flight, half the warps: the grid fits one wave); up rows only
+//                    for the active ones, both at once when both are.
+//  ffn_gateup_list4  given: FOUR warps per listed neuron, each a quarter of its gate and up
+//                    rows, so a row's loads are all in flight in one round; partial dots
+//                    (and x^2 sums) added in shared memory.
+__device__ __forceinline__ bool kept(float a) { return fabsf(a) > 0.f || a != a; }   // nonzero or NaN
+
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_gate_select2(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                             const float* __restrict__ x, int F, int ld, int D,
+                                                             float eps, int gate_kind, int up_kind, float thr,
+                                                             int gated, int* __restrict__ cnt, int* __restrict__ idx,
+                                                             float* __restrict__ hv) {
+    const int lane = threadIdx.x & 31;
+    const int f0 = 2 * (blockIdx.x * WARPS + (threadIdx.x >> 5)), f1 = f0 + 1;
+    const bool two = f1 < F;
+    if (f0 < F) prefetch_row(wg + (size_t)f0 * ld, ld, lane);
+    if (two) prefetch_row(wg + (size_t)f1 * ld, ld, lane);
+    pdl_wait();
+    if (f0 >= F) return;
+    float g0, g1, ss;
+    warp_dots<W, 2, true>(wg + (size_t)f0 * ld, wg + (size_t)(two ? f1 : f0) * ld, x, ld, lane, &g0, &g1, &ss);
+    const float rs = rstd_of(ss, D, eps);
+    float a0 = act_fn<float>(g0 * rs, gate_kind, thr);
+    float a1 = act_fn<float>(g1 * rs, gate_kind, thr);
+    const bool k0 = kept(a0), k1 = two && kept(a1);
+    if (!k0 && !k1) return;                                  // both exactly zero: skip
+    if (gated) {
+        if (k0 && k1) {
+            float u0, u1, unused;
+            warp_dots<W, 2, false>(wu + (size_t)f0 * ld, wu + (size_t)f1 * ld, x, ld, lane, &u0, &u1, &unused);
+            a0 = a0 * act_fn<float>(u0 * rs, up_kind, thr);
+            a1 = a1 * act_fn<float>(u1 * rs, up_kind, thr);
+        } else {
+            const float u = warp_dot_vec16<W>(wu + (size_t)(k0 ? f0 : f1) * ld, x, ld, lane);
+            if (k0) a0 = a0 * act_fn<float>(u * rs, up_kind, thr);
+            else a1 = a1 * act_fn<float>(u * rs, up_kind, thr);
+        }
+    }
+    if (lane == 0) {
+        int slot = atomicAdd(cnt, (int)k0 + (int)k1);
+        if (k0) { idx[slot] = f0; hv[slot] = a0; ++slot; }
+        if (k1) { idx[slot] = f1; hv[slot] = a1; }
+    }
+}
+
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_gateup_list4(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                             const float* __restrict__ x, int ld, int D, float eps,
+                                                             int gate_kind, int up_kind, float thr, int gated,
+                                                             const int* __restrict__ cnt, const int* __restrict__ idx,
+                                                             float* __restrict__ hv) {
+    __shared__ float red[WARPS][3];
+    const int V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int j = blockIdx.x * (WARPS / 4) + (wid >> 2), qt = wid & 3;
+    const int nvec = ld / V, nq = (nvec + 3) / 4;
+    const int v0 = min(nvec, qt * nq), len = min(nq, nvec - v0);   // this warp's quarter (vectors)
+    const bool live = j < *cnt;                              // cnt, idx: the fixed active set
+    const int f = live ? idx[j] : 0;
+    const size_t off = (size_t)f * ld + (size_t)v0 * V;
+    if (live && len > 0) {
+        prefetch_row(wg + off, len * V, lane);
+        if (gated) prefetch_row(wu + off, len * V, lane);
+    }
+    pdl_wait();
+    float g = 0.f, u = 0.f, ss = 0.f;
+    if (live && len > 0) {
+        if (gated) warp_dots<W, 2, true>(wg + off, wu + off, x + (size_t)v0 * V, len * V, lane, &g, &u, &ss);
+        else warp_dots<W, 1, true>(wg + off, wg, x + (size_t)v0 * V, len * V, lane, &g, &u, &ss);
+    }
+    if (lane == 0) { red[wid][0] = g; red[wid][1] = u; red[wid][2] = ss; }
+    __syncthreads();
+    if (live && qt == 0 && lane == 0) {
+        float G = 0.f, U = 0.f, SS = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) { G += red[wid + w][0]; U += red[wid + w][1]; SS += red[wid + w][2]; }
+        const float rs = rstd_of(SS, D, eps);
+        float v = act_fn<float>(G * rs, gate_kind, thr);
+        if (gated) v = v * act_fn<float>(U * rs, up_kind, thr);
+        hv[j] = v;
+    }
+}
+
+//  ffn_up_list4      skip, third rung (three launches): ffn_gate_select with gated = 0 is a
+//                    pure gate pass (hv[slot] = a(gate), no up rows: every warp the same
+//                    work), then this kernel finishes the kept neurons, four warps per neuron
+//                    as ffn_gateup_list4:  hv[j] *= b(rstd * wu[idx[j]] . x),  j < *cnt.
+//                    cnt comes from the kernel before, so the grid is fixed and strides.
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_up_list4(const W* __restrict__ wu, const float* __restrict__ x,
+                                                         int ld, int D, float eps, int up_kind, float thr,
+                                                         const int* __restrict__ cnt, const int* __restrict__ idx,
+                                                         float* __restrict__ hv) {
+    __shared__ float red[WARPS][2];
+    const int V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, qt = wid & 3;
+    const int nvec = ld / V, nq = (nvec + 3) / 4;
+    const int v0 = min(nvec, qt * nq), len = min(nq, nvec - v0);   // this warp's quarter (vectors)
+    pdl_wait();
+    const int n = *cnt;
+    for (int jb = blockIdx.x * (WARPS / 4); jb < n; jb += gridDim.x * (WARPS / 4)) {   // uniform per block
+        const int j = jb + (wid >> 2);
+        const bool live = j < n;
+        float u = 0.f, ss = 0.f, unused;
+        if (live && len > 0)
+            warp_dots<W, 1, true>(wu + (size_t)idx[j] * ld + (size_t)v0 * V, wu, x + (size_t)v0 * V, len * V,
+                                  lane, &u, &unused, &ss);
+        if (lane == 0) { red[wid][0] = u; red[wid][1] = ss; }
+        __syncthreads();
+        if (live && qt == 0 && lane == 0) {
+            float U = 0.f, SS = 0.f;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) { U += red[wid + w][0]; SS += red[wid + w][1]; }
+            hv[j] = hv[j] * act_fn<float>(U * rstd_of(SS, D, eps), up_kind, thr);
+        }
+        __syncthreads();
+    }
+}
+
 #define NV 2                                                 // 16-byte vectors per lane in ffn_down_rows
 template <typename W>
 __global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict__ cnt, const int* __restrict__ idx,
@@ -525,6 +809,7 @@ __global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict_
     const int V = VecOf<W>::N;
     const int CW = 32 * V * NV;                              // columns of a block
     __shared__ float red[WARPS][CW];
+    pdl_wait();                                              // cnt, idx, hv: from the kernel before
     const int n = *cnt;
     const int G = gridDim.y;
     const int chunk = (n + G - 1) / G;
@@ -578,6 +863,7 @@ __global__ void argmax_advance(const float* __restrict__ logits, int V, int* __r
                                int* __restrict__ zero, int n_zero, int* __restrict__ record) {
     __shared__ float sv[32];
     __shared__ int si[32];
+    pdl_wait();
     float best = NEG_INF;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {

@@ -51,8 +51,10 @@ Examples
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import warnings
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -65,17 +67,32 @@ SPARSE_KERNELS = ("decode", "fused", "split")   # own kernels | cupy_.ffn_device
 WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32}
 PAD = 8                         # rows and vectors padded to a multiple of this many elements
 ATTN_THREADS = 256              # threads of an attention block
+ATTN_CHUNK = 32                 # keys per block of attn_decode_split (ACH in decode.cu)
+ATTN_KERNELS = ("split", "block")   # attn_decode_split (default) | attn_decode
 WARPS = 8                       # warps per block (WARPS in decode.cu)
 NV = 2                          # 16-byte vectors per lane in ffn_down_rows (NV in decode.cu)
+PREFETCH_BYTES = 512            # of each weight row, prefetched into L2 before a kernel waits (PDL on)
+# the launch sites of a step; with programmatic dependent launch ("auto") those of PDL_AUTO[mode]
+PDL_SITES = ("embed", "qkv", "attn", "oproj", "ffn_up", "ffn_mid", "ffn_down", "norm", "head", "argmax")
+PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
+PDL_AUTO = {"dense": PDL_ATTN_SIDE, "skip": PDL_SITES, "given": PDL_SITES}   # bench/decode_gpu.py --pdl-sweep
+SELECT_KERNELS = ("split3", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
+SELECT_KERNEL = "split3"
+LIST_KERNEL = "quarter"         # given mode's first half: ffn_gateup_list4 ("quarter") | ffn_gateup_list ("warp")
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
-_MODULES: Dict[np.dtype, dict] = {}
+_MODULES: Dict[tuple, dict] = {}   # (weight dtype, prefetch bytes) -> kernels
 _NULL = np.uint64(0)            # a null pointer argument
 
 
 def _pad(n: int, m: int = PAD) -> int:
     return (n + m - 1) // m * m
+
+
+def attn_splits(max_len: int) -> int:
+    """Key chunks (grid.y) of attn_decode_split for ``max_len`` positions."""
+    return (max_len + ATTN_CHUNK - 1) // ATTN_CHUNK
 
 
 def attn_shared_bytes(max_len: int, head_dim: int) -> int:
@@ -95,18 +112,27 @@ def cuda_source() -> str:
         return cuda_activation_source() + fh.read()
 
 
-def kernels(weight_dtype) -> dict:
+def kernels(weight_dtype, prefetch_bytes: int = 0) -> dict:
     """Compiled decode kernels for one weight dtype (NVRTC via cupy.RawModule, cached).
+
+    ``prefetch_bytes``: how much of each weight row a kernel prefetches into L2 before it
+    waits for the kernel before it (``PF_BYTES`` in ``decode.cu``; only useful with
+    programmatic dependent launch, see :class:`Launcher`).
 
     Keys: ``gemv_naive``, ``gemv_warp``, ``gemv_vec16`` (y = W x), ``gemv_vec16_add``
     (y += W x), ``gemv_vec16_norm`` (y = rstd(x) W x), ``embed``, ``rmsnorm``,
     ``qkv_rope``, ``attn_naive``, ``attn``, ``ffn_gateup``, ``ffn_gate_select``,
-    ``ffn_gateup_list``, ``ffn_down_rows``, ``argmax``.
+    ``ffn_gateup_list``, ``ffn_gate_select2``, ``ffn_gateup_list4``, ``ffn_up_list4``, ``ffn_down_rows``,
+    ``argmax``, ``attn_split``.
     """
     wdt = np.dtype(weight_dtype)
     if wdt not in _CTYPE:
         raise ValueError(f"weight dtype must be float16 or float32, got {wdt}")
-    if wdt not in _MODULES:
+    pf = int(prefetch_bytes)
+    if not 0 <= pf <= 4096 or pf % 128:
+        raise ValueError(f"prefetch_bytes must be a multiple of 128 in [0, 4096], got {prefetch_bytes!r}")
+    key = (wdt, pf)
+    if key not in _MODULES:
         cp = _cupy()
         W = _CTYPE[wdt]
         names = dict(gemv_naive=f"gemv_naive<{W}>", gemv_warp=f"gemv_warp<{W}>",
@@ -114,13 +140,101 @@ def kernels(weight_dtype) -> dict:
                      gemv_vec16_norm=f"gemv_warp_vec16<{W}, 2>",
                      embed=f"embed<{W}>", qkv_rope=f"qkv_rope<{W}>", ffn_gateup=f"ffn_gateup<{W}>",
                      ffn_gate_select=f"ffn_gate_select<{W}>", ffn_gateup_list=f"ffn_gateup_list<{W}>",
+                     ffn_gate_select2=f"ffn_gate_select2<{W}>", ffn_gateup_list4=f"ffn_gateup_list4<{W}>",
+                     ffn_up_list4=f"ffn_up_list4<{W}>",
                      ffn_down_rows=f"ffn_down_rows<{W}>",
                      rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
+                     attn_split="attn_decode_split",
                      argmax="argmax_advance")
         # C++ names (mangled): every kernel, template or not, is found by its name expression
-        mod = cp.RawModule(code=cuda_source(), options=("-std=c++17",), name_expressions=list(names.values()))
-        _MODULES[wdt] = {k: mod.get_function(v) for k, v in names.items()}
-    return _MODULES[wdt]
+        mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}"),
+                           name_expressions=list(names.values()))
+        _MODULES[key] = {k: mod.get_function(v) for k, v in names.items()}
+    return _MODULES[key]
+
+
+# ----------------------------------------------------------------------------------------
+# programmatic dependent launch (PDL). CuPy's RawKernel launches have no launch attributes,
+# so a captured step would end every kernel before the next may start: a ramp-down, a launch
+# and a ramp-up of the memory pipe at each of ~5 kernels per layer. cuLaunchKernelEx with
+# CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION lets a kernel start early; it
+# prefetches its weight rows and waits in pdl_wait() (decode.cu) for the one before it.
+# ----------------------------------------------------------------------------------------
+class _LaunchAttr(ctypes.Structure):       # CUlaunchAttribute: id, pad to 8, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):     # CUlaunchConfig (cuda.h)
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("numAttrs", ctypes.c_uint)]
+
+
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class Launcher:
+    """Kernel launches through the driver's ``cuLaunchKernelEx``, optionally with programmatic
+    dependent launch (the kernel may start before the previous one on the stream ends; it
+    must wait in ``pdl_wait()`` before it reads what that one wrote, as every ``decode.cu``
+    kernel does).
+
+    Parameters
+    ----------
+    stream : cupy.cuda.Stream
+        Where the launches go (also while it is being captured into a graph).
+    pdl : bool
+        Set the programmatic-stream-serialization attribute on every launch.
+
+    Raises
+    ------
+    RuntimeError
+        The driver library or ``cuLaunchKernelEx`` is missing (CUDA < 12), or a launch fails
+        (with the driver's error name).
+    """
+
+    def __init__(self, stream, pdl: bool = True):
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            fn = lib.cuLaunchKernelEx
+        except (OSError, AttributeError) as e:
+            raise RuntimeError(f"cuLaunchKernelEx is not available ({e}); use pdl=False") from e
+        fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        self._lib, self._fn, self.stream, self.pdl = lib, fn, stream, bool(pdl)
+        self._attr = _LaunchAttr()
+        self._attr.id = _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        self._attr.value[0] = 1
+
+    @staticmethod
+    def _c_value(a):
+        """One kernel argument as the ctypes value CuPy would pass."""
+        if hasattr(a, "data") and hasattr(a.data, "ptr"):           # a cupy.ndarray: its device pointer
+            return ctypes.c_uint64(a.data.ptr)
+        if isinstance(a, np.uint64):
+            return ctypes.c_uint64(int(a))
+        if isinstance(a, np.int32):
+            return ctypes.c_int32(int(a))
+        if isinstance(a, np.float32):
+            return ctypes.c_float(float(a))
+        raise TypeError(f"kernel argument of type {type(a).__name__}: pass a cupy array, np.int32, "
+                        "np.float32 or np.uint64")
+
+    def __call__(self, kernel, grid, block, args, shared_mem: int = 0) -> None:
+        """Launch ``kernel`` (a cupy.RawKernel) as ``kernel(grid, block, args, shared_mem=...)`` would."""
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        b = tuple(block) + (1,) * (3 - len(block))
+        vals = [self._c_value(a) for a in args]
+        params = (ctypes.c_void_p * max(1, len(vals)))(*[ctypes.addressof(v) for v in vals])
+        cfg = _LaunchConfig(g[0], g[1], g[2], b[0], b[1], b[2], int(shared_mem), ctypes.c_void_p(self.stream.ptr),
+                            ctypes.pointer(self._attr) if self.pdl else None, 1 if self.pdl else 0)
+        rc = self._fn(ctypes.byref(cfg), ctypes.c_void_p(kernel.kernel.ptr), params, None)
+        if rc != 0:
+            name = ctypes.c_char_p()
+            self._lib.cuGetErrorName(rc, ctypes.byref(name))
+            raise RuntimeError(f"cuLaunchKernelEx failed: {name.value.decode() if name.value else rc}")
 
 
 def pad_rows(cp, w, dtype, rows: Optional[int] = None, scale=None):
@@ -336,6 +450,19 @@ class GraphDecoder:
     sparse_kernel : "decode" (default), "fused" or "split"
         ``skip``/``given``: this module's two kernels, the CuPy backend's one-launch
         :func:`~minisparse.kernels.cupy_.ffn_device`, or its gate/up/down launches.
+    pdl : "auto" (default), bool, or a collection of launch sites
+        Capture these launches as programmatic dependent launches (sm_90+ only, else
+        ignored): such a kernel starts while the one before it finishes, prefetches the
+        first ``prefetch_bytes`` of its weight rows into L2, and waits for that kernel's
+        results. Sites: ``PDL_SITES``; ``True`` all, ``False`` none, ``"auto"`` those of
+        ``PDL_AUTO[mode]`` (measured on the H200: it helps the sparse modes and slows the
+        dense one). Eager steps (``graph=False``) always use plain launches.
+    prefetch_bytes : int
+        See ``pdl`` (a multiple of 128, at most 4096; 0: no prefetch).
+    attn_kernel : "split" (default) or "block"
+        Decode attention: split over chunks of 32 keys, every chunk a block, merged by the
+        last block of each head (any ``max_len``), or one block per head (the previous rung;
+        its scores must fit in 48 KB of shared memory).
 
     Attributes
     ----------
@@ -348,6 +475,16 @@ class GraphDecoder:
         events), ``decode_steps``.
     n_launches : int
         Kernel launches per step.
+    pdl_sites : frozenset
+        The launch sites captured with programmatic dependent launch (``pdl``).
+    select_kernel, list_kernel : str
+        The rung of skip mode's first half (``"split3"``: a pure gate pass, then
+        ffn_up_list4 for the kept neurons' up rows; ``"split3pair"``: the same with the
+        gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
+        neurons per warp, up rows read by the same warp; ``"single"``: ffn_gate_select, one
+        neuron per warp) and of given mode's first half
+        (``"quarter"``: ffn_gateup_list4, four warps per neuron; ``"warp"``:
+        ffn_gateup_list). Change them before the first step (or set ``_graph = None``).
 
     Raises
     ------
@@ -358,13 +495,14 @@ class GraphDecoder:
         ``minisparse.generate``).
     ValueError
         An unknown mode or dtype, a missing ``active`` for ``"given"``, an activation the
-        compiled kernels do not know, a ``max_len`` whose attention scores do not fit in
-        48 KB of shared memory.
+        compiled kernels do not know, with ``attn_kernel="block"`` a ``max_len`` whose
+        attention scores do not fit in 48 KB of shared memory.
     """
 
     def __init__(self, model, *, mode: str = "dense", weight_dtype: str = "float16",
                  max_len: Optional[int] = None, active: Optional[Sequence] = None,
-                 count_active: bool = False, sparse_kernel: str = "decode"):
+                 count_active: bool = False, sparse_kernel: str = "decode", pdl="auto",
+                 prefetch_bytes: int = PREFETCH_BYTES, attn_kernel: str = "split"):
         c = model.config
         self.cp = cp = self._check_args(model, mode, weight_dtype, sparse_kernel, active, count_active)
         act = model.act
@@ -376,12 +514,22 @@ class GraphDecoder:
         Dh = c.head_dim
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        if attn_shared_bytes(self.max_len, Dh) > 48 * 1024:
+        if attn_kernel not in ATTN_KERNELS:
+            raise ValueError(f"attn_kernel must be one of {ATTN_KERNELS}, got {attn_kernel!r}")
+        if attn_kernel == "split" and Dh > 1024:
+            attn_kernel = "block"                                   # a float4 column per thread
+        self.attn_kernel = attn_kernel
+        if attn_kernel == "block" and attn_shared_bytes(self.max_len, Dh) > 48 * 1024:
             raise ValueError(f"max_len={self.max_len}: the attention kernel keeps max_len float scores in "
                              f"48 KB of shared memory (with head_dim {Dh}, at most "
                              f"{(48 * 1024 - attn_shared_bytes(0, Dh)) // 4} positions)")
         self.Dp, self.Fp, self.HDp = _pad(c.dim), _pad(c.ffn_dim), _pad(c.n_heads * Dh)
-        self.k = kernels(self.wdt)
+        self.pdl_sites = self._pdl_sites(pdl, mode)
+        if int(cp.cuda.Device().compute_capability) < 90:                 # griddepcontrol: sm_90+
+            self.pdl_sites = frozenset()
+        self.prefetch_bytes = int(prefetch_bytes) if self.pdl else 0
+        self.select_kernel, self.list_kernel = SELECT_KERNEL, LIST_KERNEL
+        self.k = kernels(self.wdt, self.prefetch_bytes)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.down_blocks_per_sm = DOWN_BLOCKS_PER_SM
         self._sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
@@ -392,6 +540,24 @@ class GraphDecoder:
         self._graph = None
         self.last_timing: dict = {}
         self.n_launches = self._issue_step(count_only=True)
+
+    @property
+    def pdl(self) -> bool:
+        """Whether any launch of the captured step is a programmatic dependent launch."""
+        return bool(self.pdl_sites)
+
+    @staticmethod
+    def _pdl_sites(pdl, mode) -> frozenset:
+        if isinstance(pdl, str):
+            if pdl != "auto":
+                raise ValueError(f"pdl must be 'auto', True, False or launch sites from {PDL_SITES}, got {pdl!r}")
+            return frozenset(PDL_AUTO.get(mode, ()))
+        if isinstance(pdl, (bool, np.bool_)):
+            return frozenset(PDL_SITES if pdl else ())
+        sites = frozenset(pdl)
+        if not sites <= set(PDL_SITES):
+            raise ValueError(f"unknown launch sites {sorted(sites - set(PDL_SITES))}; choose from {PDL_SITES}")
+        return sites
 
     @staticmethod
     def _check_args(model, mode, weight_dtype, sparse_kernel, active, count_active):
@@ -479,6 +645,8 @@ class GraphDecoder:
         self.idx = cp.zeros(F, dtype=cp.int32)                              # skipping: their ids
         self.cnt = cp.zeros(c.n_layers, dtype=cp.int32)                     # skipping: kept per layer
         self.logits = cp.zeros(c.vocab_size, dtype=f32)
+        self.attn_part = cp.zeros(H * attn_splits(S) * (Dh + 2), dtype=f32)   # split attention's partials
+        self.attn_ticket = cp.zeros(H, dtype=cp.int32)
         self.kc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
         self.vc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
         self.tokens = cp.zeros(S + 1, dtype=cp.int32)                      # prompt, then new ids
@@ -540,8 +708,9 @@ class GraphDecoder:
         self._ws["parity"] = 0
 
     # ------------------------------------------------------------------------------------
-    def _issue_step(self, count_only: bool = False) -> int:
-        """Issue one decode step's kernels on the current stream (or count them)."""
+    def _issue_step(self, count_only: bool = False, launcher=None) -> int:
+        """Issue one decode step's kernels on the current stream (or count them); ``launcher``
+        (a :class:`Launcher` on that stream) issues the own kernels instead of CuPy."""
         c, k = self.config, self.k
         i32, f32 = np.int32, np.float32
         D, H, K, Dh, F, V, L_ = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.n_layers
@@ -557,10 +726,14 @@ class GraphDecoder:
             p0 = self._ws["parity"]
             zero, n_zero = self._ws["cnt"][p0:p0 + 1], i32(1)
 
-        def launch(fn, grid, block, args, shared_mem=0):
+        def launch(site, fn, grid, block, args, shared_mem=0):
             nonlocal n
             n += 1
-            if not count_only:
+            if count_only:
+                return
+            if launcher is not None and site in self.pdl_sites:
+                launcher(fn, grid, block, args, shared_mem=shared_mem)
+            else:
                 fn(grid, block, args, shared_mem=shared_mem)
 
         def rows(N):                                           # a warp per row
@@ -570,36 +743,50 @@ class GraphDecoder:
         V16 = 16 // self.wdt.itemsize
         ncol = (Dp + 32 * V16 * NV - 1) // (32 * V16 * NV)
         G = max(1, min(-(-self.down_blocks_per_sm * self._sms // ncol), -(-F // WARPS)))
-        launch(k["embed"], ((D + 255) // 256,), (256,),
+        launch("embed", k["embed"], ((D + 255) // 256,), (256,),
                (self.emb, i32(Dp), self.tokens, self.pos, self.x, i32(D), f32(math.sqrt(D)), i32(c.embed_scale)))
         for i, lw in enumerate(self.layers):
             # attention: [norm +] q,k,v + rotary + KV write; attention; o-proj + residual
-            launch(k["qkv_rope"], rows((H + 2 * K) * Dh // 2), blk,
+            launch("qkv", k["qkv_rope"], rows((H + 2 * K) * Dh // 2), blk,
                    (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
                     i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
-            launch(k["attn"], (H,), (ATTN_THREADS,),
-                   (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
-                    f32(1.0 / math.sqrt(Dh))), shared_mem=attn_shared_bytes(S, Dh))
-            launch(k["gemv_vec16_add"], rows(D), blk, (lw["wo"], self.o, self.x, i32(D), i32(HDp), i32(D), eps))
+            if self.attn_kernel == "split":
+                launch("attn", k["attn_split"], (H, attn_splits(S)), (256,),
+                       (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
+                        f32(1.0 / math.sqrt(Dh)), self.attn_part, self.attn_ticket))
+            else:
+                launch("attn", k["attn"], (H,), (ATTN_THREADS,),
+                       (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
+                        f32(1.0 / math.sqrt(Dh))), shared_mem=attn_shared_bytes(S, Dh))
+            launch("oproj", k["gemv_vec16_add"], rows(D), blk, (lw["wo"], self.o, self.x, i32(D), i32(HDp), i32(D), eps))
             # FFN + residual
             wu = lw["wu"] if lw["wu"] is not None else lw["wg"]
             if self.mode == "dense":
-                launch(k["ffn_gateup"], rows(F), blk,
+                launch("ffn_up", k["ffn_gateup"], rows(F), blk,
                        (lw["wg"], wu, self.x, self.h, i32(F), i32(Dp), i32(D), eps, gk, uk, thr, gated,
                         self.counts if self.counts is not None else _NULL, self.pos, i32(i), i32(L_)))
-                launch(k["gemv_vec16_add"], rows(D), blk, (lw["wdT"], self.h, self.x, i32(D), i32(Fp), i32(D), eps))
+                launch("ffn_down", k["gemv_vec16_add"], rows(D), blk, (lw["wdT"], self.h, self.x, i32(D), i32(Fp), i32(D), eps))
             elif self.sparse_kernel == "decode":
                 if self.mode == "skip":
                     cnt_i, idx = self.cnt[i:i + 1], self.idx
-                    launch(k["ffn_gate_select"], rows(F), blk,
-                           (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr, gated, cnt_i, idx, self.hv))
+                    pair = self.select_kernel in ("pair", "split3pair")
+                    split3 = self.select_kernel.startswith("split3")
+                    launch("ffn_up", k["ffn_gate_select2" if pair else "ffn_gate_select"], rows((F + 1) // 2 if pair else F), blk,
+                           (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
+                            i32(0) if split3 else gated, cnt_i, idx, self.hv))
+                    if split3 and self.act.gated:              # the kept neurons' up rows
+                        launch("ffn_mid", k["ffn_up_list4"], (min((F + 1) // 2, 8 * self._sms),), blk,
+                               (wu, self.x, i32(Dp), i32(D), eps, uk, thr, cnt_i, idx, self.hv))
                 else:
                     cnt_i, idx = self.given_cnt[i:i + 1], lw["idx"]
-                    launch(k["ffn_gateup_list"], rows(max(1, int(idx.size))), blk,
+                    quarter = self.list_kernel == "quarter"
+                    A = max(1, int(idx.size))
+                    launch("ffn_up", k["ffn_gateup_list4" if quarter else "ffn_gateup_list"],
+                           ((A + 1) // 2,) if quarter else rows(A), blk,
                            (lw["wg"], wu, self.x, i32(Dp), i32(D), eps, gk, uk, thr, gated, cnt_i, idx, self.hv))
-                launch(k["ffn_down_rows"], (ncol, G), blk, (cnt_i, idx, self.hv, lw["wd"], self.x, i32(Dp)))
+                launch("ffn_down", k["ffn_down_rows"], (ncol, G), blk, (cnt_i, idx, self.hv, lw["wd"], self.x, i32(Dp)))
             else:                                              # the CuPy backend: normed input, y, x += y
-                launch(k["rmsnorm"], (1,), (1024,), (self.x, _NULL, self.ones, self.xn, i32(D), eps))
+                launch("norm", k["rmsnorm"], (1,), (1024,), (self.x, _NULL, self.ones, self.xn, i32(D), eps))
                 if self.sparse_kernel == "fused":              # y = FFN(xn), one launch, no sync
                     n += 1
                     if not count_only:
@@ -610,19 +797,29 @@ class GraphDecoder:
                     n += 2 if plan["up"] is None else 3
                     if not count_only:
                         self._cupy_._launch(plan, self._x2, lw["wg"], lw["wu"], lw["wd"], lw.get("mask"), self._y2)
-                launch(k["rmsnorm"], (1,), (1024,), (self.x, self.y, self.ones, self.scratch, i32(D), eps))
-        launch(k["gemv_vec16_norm"], rows(V), blk, (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps))
-        launch(k["argmax"], (1,), (1024,),
+                launch("norm", k["rmsnorm"], (1,), (1024,), (self.x, self.y, self.ones, self.scratch, i32(D), eps))
+        launch("head", k["gemv_vec16_norm"], rows(V), blk, (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps))
+        launch("argmax", k["argmax"], (1,), (1024,),
                (self.logits, i32(V), self.tokens, self.pos, self.n_prompt, i32(S + 1), zero, n_zero, record))
         return n
 
     def _capture(self):
-        """Capture one step in a CUDA graph (once). The kernels are warm: the caller ran a step."""
+        """Capture one step in a CUDA graph (once). The kernels are warm: the caller ran a step.
+        With ``pdl`` the own kernels are captured as programmatic dependent launches; if the
+        driver refuses that, the step is captured with plain launches (``self.pdl`` = False)."""
         s = self.stream
+        launcher = None
+        if self.pdl:
+            try:
+                launcher = Launcher(s, pdl=True)
+            except RuntimeError as e:
+                warnings.warn(f"GraphDecoder: no programmatic dependent launch ({e}); plain launches",
+                              RuntimeWarning, stacklevel=3)
+                self.pdl_sites = frozenset()
         with s:
             s.begin_capture()
             try:
-                self._issue_step()
+                self._issue_step(launcher=launcher)
             finally:
                 g = s.end_capture()
         self._graph = g

@@ -174,6 +174,88 @@ def test_modes_agree_on_exactly_sparse_model(cp, name, wdt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pdl,prefetch", [(False, 0), (True, 0), (True, 128), (True, 4096)])
+@pytest.mark.parametrize("wdt", ["float32", "float16"])
+def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch, wdt):
+    """The graph captured with programmatic dependent launch (kernels start before the one
+    before them ends, prefetch weights, wait) gives the NumPy tokens in every mode, replayed
+    many times, and the same logits as plain launches and as the eager kernels."""
+    cfg, ref, dev, active = models(CONFIGS["d40-gqa5/1-drelu"], seed=5, weights_f16=(wdt == "float16"), sparse=True)
+    want_ids, want_logits = reference(ref, PROMPT, NEW)
+    dmodel = to_device(cp, dev)
+    major = int(cp.cuda.Device().compute_capability) // 10
+    rungs = [("dense", {}), ("skip", {}), ("given", {}),                # the defaults, then the other rungs
+             ("skip", dict(select_kernel="single")), ("skip", dict(select_kernel="pair")),
+             ("skip", dict(select_kernel="split3pair")), ("given", dict(list_kernel="warp"))]
+    for mode, rung in rungs:
+        dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
+                           pdl=pdl, prefetch_bytes=prefetch)
+        assert (dec.select_kernel, dec.list_kernel) == ("split3", "quarter")
+        for name, value in rung.items():
+            setattr(dec, name, value)
+        assert dec.pdl == (pdl and major >= 9)
+        eager, lg_e = dec.generate(PROMPT, NEW, graph=False, return_logits=True)
+        for _ in range(3):                              # capture once, replay: the same every time
+            ids, lg = dec.generate(PROMPT, NEW, return_logits=True)
+            assert ids == want_ids == eager, f"{mode} {rung} pdl={pdl} prefetch={prefetch}: {ids} != {want_ids}"
+            if mode == "dense":                         # no atomics in the dense step: bit for bit
+                np.testing.assert_array_equal(lg, lg_e)
+            assert_logits_close(lg, want_logits, 1e-4, f"{mode} pdl={pdl} prefetch={prefetch} {wdt}")
+        assert dec.pdl == (pdl and major >= 9)          # still on after the capture (the driver took it)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["split", "block"])
+def test_attention_kernels_over_many_chunks(cp, attn):
+    """Both attention kernels give the NumPy tokens past several 32-key chunks (the split
+    kernel merges 3 chunks by then), from a prompt longer than one chunk, replayed twice."""
+    cfg_kw = dict(CONFIGS["d40-gqa5/1-drelu"], max_seq_len=128)
+    cfg = ms.ModelConfig(**cfg_kw)
+    p = random_params(cfg, 11)
+    ref = ms.Transformer(cfg, params=p)
+    dev = ms.Transformer(cfg, params={k: v.astype(np.float32) for k, v in p.items()})
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, cfg.vocab_size, 40)]
+    want_ids, want_logits = reference(ref, prompt, 45)
+    dec = GraphDecoder(to_device(cp, dev), weight_dtype="float32", attn_kernel=attn)
+    for graph in (False, True, True):
+        ids, lg = dec.generate(prompt, 45, graph=graph, return_logits=True)
+        assert ids == want_ids, f"attn={attn} graph={graph}"
+        assert_logits_close(lg, want_logits, 1e-4, f"attn={attn} graph={graph}")
+    assert (dec.attn_ticket.get() == 0).all()            # every head's ticket reset for the next step
+
+
+@pytest.mark.gpu
+def test_split_attention_has_no_max_len_limit(cp):
+    cfg, ref, dev, _ = models(CONFIGS["d48-bias-relu"], seed=1)
+    dmodel = to_device(cp, dev)
+    with pytest.raises(ValueError, match="48 KB"):
+        GraphDecoder(dmodel, weight_dtype="float32", max_len=20000, attn_kernel="block")
+    dec = GraphDecoder(dmodel, weight_dtype="float32", max_len=20000)
+    assert dec.generate(PROMPT, 3) == reference(ref, PROMPT, 3)[0]
+    with pytest.raises(ValueError, match="attn_kernel"):
+        GraphDecoder(dmodel, attn_kernel="flash")
+
+
+def test_prefetch_bytes_are_checked():
+    from minisparse.kernels import decode_cuda as dc
+    from minisparse.kernels.decode_cuda import Launcher, kernels
+    for bad in (-128, 100, 8192):
+        with pytest.raises(ValueError, match="prefetch_bytes"):
+            kernels("float16", bad)
+    with pytest.raises(TypeError, match="kernel argument"):
+        Launcher._c_value("x")
+    assert GraphDecoder._pdl_sites("auto", "dense") == frozenset(dc.PDL_ATTN_SIDE)
+    assert GraphDecoder._pdl_sites("auto", "skip") == frozenset(dc.PDL_SITES)
+    assert GraphDecoder._pdl_sites(False, "skip") == frozenset()
+    assert GraphDecoder._pdl_sites(True, "dense") == frozenset(dc.PDL_SITES)
+    assert GraphDecoder._pdl_sites(["attn", "oproj"], "skip") == {"attn", "oproj"}
+    with pytest.raises(ValueError, match="launch sites"):
+        GraphDecoder._pdl_sites(["attention"], "skip")
+    with pytest.raises(ValueError, match="pdl must be"):
+        GraphDecoder._pdl_sites("yes", "skip")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["decode", "fused", "split"])
 def test_given_mode_really_skips(cp, kernel):
     """A wrong active set changes the result: the given mode reads only what it is given."""
