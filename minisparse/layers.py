@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .activations import Activation, silu
+from .activations import Activation, relu_grad, silu
 from .xp import add_at, array_module
 
 Array = np.ndarray
@@ -35,8 +35,12 @@ def embedding_forward(table: Array, tokens: Array) -> Array:
 def embedding_backward(dout: Array, tokens: Array, vocab_size: int) -> Array:
     """dout (B, T, D) -> d table (V, D); rows of repeated tokens accumulate."""
     xp = array_module(dout)                                         # numpy or cupy (minisparse.xp)
-    dtable = xp.zeros((vocab_size, dout.shape[-1]), dtype=dout.dtype)  # (V, D)
-    add_at(dtable, tokens.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    D = dout.shape[-1]
+    dtable = xp.zeros((vocab_size, D), dtype=dout.dtype)            # (V, D)
+    # one scatter-add over flat element indices (token * D + column): the same sums as adding
+    # whole rows, and NumPy's add.at is ~2.5x faster on 1-D indices
+    idx = (tokens.reshape(-1, 1) * D + xp.arange(D)).reshape(-1)    # (B*T*D,)
+    add_at(dtable.reshape(-1), idx, dout.reshape(-1))
     return dtable
 
 
@@ -174,7 +178,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
         else:                                                         # the same choice without a host sync
             scores -= xp.where(shift, scores.max(axis=-1, keepdims=True), scores.dtype.type(0))
         e = np.exp(scores, out=scores)                                # (B, K, rep*Tb, s1) softmax numerators
-        l = e.sum(axis=-1, keepdims=True)                             # (B, K, rep*Tb, 1) denominators
+        l = np.einsum("...s->...", e)[..., None]                      # (B, K, rep*Tb, 1) denominators
         ob = e @ v[:, :, :s1]                                         # (B, K, rep*Tb, Dh)
         ob /= l                                                       # = p @ v with p = e / l
         out[:, :, t0:t1] = ob.reshape(B, H, Tb, Dh)
@@ -353,17 +357,8 @@ class FFNCache(NamedTuple):
 class _FFNCacheKept(FFNCache):
     """An :class:`FFNCache` that also keeps, as attributes (it still unpacks as (x, g, u, h)),
     what a gated activation's backward would compute again: ``a`` = gate(g), ``b`` = up(u)
-    (h = a * b before any hook) and ``s`` = sigmoid(g) when the gate is SiLU (else None)."""
-
-
-def _sigmoid(x: Array) -> Array:
-    """1 / (1 + exp(-x)) in four passes, in place after the first (exp(-x) may overflow to
-    inf for x < -88 in float32, giving the right limit 0)."""
-    e = np.negative(x)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
-    e += 1
-    return np.reciprocal(e, out=e)
+    (h = a * b before any hook) and ``e`` = 1 + exp(-g) = 1 / sigmoid(g) when the gate is
+    SiLU (else None)."""
 
 
 def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
@@ -376,12 +371,15 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
     Returns y (N, D) and an :class:`FFNCache` ``(x, g, u, h)``.
     """
     g = x @ w_gate.T                                                 # (N, F) gate pre-activation
-    a = b = s = None
+    a = b = e = None
     if act.gated:                                                    # = act.forward(g, u), keeping its factors
         u = x @ w_up.T                                               # (N, F) up pre-activation
-        if act.gate_fn is silu:                                      # SwiGLU: sigmoid(g) once, for the
-            s = _sigmoid(g)                                          # forward and the derivative
-            a = g * s                                                # (N, F) silu(g)
+        if act.gate_fn is silu:                                      # SwiGLU: silu(g) = g / (1 + exp(-g)),
+            e = np.negative(g)                                       # keeping 1 + exp(-g) for the derivative
+            with np.errstate(over="ignore"):                         # (exp(-g) = inf for g < -88 in float32:
+                np.exp(e, out=e)                                     # silu -> -0, the right limit)
+            e += 1
+            a = g / e                                                # (N, F) silu(g)
         else:
             a = act.gate_fn(g)                                       # (N, F) gate(g)
         b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
@@ -395,7 +393,7 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
             h = h2
     y = h @ w_down                                                   # (N, D)
     cache = _FFNCacheKept(x, g, u, h)
-    cache.a, cache.b, cache.s = a, b, s
+    cache.a, cache.b, cache.e = a, b, e
     return y, cache
 
 
@@ -408,7 +406,7 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     MoE expert passes the layer's token count so each token is penalised once).
     """
     x, g, u, h = cache
-    a, b, s = (getattr(cache, name, None) for name in "abs")         # kept by ffn_forward, or None
+    a, b, e = (getattr(cache, name, None) for name in "abe")         # kept by ffn_forward, or None
     dw_down = h.T @ dy                                               # (F, D)
     dh = dy @ w_down.T                                               # (N, F)
     if l1:
@@ -418,16 +416,18 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
         if a is None:                                                # a cache built elsewhere
             a, b = act.gate_fn(g), (u if act.up_kind == "identity" else act.up_fn(u))
         dg = dh * b                                                  # (N, F)
-        if s is not None:                                            # silu'(g) = s + g s (1 - s) = s + a (1 - s)
-            d_gate = np.subtract(1, s, dtype=s.dtype)
-            d_gate *= a
-            d_gate += s
+        if e is not None:                                            # silu'(g) = s + g s (1 - s), s = 1 / e,
+            d_gate = np.subtract(1, a, dtype=a.dtype)                # = (1 - a) / e + a with a = g s
+            d_gate /= e
+            d_gate += a
+        elif act.gate_grad is relu_grad:
+            d_gate = g > 0                                           # relu'(g) as a mask (no float copy)
         else:
             d_gate = act.gate_grad(g)
         dg *= d_gate                                                 # dL/dg = dh * up(u) * gate'(g)
         du = np.multiply(dh, a, out=dh)                              # (N, F), in place of dh
-        if act.up_kind != "identity":
-            du *= act.up_grad(u)                                     # dL/du = dh * gate(g) * up'(u)
+        if act.up_kind != "identity":                                # dL/du = dh * gate(g) * up'(u)
+            du *= (u > 0) if act.up_grad is relu_grad else act.up_grad(u)
     else:
         dg = np.multiply(dh, act.gate_grad(g), out=dh)               # (N, F) dL/dg = dh * f'(g)
         du = None
