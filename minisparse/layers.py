@@ -110,8 +110,12 @@ def causal_mask_bias(T: int, S: int, q_start: int = 0, dtype=np.float32, xp=np) 
     """(T, S) additive mask: 0 where query i (at position q_start + i) may see key j, -inf after.
 
     ``xp`` is the array module of the scores (numpy, or cupy on the GPU)."""
-    hidden = xp.arange(S)[None, :] > q_start + xp.arange(T)[:, None]  # (T, S) True = hidden
-    return xp.where(hidden, -np.inf, 0.0).astype(dtype)
+    return xp.where(causal_hidden(T, S, q_start, xp), -np.inf, 0.0).astype(dtype)
+
+
+def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
+    """(T, S) bool: True where key j lies after query i's position q_start + i (hidden)."""
+    return xp.arange(S)[None, :] > q_start + xp.arange(T)[:, None]
 
 
 QUERY_BLOCK = 64  # queries per block in attention: later blocks need more keys, early ones fewer
@@ -133,11 +137,14 @@ def _exp_needs_shift(qs: Array, k: Array):
     return bool(need) if xp is np else need
 
 
-def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block: int = QUERY_BLOCK):
-    """Causal softmax attention, softmax(q k^T / sqrt(Dh) + mask) v.
+def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block: int = QUERY_BLOCK,
+                           scale: Optional[float] = None):
+    """Causal softmax attention, softmax(scale q k^T + mask) v, scale = 1/sqrt(Dh) by default.
 
     q (B, H, T, Dh); k, v (B, K, S, Dh) with K dividing H; query i sits at absolute position
     ``q_start + i`` and sees keys 0..q_start+i. Returns out (B, H, T, Dh) and a cache.
+    ``scale=1.0`` for queries already scaled (saves a pass; the backward's dq is then the
+    gradient of the scaled queries).
 
     Savings, same result:
 
@@ -146,7 +153,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
       (query head h uses KV head h // rep, as ``np.repeat(k, rep, axis=1)`` would give).
     * Causality: queries are taken ``block`` at a time, and a block only computes scores
       against the keys its last query can see (about half the work of the full T x S);
-      the mask is added only to the keys the block's first query cannot see.
+      only the keys the block's first query cannot see are masked.
     * Few passes over the (block x keys) scores: the max is subtracted only when the
       scores could overflow ``exp`` (:func:`_exp_needs_shift`), the probabilities
       p = e / l (e = exp(scores), l = row sums of e) are never formed: the output is
@@ -156,9 +163,9 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     B, H, T, Dh = q.shape
     K, S = k.shape[1], k.shape[2]
     rep = H // K
-    scale = 1.0 / math.sqrt(Dh)
+    scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
     xp = array_module(q)                                              # numpy or cupy (minisparse.xp)
-    qs = q * q.dtype.type(scale)                                      # (B, H, T, Dh) scaled queries
+    qs = q * q.dtype.type(scale) if scale != 1.0 else q               # (B, H, T, Dh) scaled queries
     shift = _exp_needs_shift(qs, k)
     out = np.empty_like(q)                                            # (B, H, T, Dh)
     kt = k.transpose(0, 1, 3, 2).copy()                               # (B, K, Dh, S): q @ kt is a plain matmul
@@ -169,9 +176,9 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
         c0 = min(s1, q_start + t0)                                    # keys c0.. are hidden from some queries
         qb = qs[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)              # (B, K, rep*Tb, Dh)
         scores = qb @ kt[:, :, :, :s1]                                # (B, K, rep*Tb, s1), a new C array,
-        # so the reshape below is a view and the mask lands in `scores`
-        scores.reshape(B, K, rep, Tb, s1)[..., c0:] += causal_mask_bias(Tb, s1 - c0, q_start + t0 - c0,
-                                                                         q.dtype, xp)
+        # so the reshape below is a view and the hidden scores set to -inf land in `scores`
+        np.copyto(scores.reshape(B, K, rep, Tb, s1)[..., c0:], -np.inf,
+                  where=causal_hidden(Tb, s1 - c0, q_start + t0 - c0, xp))
         if xp is np:
             if shift:
                 scores -= scores.max(axis=-1, keepdims=True)          # exp never overflows
@@ -221,7 +228,9 @@ def attention_core_backward(dout: Array, cache):
             dv[n, :, :s1] += e.transpose(0, 1, 3, 2) @ do             # (nb, K, s1, Dh) = p^T dout, sums the rep heads
             ds = do1 @ v1t[n, :, :, :s1]                              # (nb, K, rep*Tb, s1) = do' v^T - D'
             ds *= e                                                   # ds = e (do' v^T - D') = p (dp - D)
-            dqb = (ds @ k[n, :, :s1]) * k.dtype.type(scale)           # (nb, K, rep*Tb, Dh)
+            dqb = ds @ k[n, :, :s1]                                   # (nb, K, rep*Tb, Dh)
+            if scale != 1.0:
+                dqb *= k.dtype.type(scale)
             dq[n, :, t0:t1] = dqb.reshape(nb, H, Tb, Dh)
             dk[n, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb            # (nb, K, s1, Dh)
     return dq, dk, dv
@@ -241,17 +250,19 @@ def _from_pairs(g: Array, heads: int) -> Array:
     return g.reshape(*lead, heads, n // heads // 2, 2).swapaxes(-1, -2).reshape(*lead, n)
 
 
-def _rotate_pairs(x: Array, cos: Array, sin: Array, heads: int, inverse: bool = False) -> Array:
+def _rotate_pairs(x: Array, cos: Array, sin: Array, heads: int, inverse: bool = False,
+                  factor: float = 1.0) -> Array:
     """Rotary embedding of x (B, T, heads*Dh) in the pair layout of :func:`_to_pairs`, in place.
 
     Pair (a, b) at position t rotates by the angle of cos/sin (T, Dh) column j: with
     z = a + i b, the rotation is z * (cos + i sin), one complex multiplication per pair
     (RoFormer's complex form; ``inverse``: by cos - i sin, the backward). The rotate-half
     tables hold each angle twice (columns j and j + Dh/2), so their first half is used.
+    ``factor`` scales the result too (free: it multiplies the small table).
     """
     B, T, n = x.shape
     half = n // heads // 2
-    rot = cos[:, :half] + 1j * (-sin[:, :half] if inverse else sin[:, :half])  # (T, Dh/2) e^{+-i theta}
+    rot = (cos[:, :half] + 1j * (-sin[:, :half] if inverse else sin[:, :half])) * factor  # (T, Dh/2) e^{+-i theta}
     rot = array_module(x).tile(rot.astype(np.result_type(x.dtype, np.complex64)), (1, heads))  # (T, heads*Dh/2)
     z = x.view(rot.dtype)                                            # (B, T, heads*Dh/2) complex view
     z *= rot
@@ -291,8 +302,8 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
         q = q + bq
         k = k + bk
         v = v + bv
-    if paired:
-        q = _rotate_pairs(q, cos, sin, n_heads)                      # in place
+    if paired:                                                       # in place; q also takes attention's
+        q = _rotate_pairs(q, cos, sin, n_heads, factor=1.0 / math.sqrt(Dh))  # 1/sqrt(Dh)
         k = _rotate_pairs(k, cos, sin, n_kv_heads)
     q = q.reshape(B, T, n_heads, Dh).transpose(0, 2, 1, 3)           # (B, H, T, Dh)
     k = k.reshape(B, T, n_kv_heads, Dh).transpose(0, 2, 1, 3)        # (B, K, T, Dh)
@@ -305,7 +316,8 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
         v_buf[:, :, start_pos:start_pos + T] = v
         k = k_buf[:, :, :start_pos + T]                              # (B, K, S, Dh)
         v = v_buf[:, :, :start_pos + T]
-    o, core_cache = attention_core_forward(q, k, v, q_start=start_pos)  # (B, H, T, Dh)
+    o, core_cache = attention_core_forward(q, k, v, q_start=start_pos,  # (B, H, T, Dh)
+                                           scale=1.0 if paired else None)
     o = o.transpose(0, 2, 1, 3).reshape(B, T, n_heads * Dh)          # (B, T, H*Dh)
     y = o @ wo                                                       # (B, T, D)
     return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads, paired)
@@ -328,7 +340,7 @@ def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Ar
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * Dh)             # (N, K*Dh)
     if paired:                                                       # back through the rotation, then
         xp = array_module(dq)                                        # the pair layout
-        dq = _rotate_pairs(xp.ascontiguousarray(dq), cos, sin, H, inverse=True)
+        dq = _rotate_pairs(xp.ascontiguousarray(dq), cos, sin, H, inverse=True, factor=1.0 / math.sqrt(Dh))
         dk = _rotate_pairs(xp.ascontiguousarray(dk), cos, sin, K, inverse=True)
         wq, wk = _to_pairs(wq, H), _to_pairs(wk, K)
     dq, dk = dq.reshape(B * T, H * Dh), dk.reshape(B * T, K * Dh)    # (N, H*Dh), (N, K*Dh)

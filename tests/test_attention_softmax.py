@@ -101,3 +101,19 @@ def test_rotate_pairs_equals_rope_in_the_pair_layout(dtype, heads, Dh, T):
     np.testing.assert_allclose(heads_first(L._from_pairs(got, heads)), ref, **tol)
     back = L._rotate_pairs(L._to_pairs(x, heads), cos, sin, heads, inverse=True)
     np.testing.assert_allclose(heads_first(L._from_pairs(back, heads)), L.rope_backward(heads_first(x), cos, sin), **tol)
+
+
+def test_attention_core_prescaled_queries():
+    """scale=1.0 on queries already multiplied by 1/sqrt(Dh) gives the same output, and the
+    backward's dq is the gradient of the scaled queries (the default's dq times sqrt(Dh))."""
+    rng = np.random.default_rng(3)
+    B, H, K, T, Dh = 2, 4, 2, 9, 6
+    q, R = rng.standard_normal((B, H, T, Dh)), rng.standard_normal((B, H, T, Dh))
+    k, v = rng.standard_normal((B, K, T, Dh)), rng.standard_normal((B, K, T, Dh))
+    out, cache = L.attention_core_forward(q, k, v, block=4)
+    out1, cache1 = L.attention_core_forward(q / np.sqrt(Dh), k, v, block=4, scale=1.0)
+    np.testing.assert_allclose(out1, out, rtol=1e-13, atol=1e-14)
+    (dq, dk, dv), (dq1, dk1, dv1) = L.attention_core_backward(R, cache), L.attention_core_backward(R, cache1)
+    np.testing.assert_allclose(dq1, dq * np.sqrt(Dh), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(dk1, dk, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(dv1, dv, rtol=1e-12, atol=1e-13)
