@@ -168,6 +168,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     qs = q * q.dtype.type(scale) if scale != 1.0 else q               # (B, H, T, Dh) scaled queries
     shift = _exp_needs_shift(qs, k)
     out = np.empty_like(q)                                            # (B, H, T, Dh)
+    l_all = xp.empty((B, H, T, 1), dtype=q.dtype)                     # (B, H, T, 1) softmax denominators
     kt = k.transpose(0, 1, 3, 2).copy()                               # (B, K, Dh, S): q @ kt is a plain matmul
     blocks = []
     for t0 in range(0, T, block):
@@ -189,8 +190,9 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
         ob = e @ v[:, :, :s1]                                         # (B, K, rep*Tb, Dh)
         ob /= l                                                       # = p @ v with p = e / l
         out[:, :, t0:t1] = ob.reshape(B, H, Tb, Dh)
-        blocks.append((t0, t1, s1, qb, e, l, ob))
-    return out, (k, v, scale, blocks)
+        l_all[:, :, t0:t1] = l.reshape(B, H, Tb, 1)
+        blocks.append((t0, t1, s1, qb, e))
+    return out, (k, v, scale, out, l_all, blocks)
 
 
 def attention_core_backward(dout: Array, cache):
@@ -202,7 +204,7 @@ def attention_core_backward(dout: Array, cache):
     in the same matmul as a last coordinate, [do', -D'] @ [v, 1]^T, so ds costs one pass
     over the scores (the product with e).
     """
-    k, v, scale, blocks = cache
+    k, v, scale, out, l, blocks = cache
     B, H, T, Dh = dout.shape
     K = k.shape[1]
     rep = H // K
@@ -214,19 +216,20 @@ def attention_core_backward(dout: Array, cache):
     v1t = xp.empty((B, K, Dh + 1, S), dtype=v.dtype)                  # (B, K, Dh+1, S) = [v, 1]^T
     v1t[:, :, :Dh] = v.transpose(0, 1, 3, 2)
     v1t[:, :, Dh] = 1
+    do1 = xp.empty((B, H, T, Dh + 1), dtype=dout.dtype)               # (B, H, T, Dh+1) = [do', -D']
+    do = np.divide(dout, l, out=do1[..., :Dh])                        # do' = dout / l
+    do1[..., Dh] = -np.einsum("...d,...d->...", do, out)              # -D' = -do' . out
     # a few batch rows at a time, so that a block's scores (~1 MB) stay in cache between the
     # matmuls and the product that use them
     rows = max(1, (1 << 20) // (H * QUERY_BLOCK * S * dout.dtype.itemsize))
     for b in range(0, B, rows):
         n, nb = slice(b, b + rows), min(B, b + rows) - b              # batch rows of this pass, their count
-        for t0, t1, s1, qb, e, l, ob in blocks:
+        for t0, t1, s1, qb, e in blocks:
             Tb = t1 - t0
-            qb, e, l, ob = qb[n], e[n], l[n], ob[n]
-            do1 = xp.empty((nb, K, rep * Tb, Dh + 1), dtype=dout.dtype)   # [do', -D']
-            do = np.divide(dout[n, :, t0:t1].reshape(nb, K, rep * Tb, Dh), l, out=do1[..., :Dh])  # do' = dout / l
-            do1[..., Dh] = -np.einsum("...d,...d->...", do, ob)       # -D' = -do' . out
-            dv[n, :, :s1] += e.transpose(0, 1, 3, 2) @ do             # (nb, K, s1, Dh) = p^T dout, sums the rep heads
-            ds = do1 @ v1t[n, :, :, :s1]                              # (nb, K, rep*Tb, s1) = do' v^T - D'
+            qb, e = qb[n], e[n]
+            do1b = do1[n, :, t0:t1].reshape(nb, K, rep * Tb, Dh + 1)  # [do', -D'] of the block's queries
+            dv[n, :, :s1] += e.transpose(0, 1, 3, 2) @ do1b[..., :Dh]  # (nb, K, s1, Dh) = p^T dout, sums the rep heads
+            ds = do1b @ v1t[n, :, :, :s1]                             # (nb, K, rep*Tb, s1) = do' v^T - D'
             ds *= e                                                   # ds = e (do' v^T - D') = p (dp - D)
             dqb = ds @ k[n, :, :s1]                                   # (nb, K, rep*Tb, Dh)
             if scale != 1.0:
