@@ -41,7 +41,8 @@ def test_existing_runs_are_skipped():
     assert {j.key() for j in sb.plan_jobs("A", skip_existing=False)} >= keys
 
 
-def test_fit_picks_the_fewest_threads_that_fit():
+def test_fit_picks_the_fewest_threads_that_fit(monkeypatch):
+    monkeypatch.setattr(sb, "MIN_PARALLEL_EFFICIENCY", 0.0)
     j = sb.Job("swiglu", 0, steps=800)
     one = j.estimate(1)
     assert j.estimate(2) < one and j.estimate(4) < j.estimate(2)
@@ -49,6 +50,10 @@ def test_fit_picks_the_fewest_threads_that_fit():
     assert j.fit(13, j.estimate(2) / sb.SAFETY + 1) == 2
     assert j.fit(1, j.estimate(2) / sb.SAFETY + 1) == 0          # 2 threads needed, 1 core free
     assert j.fit(13, 1.0) == 0
+    # extra threads that would mostly idle are not given (the H200 host: 2 threads = x1.13)
+    monkeypatch.setattr(sb, "MIN_PARALLEL_EFFICIENCY", 0.75)
+    monkeypatch.setitem(sb.COST, "thread_efficiency", 0.27)
+    assert j.fit(13, j.estimate(2) / sb.SAFETY + 1) == 0
 
 
 def test_simulate_respects_cores_and_deadline():
