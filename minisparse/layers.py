@@ -323,12 +323,13 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
                                            scale=1.0 if paired else None)
     o = o.transpose(0, 2, 1, 3).reshape(B, T, n_heads * Dh)          # (B, T, H*Dh)
     y = o @ wo                                                       # (B, T, D)
-    return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads, paired)
+    return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads, paired, bq is not None)
 
 
 def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Array):
-    """dy (B, T, D) -> dx (B, T, D) and a dict of parameter gradients."""
-    x, o, core_cache, cos, sin, H, K, paired = cache
+    """dy (B, T, D) -> dx (B, T, D) and a dict of parameter gradients (wq, wk, wv, wo; and
+    bq, bk, bv when the forward had biases)."""
+    x, o, core_cache, cos, sin, H, K, paired, bias = cache
     B, T, D = x.shape
     Dh = wq.shape[1] // H
     g = {}
@@ -349,10 +350,11 @@ def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Ar
     dq, dk = dq.reshape(B * T, H * Dh), dk.reshape(B * T, K * Dh)    # (N, H*Dh), (N, K*Dh)
     x2 = x.reshape(-1, D)                                            # (N, D)
     g["wq"], g["wk"], g["wv"] = x2.T @ dq, x2.T @ dk, x2.T @ dv
-    g["bq"], g["bk"], g["bv"] = dq.sum(0), dk.sum(0), dv.sum(0)
+    if bias:
+        g["bq"], g["bk"], g["bv"] = dq.sum(0), dk.sum(0), dv.sum(0)
     dx = dq @ wq.T + dk @ wk.T + dv @ wv.T                           # (N, D)
     if paired:
-        for name, heads in (("wq", H), ("bq", H), ("wk", K), ("bk", K)):
+        for name, heads in (("wq", H), ("wk", K)) + ((("bq", H), ("bk", K)) if bias else ()):
             g[name] = _from_pairs(g[name], heads)
     return dx.reshape(B, T, D), g
 

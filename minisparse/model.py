@@ -551,8 +551,8 @@ class Transformer:
         self.ffn_stats = []
         self.last_aux = {}
         tokens = to_device(tokens, xp)                                      # (B, T) ids on the model's device
-        x = L.embedding_forward(p["tok_embeddings"], tokens)                # (B, T, D)
-        if c.embed_scale:
+        x = L.embedding_forward(p["tok_embeddings"], tokens)                # (B, T, D), a fresh array: the
+        if c.embed_scale:                                                   # residual stream, updated in place
             x = x * x.dtype.type(math.sqrt(D))
         blocks = []
         for i in range(c.n_layers):
@@ -566,12 +566,12 @@ class Transformer:
                 p[pre + "attention.wo"], cos, sin, c.n_heads, c.n_kv_heads,
                 p.get(pre + "attention.bq"), p.get(pre + "attention.bk"), p.get(pre + "attention.bv"),
                 kv_cache=kv, start_pos=start)                               # (B, T, D)
-            x = x + a
+            x += a
             hn2, c_n2 = L.rms_norm_forward(x, p[pre + "ffn_norm"], c.norm_eps, c.norm_offset)
             if c.norm_relu:
                 hn2 = xp.maximum(hn2, 0)
             f, c_ffn = self._run_ffn(i, hn2.reshape(B * T, D), ffn_hook, train, backend)  # (N, D)
-            x = x + f.reshape(B, T, D)
+            x += f.reshape(B, T, D)
             if train:
                 blocks.append(BlockCache(c_n1, c_att, c_n2, c_ffn))
         xf, c_nf = L.rms_norm_forward(x, p["norm"], c.norm_eps, c.norm_offset)  # (B, T, D)
@@ -704,7 +704,7 @@ class Transformer:
         if c.norm_relu:                              # through relu(norm(x)): the norm's output was xhat * scale
             dhn2 = dhn2 * (blk.ffn_norm[0] * blk.ffn_norm[2] > 0)
         dxn, grads[pre + "ffn_norm"] = L.rms_norm_backward(dhn2, blk.ffn_norm)
-        dx = dx + dxn
+        dx += dxn                                    # dx: a fresh array of this backward, updated in place
         # attention residual branch
         dhn, g_att = L.attention_backward(dx, blk.attention, p[pre + "attention.wq"], p[pre + "attention.wk"],
                                           p[pre + "attention.wv"], p[pre + "attention.wo"])
@@ -713,7 +713,8 @@ class Transformer:
         if c.norm_relu:
             dhn = dhn * (blk.attention_norm[0] * blk.attention_norm[2] > 0)
         dxn, grads[pre + "attention_norm"] = L.rms_norm_backward(dhn, blk.attention_norm)
-        return dx + dxn
+        dx += dxn
+        return dx
 
 
 def _check_backend(backend: Optional[str]) -> Optional[str]:
