@@ -642,9 +642,29 @@ def cmd_report(args) -> int:
         d = tabB["drelu"]["val_loss_diff"]
         ours = (f"{math.exp(d['mean']):.4f} [{math.exp(d['ci'][0]):.4f}, {math.exp(d['ci'][1]):.4f}]"
                 if d["n"] > 1 else f"{math.exp(d['mean']):.4f}")
-        lines.append(f"| ours (mean over {d['n']} seeds; dense ratio with 95% CI) | {ours} | "
+        lines.append(f"| ours, {steps0} steps on the CPU ({d['n']} pairs; dense ratio with 95% CI) | {ours} | "
                      + " / ".join(f"{tabA['swiglu']['topk_ppl_ratio'][f'{sp:g}']['mean']:.3f}" for sp in TOPK[1:]) + " | "
                      + " / ".join(f"{tabA['drelu']['topk_ppl_ratio'][f'{sp:g}']['mean']:.3f}" for sp in TOPK[1:]) + " |")
+    # the same row for the longer runs (each length and device with swiglu/drelu pairs)
+    tabC_long = {}
+    for st, dev in sorted({(r["steps"], r["train_device"]) for r in runs if r["kind"] == "base"
+                           and r["layers"] == layers0 and r["lr"] == lr0 and r["steps"] != steps0}):
+        g = {a: _group(runs, activation=a, kind="base", steps=st, layers=layers0, lr=lr0, train_device=dev)
+             for a in ("swiglu", "drelu")}
+        sw_ = {r["seed"]: r for r in g["swiglu"]}
+        pairs = [(r, sw_[r["seed"]]) for r in g["drelu"] if r["seed"] in sw_]
+        if not pairs:
+            continue
+        d = t_ci([x["val_loss"] - y["val_loss"] for x, y in pairs])
+        ratios = {a: [t_ci([_ratio(r, sp) for r in g[a]])["mean"] for sp in TOPK[1:]] for a in g}
+        tabC_long[f"st{st}_{dev}"] = {"dense_ratio": d, "topk_swiglu": ratios["swiglu"], "topk_drelu": ratios["drelu"],
+                                      "n_swiglu": len(g["swiglu"]), "n_drelu": len(g["drelu"])}
+        ours = (f"{math.exp(d['mean']):.4f} [{math.exp(d['ci'][0]):.4f}, {math.exp(d['ci'][1]):.4f}]"
+                if d["n"] > 1 else f"{math.exp(d['mean']):.4f}")
+        lines.append(f"| ours, {st} steps on the {_devname(dev)} ({d['n']} pairs; {len(g['swiglu'])} swiglu / "
+                     f"{len(g['drelu'])} drelu seeds) | {ours} | " + " / ".join(f"{v:.3f}" for v in ratios["swiglu"])
+                     + " | " + " / ".join(f"{v:.3f}" for v in ratios["drelu"]) + " |")
+    summary["tables"]["beside_table3_longer"] = tabC_long
 
     # -- table D: depth ------------------------------------------------------------------
     depth_rows = {}
