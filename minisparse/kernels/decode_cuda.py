@@ -16,7 +16,10 @@ our own warp-per-row GEMV kernels (16-byte loads, float32 accumulation). RMSNorm
 into the GEMV that consumes it: every warp streams all of x for its dot product anyway, so
 it also sums x^2 and scales its dot by rstd, and the norm's weight is folded into the weight
 rows when they are copied (``w[:, d] * g[d]``, rounded once to ``weight_dtype``). A dense
-layer is then five launches: q,k,v; attention; o-proj; gate+up; down.
+layer is then five launches: q,k,v; attention; o-proj; gate+up; down. In the captured graph
+they are programmatic dependent launches where that measured faster (``pdl``): a kernel
+starts while the one before it ends, prefetches the start of its weight rows into L2, and
+waits in ``pdl_wait()`` for that kernel's results.
 
 FFN modes
 ---------
@@ -28,8 +31,10 @@ FFN modes
              *oracle* upper bound of a predictor; label it so)
 
 ``sparse_kernel`` chooses the kernels of ``"skip"``/``"given"``: ``"decode"`` (default) the
-two kernels of ``decode.cu`` (gate select + down over the active rows, added straight into
-the residual stream); ``"fused"`` the CuPy backend's one-launch
+kernels of ``decode.cu`` (skip: a pure gate pass that lists the nonzero neurons, their up
+rows, then their down rows added straight into the residual stream; given: gate + up of
+the listed neurons, then the down rows; ``select_kernel`` / ``list_kernel`` pick the
+earlier rungs); ``"fused"`` the CuPy backend's one-launch
 :func:`minisparse.kernels.cupy_.ffn_device`; ``"split"`` its gate/up/down launches. The
 backend paths take a normed input, so they add an rmsnorm launch and a residual add.
 
@@ -448,7 +453,7 @@ class GraphDecoder:
         ``mode="skip"`` (decode kernels): record the kept neurons per (position, layer).
         In ``self.counts`` (S, L) int32 (a check of exact sparsity; a few atomics).
     sparse_kernel : "decode" (default), "fused" or "split"
-        ``skip``/``given``: this module's two kernels, the CuPy backend's one-launch
+        ``skip``/``given``: this module's kernels, the CuPy backend's one-launch
         :func:`~minisparse.kernels.cupy_.ffn_device`, or its gate/up/down launches.
     pdl : "auto" (default), bool, or a collection of launch sites
         Capture these launches as programmatic dependent launches (sm_90+ only, else
