@@ -554,6 +554,40 @@ def _figures(runs, base, acts, tag: str, out_dir: Path = RESULTS) -> None:
     plots.plot_seed_bands(steps, curves, out_dir / f"turbosparse_val_loss_seed_bands{tag}.png", xlabel="step",
                           ylabel="validation loss (8 sampled batches, nats/byte)",
                           title="validation loss along training (mean ± sd over seeds)")
+    _length_figure(runs, base, out_dir / f"turbosparse_val_loss_by_length{tag}.png")
+
+
+def _length_figure(runs, base, path: Path) -> None:
+    """swiglu and drelu along runs of every length (the trainer's sampled validation loss at
+    1/4 .. 4/4 of each run), mean and band +- sd over seeds; CPU and GPU runs apart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lengths = sorted({(r["steps"], r["train_device"]) for r in runs if r["kind"] == "base"
+                      and r["layers"] == base["layers"] and r["lr"] == base["lr"]})
+    for i, (st, dev) in enumerate(lengths):
+        for a, color in (("swiglu", "C0"), ("drelu", "C3")):
+            g = _group(runs, activation=a, kind="base", steps=st, layers=base["layers"], lr=base["lr"], train_device=dev)
+            if not g:
+                continue
+            cs = [_curve(r) for r in g]
+            n = min(len(c) for c in cs)
+            x = np.array([s_ for s_, _ in cs[0][:n]])
+            y = np.array([[v for _, v in c[:n]] for c in cs])
+            m, sd = y.mean(0), (y.std(0, ddof=1) if len(g) > 1 else np.zeros(n))
+            ls = ["-", "--", ":", "-."][i % 4]
+            ax.plot(x, m, ls, marker="o", ms=3, color=color, lw=1.2,
+                    label=f"{a}, {st} steps{' (GPU)' if dev == 'cupy' else ''}, {len(g)} seed{'s' if len(g) > 1 else ''}")
+            ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.15, lw=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss (8 sampled batches), nats/byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, frameon=False)
+    ax.set_title("swiglu and drelu along runs of each length (mean, band ± sd over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def cmd_report(args) -> int:
@@ -740,50 +774,48 @@ def cmd_report(args) -> int:
     summary["tables"]["length_paired"] = {f"st{st}_{dev}": v for (st, dev), v in gap_rows.items()}
 
     # -- table H: learning-rate sweep -----------------------------------------------------
-    lr_rows = {}
+    lr_groups = {}
     for a in ACTS:
         for lr in sorted({r["lr"] for r in runs if r["kind"] == "base" and r["steps"] == steps0
                           and r["layers"] == layers0 and r["activation"] == a and r["train_device"] == "numpy"}):
-            g = _group(runs, activation=a, kind="base", steps=steps0, layers=layers0, lr=lr, train_device="numpy")
-            lr_rows[(a, lr)] = {"val_loss": t_ci([r["val_loss"] for r in g]), "seeds": sorted(r["seed"] for r in g),
-                                "per_seed": {r["seed"]: r["val_loss"] for r in g},
-                                "ratio90": t_ci([_ratio(r, 0.9) for r in g]),
-                                "exact_zero": t_ci([r["exact_zero"] for r in g])}
-    lrs_all = sorted({lr for _, lr in lr_rows})
+            lr_groups[(a, lr)] = _group(runs, activation=a, kind="base", steps=steps0, layers=layers0, lr=lr,
+                                        train_device="numpy")
+    lrs_all = sorted({lr for _, lr in lr_groups})
+    lr_sum = {"rows": {}, "vs_lr0": {}, "drelu_minus_swiglu": {}}
     if len(lrs_all) > 1:
-        lines.append(f"\n### Learning rate ({steps0} steps, {layers0} layers; val loss mean ± sd (seeds), "
-                     "the same seeds at every rate where they exist)\n")
-        lines.append("| activation | " + " | ".join(f"lr {lr:g}" for lr in lrs_all)
-                     + " | best lr | at the best lr, ppl x at top-k 90% |")
-        lines.append("| --- | " + " | ".join("---:" for _ in lrs_all) + " | ---: | ---: |")
-        best = {}
+        lines.append(f"\n### Learning rate ({steps0} steps, {layers0} layers; val loss on the whole split, "
+                     "mean ± sd (seeds); Δ: paired difference from the same activation and seed at "
+                     f"lr {lr0:g})\n")
+        lines.append("| activation | " + " | ".join(f"lr {lr:g}" for lr in lrs_all) + " |")
+        lines.append("| --- | " + " | ".join("---:" for _ in lrs_all) + " |")
         for a in ACTS:
-            have = {lr: v for (b_, lr), v in lr_rows.items() if b_ == a}
+            have = {lr: g for (b_, lr), g in lr_groups.items() if b_ == a}
             if len(have) < 2:
                 continue
-            # best by the mean over the seeds every rate shares (seeds 0 and 1 of the sweep)
-            common = set.intersection(*[set(v["seeds"]) for v in have.values()])
-            key = (lambda lr: np.mean([have[lr]["per_seed"][s] for s in common])) if common else \
-                (lambda lr: have[lr]["val_loss"]["mean"])
-            b = min(have, key=key)
-            best[a] = {"lr": b, "common_seeds": sorted(common),
-                       "mean_on_common": {f"{lr:g}": float(key(lr)) for lr in have}}
-            cells = [(f"{_pm(have[lr]['val_loss'])} ({len(have[lr]['seeds'])})" if lr in have else "-") for lr in lrs_all]
-            lines.append(f"| {a} | " + " | ".join(cells) + f" | {b:g} | {_pm(have[b]['ratio90'], '{:.3f}')} |")
-        if best:
-            lines.append("\nBest rate chosen on the seeds every rate of that activation shares (" +
-                         "; ".join(f"{a}: seeds {v['common_seeds']}" for a, v in best.items()) + ").")
-        # paired drelu - swiglu, each at its own best rate
-        if "swiglu" in best and "drelu" in best:
-            sw_b = _group(runs, activation="swiglu", kind="base", steps=steps0, layers=layers0, lr=best["swiglu"]["lr"],
-                          train_device="numpy")
-            dr_b = _group(runs, activation="drelu", kind="base", steps=steps0, layers=layers0, lr=best["drelu"]["lr"],
-                          train_device="numpy")
-            d = _paired(dr_b, sw_b, "val_loss")
-            best["drelu_minus_swiglu_at_best"] = d
-            lines.append(f"drelu (lr {best['drelu']['lr']:g}) − swiglu (lr {best['swiglu']['lr']:g}), each at its "
-                         f"best rate, paired over {d['n']} seeds: {_fmt_ci(d)} nats/byte.")
-        summary["tables"]["lr_sweep"] = {"rows": {f"{a}_lr{lr:g}": v for (a, lr), v in lr_rows.items()}, "best": best}
+            cells = []
+            for lr in lrs_all:
+                g = have.get(lr)
+                if not g:
+                    cells.append("-")
+                    continue
+                st = t_ci([r["val_loss"] for r in g])
+                lr_sum["rows"][f"{a}_lr{lr:g}"] = {"val_loss": st, "seeds": sorted(r["seed"] for r in g)}
+                cell = f"{st['mean']:.4f}" + (f" ± {st['sd']:.4f}" if st["n"] > 1 else "") + f" (n={st['n']})"
+                if lr != lr0 and lr0 in have:
+                    d = _paired(g, have[lr0], "val_loss")
+                    lr_sum["vs_lr0"][f"{a}_lr{lr:g}"] = d
+                    cell += f"; Δ {_fmt_ci(d)}"
+                cells.append(cell)
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        dd = []
+        for lr in lrs_all:
+            if ("swiglu", lr) in lr_groups and ("drelu", lr) in lr_groups:
+                d = _paired(lr_groups[("drelu", lr)], lr_groups[("swiglu", lr)], "val_loss")
+                lr_sum["drelu_minus_swiglu"][f"{lr:g}"] = d
+                dd.append(f"lr {lr:g}: {_fmt_ci(d)}")
+        if dd:
+            lines.append("\ndrelu − swiglu at each learning rate (paired by seed): " + "; ".join(dd) + ".")
+    summary["tables"]["lr_sweep"] = lr_sum
 
     # -- table F: ReLUfication at equal budget --------------------------------------------
     rsteps = steps0 // 2

@@ -52,8 +52,10 @@ def test_report_on_committed_runs(tmp_path):
     d = summary["tables"]["paired_vs_swiglu"]["drelu"]["val_loss_diff"]
     assert d["n"] == 3 and d["mean"] == pytest.approx(np.mean(diffs))
     assert "### Learning rate" in text
-    best = summary["tables"]["lr_sweep"]["best"]
-    assert best["swiglu"]["lr"] == 0.01 and best["drelu"]["lr"] == 0.01
+    lr = summary["tables"]["lr_sweep"]
+    assert lr["vs_lr0"]["swiglu_lr0.01"]["n"] == 2
+    assert lr["vs_lr0"]["swiglu_lr0.01"]["mean"] == pytest.approx(-0.01)
+    assert lr["drelu_minus_swiglu"]["0.01"]["n"] == 2
 
 
 @pytest.mark.parametrize("n_bytes", [400_000, 2_000_000])
