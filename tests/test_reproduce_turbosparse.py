@@ -64,3 +64,20 @@ def test_archived_corpus_is_the_one_the_committed_runs_used(n_bytes, capsys):
     c = rt._corpus({"corpus_bytes": n_bytes})
     assert (rt._sha1(c.train), rt._sha1(c.val)) == rt.CORPUS_SHA1[n_bytes]
     assert "warning" not in capsys.readouterr().err
+
+
+def test_train_on_a_device_saves_a_host_checkpoint(tmp_path, monkeypatch):
+    """--device cupy (here the strict fake CuPy): the key gets _gpu, the checkpoint is saved
+    from the host and loads, the history and the sparsity along training are recorded."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_cupy import install
+    install(monkeypatch)
+    import minisparse as ms
+    sc = {"preset": "nano", "steps": 4, "batch_size": 2, "seq_len": 16, "corpus_bytes": 400_000, "quick": True}
+    corpus = rt._corpus(sc)
+    folder = rt.train_base("drelu", 0, sc, 3e-3, 2, corpus, tmp_path, device="cupy")
+    assert folder.name.endswith("_gpu")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["device"] == "cupy" and len(meta["history"]) == 4 and meta["sparsity_during_training"]
+    m = ms.load(folder / "model.safetensors")
+    assert m.device == "numpy"
