@@ -25,6 +25,7 @@ Checkpoints stay in a temporary folder and are deleted.
     python bench/science_batch.py --plan A --dry-run            # the jobs, core-minutes, a schedule
     PYTHONPATH=. python bench/science_batch.py --plan A --workers 13 --deadline-s 520 --out $OUT/science
     python bench/science_batch.py --plan quick --workers 2 --deadline-s 120 --out /tmp/sb   # smoke test
+    python bench/science_batch.py --plan C --only 'tiny_L8_*_seed[12],*_lr0.01_seed1' --dry-run   # chosen jobs, in this order
 
 Merging back: ``python bench/science_batch.py --merge DIR`` unpacks ``DIR/runs.tar.gz``'s
 run JSONs into ``bench/results/turbosparse/`` (existing files are kept unless ``--force``).
@@ -243,6 +244,27 @@ def plan_jobs(name: str, skip_existing: bool = True, gpu: bool = False) -> List[
     if skip_existing:
         jobs = [j for j in jobs if not (RUNS_JSON / f"{j.key()}.json").exists()]
     return jobs
+
+
+def select(jobs: List[Job], only: str) -> List[Job]:
+    """The jobs whose key matches one of ``only``'s comma-separated shell globs
+    (``fnmatch``, e.g. ``"tiny_L8_*_seed[12],*_lr0.01_seed1"``), in the order of the globs: a
+    job's priority becomes the index of the first glob it matches (plus its own priority / 100,
+    so the issue's order still holds inside one glob). An empty selection is an error."""
+    import fnmatch
+    pats = [p.strip() for p in only.split(",") if p.strip()]
+    if not pats:
+        raise SystemExit("error: --only got no pattern; pass comma-separated globs of job keys, e.g. 'tiny_L8_*'")
+    out = []
+    for j in jobs:
+        hit = next((i for i, p in enumerate(pats) if fnmatch.fnmatchcase(j.key(), p)), None)
+        if hit is not None:
+            j.prio = hit + j.prio / 100
+            out.append(j)
+    if not out:
+        raise SystemExit(f"error: --only {only!r} matches none of the plan's jobs still to run; "
+                         "see them with --dry-run (without --only), or add --all")
+    return out
 
 
 def order(jobs: List[Job]) -> List[Job]:
@@ -591,6 +613,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true", help="print the jobs, core-minutes and a simulated schedule")
     ap.add_argument("--all", action="store_true", help="also jobs whose result JSON exists already")
+    ap.add_argument("--only", metavar="GLOBS",
+                    help="only the jobs whose key matches one of these comma-separated globs, run in the globs' "
+                         "order (e.g. 'tiny_L8_*_seed[12],*_lr0.01_seed1')")
     ap.add_argument("--merge", metavar="DIR", help="unpack DIR/runs.tar.gz's run JSONs into bench/results/turbosparse")
     ap.add_argument("--force", action="store_true", help="--merge: overwrite existing run JSONs")
     args = ap.parse_args(argv)
@@ -606,6 +631,8 @@ def main(argv=None) -> int:
         print("error: --workers must be >= 1 and --deadline-s > 10")
         return 2
     jobs = plan_jobs(args.plan, skip_existing=not args.all, gpu=args.gpu)
+    if args.only is not None:
+        jobs = select(jobs, args.only)
     if args.dry_run:
         return dry_run(args.plan, jobs, args.workers, args.deadline_s, args.est_scale, args.gpu_slots)
     if not args.out:

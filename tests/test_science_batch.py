@@ -71,6 +71,28 @@ def test_simulate_respects_cores_and_deadline():
     assert sched[first.name][0] == 0.0
 
 
+def test_only_selects_and_orders_by_the_globs():
+    jobs = sb.master_jobs()
+    sel = sb.select(jobs, "tiny_L8_*_seed[12], *_lr0.01_seed1 ,tiny_L4_reglu_st800_lr0.01_seed0")
+    keys = [j.key() for j in sb.order(sel)]
+    assert set(keys[:4]) == {f"tiny_L8_{a}_st800_lr0.003_seed{s}" for a in ("swiglu", "drelu") for s in (1, 2)}
+    assert set(keys[4:8]) == {f"tiny_L4_{a}_st800_lr0.01_seed1" for a in ("swiglu", "drelu", "reglu", "relu")}
+    assert keys[8:] == ["tiny_L4_reglu_st800_lr0.01_seed0"]
+    # inside one glob the order holds: swiglu/drelu (prio 3.5) before reglu/relu (3.7)
+    assert {k.split("_")[2] for k in keys[4:6]} == {"swiglu", "drelu"}
+    with pytest.raises(SystemExit, match="matches none"):
+        sb.select(sb.master_jobs(), "tiny_L99_*")
+    with pytest.raises(SystemExit, match="no pattern"):
+        sb.select(sb.master_jobs(), " , ")
+
+
+def test_only_from_the_command_line(capsys):
+    assert sb.main(["--plan", "C", "--all", "--only", "tiny_L12_*_seed1", "--workers", "2", "--deadline-s", "3000",
+                    "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "plan C: 2 jobs" in out and "tiny_L12_swiglu_st800_lr0.003_seed1" in out and "L8" not in out
+
+
 @pytest.mark.slow
 def test_quick_batch_runs_and_is_killed_at_its_deadline(tmp_path):
     out = tmp_path / "out"
