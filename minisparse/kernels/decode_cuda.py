@@ -83,7 +83,8 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 PDL_AUTO = {"dense": PDL_ATTN_SIDE, "skip": PDL_SITES, "given": PDL_SITES}   # bench/decode_gpu.py --pdl-sweep
 SELECT_KERNELS = ("split3", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
 SELECT_KERNEL = "split3"
-LIST_KERNEL = "quarter"         # given mode's first half: ffn_gateup_list4 ("quarter") | ffn_gateup_list ("warp")
+LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
+LIST_KERNEL = "quarter"
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
@@ -460,8 +461,9 @@ class GraphDecoder:
         ignored): such a kernel starts while the one before it finishes, prefetches the
         first ``prefetch_bytes`` of its weight rows into L2, and waits for that kernel's
         results. Sites: ``PDL_SITES``; ``True`` all, ``False`` none, ``"auto"`` those of
-        ``PDL_AUTO[mode]`` (measured on the H200: it helps the sparse modes and slows the
-        dense one). Eager steps (``graph=False``) always use plain launches.
+        ``PDL_AUTO[mode]``: every site for skip and given, the attention side for dense
+        (measured on the H200: launching the dense FFN's 1792-block gate kernel early made
+        the step 7% slower). Eager steps (``graph=False``) always use plain launches.
     prefetch_bytes : int
         See ``pdl`` (a multiple of 128, at most 4096; 0: no prefetch).
     attn_kernel : "split" (default) or "block"
@@ -716,6 +718,9 @@ class GraphDecoder:
     def _issue_step(self, count_only: bool = False, launcher=None) -> int:
         """Issue one decode step's kernels on the current stream (or count them); ``launcher``
         (a :class:`Launcher` on that stream) issues the own kernels instead of CuPy."""
+        if self.select_kernel not in SELECT_KERNELS or self.list_kernel not in LIST_KERNELS:
+            raise ValueError(f"select_kernel must be one of {SELECT_KERNELS} and list_kernel one of "
+                             f"{LIST_KERNELS}; got {self.select_kernel!r}, {self.list_kernel!r}")
         c, k = self.config, self.k
         i32, f32 = np.int32, np.float32
         D, H, K, Dh, F, V, L_ = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.n_layers

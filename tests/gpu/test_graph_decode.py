@@ -234,6 +234,10 @@ def test_split_attention_has_no_max_len_limit(cp):
     assert dec.generate(PROMPT, 3) == reference(ref, PROMPT, 3)[0]
     with pytest.raises(ValueError, match="attn_kernel"):
         GraphDecoder(dmodel, attn_kernel="flash")
+    dec.select_kernel = "singel"                         # a typo is refused at the next step
+    dec._graph = None
+    with pytest.raises(ValueError, match="select_kernel"):
+        dec.generate(PROMPT, 3)
 
 
 def test_prefetch_bytes_are_checked():
