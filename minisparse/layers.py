@@ -219,9 +219,10 @@ def attention_core_backward(dout: Array, cache):
     do1 = xp.empty((B, H, T, Dh + 1), dtype=dout.dtype)               # (B, H, T, Dh+1) = [do', -D']
     do = np.divide(dout, l, out=do1[..., :Dh])                        # do' = dout / l
     do1[..., Dh] = -np.einsum("...d,...d->...", do, out)              # -D' = -do' . out
-    # a few batch rows at a time, so that a block's scores (~1 MB) stay in cache between the
-    # matmuls and the product that use them
-    rows = max(1, (1 << 20) // (H * QUERY_BLOCK * S * dout.dtype.itemsize))
+    # on the CPU a few batch rows at a time, so that a block's scores (~1 MB) stay in cache
+    # between the matmuls and the product that use them; on a GPU all rows at once (every
+    # operation below is a kernel launch, and launches, not cache misses, are what cost there)
+    rows = max(1, (1 << 20) // (H * QUERY_BLOCK * S * dout.dtype.itemsize)) if xp is np else B
     for b in range(0, B, rows):
         n, nb = slice(b, b + rows), min(B, b + rows) - b              # batch rows of this pass, their count
         for t0, t1, s1, qb, e in blocks:
@@ -460,11 +461,16 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
 # ======================================================================================
 # cross-entropy over the vocabulary
 # ======================================================================================
-def cross_entropy_forward(logits: Array, targets: Array, ignore_index: int = -1):
-    """logits (N, V), targets (N,) int -> mean loss over targets != ignore_index."""
+def cross_entropy_forward(logits: Array, targets: Array, ignore_index: int = -1, read: bool = True):
+    """logits (N, V), targets (N,) int -> mean loss over targets != ignore_index.
+
+    ``read=False`` returns the loss as a 0-d array (of the logits' module) instead of a
+    float, and leaves out the check that some target counts: on a GPU each of the two is a
+    host sync, which a training step makes once, after its backward is queued.
+    """
     valid = targets != ignore_index                                   # (N,)
-    n = int(valid.sum())
-    if n == 0:
+    n = valid.sum(dtype=logits.dtype)                                 # () the count, as a float (exact < 2^24)
+    if read and not n:
         raise ValueError("cross_entropy: every target is ignore_index; nothing to average")
     m = logits.max(axis=-1, keepdims=True)                           # (N, 1) for a stable logsumexp
     z = logits - m
@@ -472,8 +478,8 @@ def cross_entropy_forward(logits: Array, targets: Array, ignore_index: int = -1)
     t = np.where(valid, targets, 0)
     rows = array_module(z).arange(len(t))                            # (N,) on z's device
     nll = lse - z[rows, t]                                           # (N,)
-    loss = float((nll * valid).sum() / n)
-    return loss, (z, lse, t, valid, n, rows)
+    loss = (nll * valid).sum() / n                                   # ()
+    return (float(loss) if read else loss), (z, lse, t, valid, n, rows)
 
 
 def cross_entropy_backward(cache) -> Array:

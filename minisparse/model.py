@@ -607,6 +607,8 @@ class Transformer:
             raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
         if ((targets < -1) | (targets >= self.config.vocab_size)).any():
             raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
+        if (targets == -1).all():
+            raise ValueError("every target is -1 (ignored): there is no token to compute a loss on")
         return inputs, to_device(targets, self.xp)
 
     def _l1_penalty(self, blocks: List[BlockCache], l1: float) -> float:
@@ -657,11 +659,9 @@ class Transformer:
         B, T = inputs.shape
         D, V = c.dim, c.vocab_size
         logits, fwd = self._forward(inputs, None, None, train=True)
-        loss, ce_cache = L.cross_entropy_forward(logits.reshape(-1, V), targets.reshape(-1))
-        self.last_aux["ce_loss"] = loss
-        total = loss + float(np.sum(self.last_aux.get("aux_loss", [])))
-        if l1:
-            total += self._l1_penalty(fwd.blocks, l1)
+        # the loss stays a 0-d array until the backward is queued: reading it is a host sync on a GPU
+        loss, ce_cache = L.cross_entropy_forward(logits.reshape(-1, V), targets.reshape(-1), read=False)
+        penalty = self._l1_penalty(fwd.blocks, l1) if l1 else 0.0
         grads: Dict[str, Array] = {}
 
         dlogits = L.cross_entropy_backward(ce_cache).reshape(B, T, V)  # (B, T, V)
@@ -680,6 +680,11 @@ class Transformer:
             grads["tok_embeddings"] = demb
             grads["output"] = dw_out
         grads = {k: grads[k].astype(p[k].dtype, copy=False) for k in p}
+        loss = float(loss)                                                     # the step's one read of the loss
+        self.last_aux["ce_loss"] = loss
+        total = loss + float(np.sum(self.last_aux.get("aux_loss", [])))
+        if l1:
+            total += penalty
         return total, grads
 
     def _block_backward(self, i: int, dx: Array, blk: BlockCache, grads: Dict[str, Array], l1: float) -> Array:

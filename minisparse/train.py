@@ -224,8 +224,8 @@ def global_norm(grads: Dict[str, Array]) -> float:
     total = 0.0
     for g in grads.values():
         g64 = g.ravel().astype(np.float64, copy=False)
-        total += float(g64 @ g64)
-    return math.sqrt(total)
+        total = total + g64 @ g64                # on a GPU a 0-d device array: read back once, below
+    return math.sqrt(float(total))
 
 
 def clip_grads(grads: Dict[str, Array], max_norm: float) -> float:
