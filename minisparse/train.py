@@ -27,7 +27,7 @@ import numpy as np
 from .data import Corpus
 from .model import Transformer
 from .runtime import auto_threads, configure_training, keep_freed_memory, set_blas_threads  # noqa: F401
-from .xp import array_module, to_device
+from .xp import array_module, to_device, to_numpy
 
 Array = np.ndarray
 
@@ -148,6 +148,12 @@ class AdamW:
 
     which is ``torch.optim.AdamW``'s update. Moments are kept in the parameters' dtype.
 
+    The moments of all parameters of one dtype live in one flat buffer each
+    (``exp_avg[name]`` is a view of it), so that the lines above run once over all the
+    parameters rather than once per parameter: the same arithmetic, element by element,
+    in a dozen array operations instead of a dozen per parameter (on a GPU each is a kernel
+    launch; per parameter, the update was a third of a training step's launches).
+
     >>> import numpy as np
     >>> p = {"w": np.ones((2, 2))}
     >>> opt = AdamW(p, lr=0.1)
@@ -163,8 +169,19 @@ class AdamW:
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
         self.t = 0
-        self.exp_avg = {k: np.zeros_like(v) for k, v in params.items()}
-        self.exp_avg_sq = {k: np.zeros_like(v) for k, v in params.items()}
+        self.exp_avg: Dict[str, Array] = {}
+        self.exp_avg_sq: Dict[str, Array] = {}
+        self._groups = []                            # [(names, [(start, stop)], m, v)], one per dtype
+        for dtype in dict.fromkeys(v.dtype for v in params.values()):
+            names = [k for k, v in params.items() if v.dtype == dtype]
+            stops = np.cumsum([params[k].size for k in names]).tolist()
+            bounds = list(zip([0] + stops[:-1], stops))
+            xp = array_module(params[names[0]])
+            m, v = xp.zeros(stops[-1], dtype=dtype), xp.zeros(stops[-1], dtype=dtype)   # (P,) moments
+            for k, (a, b) in zip(names, bounds):
+                self.exp_avg[k] = m[a:b].reshape(params[k].shape)
+                self.exp_avg_sq[k] = v[a:b].reshape(params[k].shape)
+            self._groups.append((names, bounds, m, v))
 
     def step(self, params: Dict[str, Array], grads: Dict[str, Array], lr: Optional[float] = None) -> None:
         """Update every parameter in place (lr: this step's learning rate)."""
@@ -178,18 +195,20 @@ class AdamW:
         bc2 = 1.0 - b2 ** self.t
         step_size = lr / bc1
         sqrt_bc2 = math.sqrt(bc2)
-        for name, p in params.items():
-            g = grads[name]
-            m, v = self.exp_avg[name], self.exp_avg_sq[name]
-            if self.weight_decay and decays(p.shape):
-                p *= 1.0 - lr * self.weight_decay
+        for names, bounds, m, v in self._groups:
+            g = array_module(m).concatenate([grads[k].ravel() for k in names])  # (P,) all gradients
             m *= b1
             m += (1.0 - b1) * g                      # m <- b1 m + (1 - b1) g
             v *= b2
             v += (1.0 - b2) * (g * g)                # v <- b2 v + (1 - b2) g^2
             denom = np.sqrt(v) / sqrt_bc2
             denom += self.eps                        # sqrt(v_hat) + eps
-            p -= step_size * (m / denom)
+            update = step_size * (m / denom)         # (P,)
+            for name, (a, b) in zip(names, bounds):
+                p = params[name]
+                if self.weight_decay and decays(p.shape):
+                    p *= 1.0 - lr * self.weight_decay
+                p -= update[a:b].reshape(p.shape)
 
     def state_dict(self, copy: bool = True) -> dict:
         """Scalars and moment arrays (copied; ``copy=False``: the live arrays, for saving)."""
@@ -209,9 +228,9 @@ class AdamW:
                 if v.shape != getattr(self, key)[k].shape:
                     raise ValueError(f"optimizer state {key}[{k!r}] has shape {v.shape}, "
                                      f"parameter has {getattr(self, key)[k].shape}")
-            live = getattr(self, key)                   # moments live where the parameters live
-            setattr(self, key, {k: to_device(np.array(v, dtype=live[k].dtype), array_module(live[k]))
-                                for k, v in state[key].items()})
+            live = getattr(self, key)                   # views of the flat buffers, where the parameters live
+            for k, v in state[key].items():
+                live[k][...] = to_device(np.array(to_numpy(v), dtype=live[k].dtype), array_module(live[k]))
         self.t = int(state["t"])
         self.lr = float(state.get("lr", self.lr))
         self.betas = tuple(state.get("betas", self.betas))
