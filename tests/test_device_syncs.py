@@ -121,7 +121,7 @@ def test_device_step_launches_do_not_grow_with_the_batch(counted):
     small = _step_counts(counted, batch=1)
     large = _step_counts(counted, batch=16)
     assert large["op"] == small["op"], (small, large)
-    assert small["op"] <= 1000, small                 # 2 layers, 3 query blocks: 942 array calls today (1109 with a per-parameter AdamW)
+    assert small["op"] <= 1000, small     # 2 layers, 3 query blocks: 942 today (1109 with a per-parameter AdamW)
 
 
 def test_counter_sees_a_host_read(counted):
