@@ -269,6 +269,10 @@ def main(argv=None) -> int:
 
     res = dict(args=vars(a), machine=machine, params=n_params, validation=valid, step=step_res,
                phases=phase_rows, functions=func_rows)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"train_gpu_profile{'_' + a.tag if a.tag else ''}.json"
+    path.write_text(json.dumps(res, indent=1, default=float))    # again below, with the optional parts
 
     # ---- 4. kernels, through PyTorch's profiler (CUPTI) ----
     if a.kernels and on_gpu:
@@ -335,9 +339,6 @@ def main(argv=None) -> int:
         micro["matmul_tflops"] = 2 * B * T * D * F / (mm / 1e6) / 1e12
         res["micro"] = micro
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"train_gpu_profile{'_' + a.tag if a.tag else ''}.json"
     path.write_text(json.dumps(res, indent=1, default=float))
     print(f"\nwrote {path}")
     return 0
