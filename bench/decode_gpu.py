@@ -413,14 +413,17 @@ def pdl_sweep(args, cp, model, active, prompt):
         dec = dc.GraphDecoder(model, mode=mode, weight_dtype="float16", active=active if mode == "given" else None,
                               max_len=args.prompt + args.new)
         line, ref_ids = [], None
-        rungs = {"dense": [None], "skip": ["split3", "split3pair", "single"], "given": ["quarter", "warp"]}[mode]
-        variants = [(r, pdl, pf) for r in rungs for pdl, pf in (("none", 0), ("all", 512), ("attn_side", 512))]
+        rungs = {"dense": [None], "skip": ["split3", "block8"], "given": ["quarter", "warp"]}[mode]
+        variants = [(r, pdl, pf, u) for u in dc.GEMV_US for r in rungs
+                    for pdl, pf in (("none", 0), ("all", 512), ("attn_side", 512))]
         policy = {"none": (), "all": dc.PDL_SITES, "attn_side": dc.PDL_ATTN_SIDE}
-        for rung, pdl, pf in variants:
+        for rung, pdl, pf, u in variants:
+            dec.gemv_u = u
+            tag = f"/U{u}"
             dec.pdl_sites = frozenset(policy[pdl])
             dec.prefetch_bytes = pf
-            if rung:
-                dec.select_kernel = dec.list_kernel = rung
+            if rung:                                   # the rung of this mode's first half
+                setattr(dec, "select_kernel" if mode == "skip" else "list_kernel", rung)
             dec.k = dc.kernels(dec.wdt, pf)
             dec._graph = None
             try:
@@ -430,13 +433,14 @@ def pdl_sweep(args, cp, model, active, prompt):
                     ids = dec.generate(prompt, args.new)
                     ts.append(dec.last_timing["decode_s"] / dec.last_timing["decode_steps"])
                 ref_ids = ref_ids or ids
-                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, s_per_token=min(ts),
+                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, gemv_u=u, s_per_token=min(ts),
                                 spread=[min(ts), max(ts)], same_tokens=ids == ref_ids))
-                line.append(f"{rung or ''}/{pdl}/{pf}: {min(ts) * 1e3:.3f}{'' if ids == ref_ids else ' (TOKENS DIFFER)'}")
+                line.append(f"{rung or ''}/{pdl}/{pf}{tag}: {min(ts) * 1e3:.3f}{'' if ids == ref_ids else ' (TOKENS DIFFER)'}")
             except Exception as e:
-                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, error=f"{type(e).__name__}: {e}"))
-                line.append(f"{rung or ''}/{pdl}/{pf}: ERROR {type(e).__name__}: {str(e)[:120]}")
-        print(f"    {mode:<6} " + "\n           ".join(", ".join(line[i:i + 3]) for i in range(0, len(line), 3)))
+                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, gemv_u=u,
+                                error=f"{type(e).__name__}: {e}"))
+                line.append(f"{rung or ''}/{pdl}/{pf}{tag}: ERROR {type(e).__name__}: {str(e)[:120]}")
+        print(f"    {mode:<6} " + "\n           ".join(", ".join(line[i:i + 2]) for i in range(0, len(line), 2)))
         del dec
         cp.get_default_memory_pool().free_all_blocks()
     return res

@@ -110,6 +110,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None, help="default bench/results/gpu_kernel_ladder.json")
     ap.add_argument("--skip-gemv", action="store_true", help="leave out the GEMV ladder (the slowest part)")
+    ap.add_argument("--ffn-only", action="store_true", help="only the FFN rows (no GEMV, no attention)")
+    ap.add_argument("--gemv-u", action="store_true",
+                    help="also the GEMV rung with 8 loads in flight per lane (y += W x, every GEMV shape)")
+    ap.add_argument("--dtypes", default="float16,float32", help="weight dtypes, comma-separated")
     args = ap.parse_args(argv)
     try:
         import cupy as cp
@@ -146,7 +150,13 @@ def main(argv=None):
         rows.append(r)
         return r
 
-    for wname, wdt in (("float16", np.float16), ("float32", np.float32)):
+    if args.ffn_only:
+        args.skip_gemv, S_list = True, []
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("float16", "float32") for d in dtypes):
+        print(f"error: --dtypes takes float16 and/or float32, got {args.dtypes!r}", file=sys.stderr)
+        return 2
+    for wname, wdt in ((d, np.dtype(d).type) for d in dtypes):
         k = dc.kernels(wdt)
         wb = np.dtype(wdt).itemsize
         trows = []
@@ -179,6 +189,29 @@ def main(argv=None):
             t = eager_time(cp, [lambda W=W: W @ xw for W in Wv], repeats)
             trows.append(row("cuBLAS W @ x (eager)", f"{label} {N}x{Kd}", wname, t, nbytes, first, err))
             del Ws, Wv
+            cp.get_default_memory_pool().free_all_blocks()
+        # ------------------------------------------------------ GEMV: loads in flight per lane
+        for label, N, Kd in (gemv_shapes if args.gemv_u else ()):
+            nbytes = N * Kd * wb + 4 * (Kd + N)
+            sets = max(1, math.ceil(3 * L2_BYTES / (N * Kd * wb)))
+            Ws = [dc.pad_rows(cp, rng.standard_normal((N, Kd), dtype=cp.float32) * 0.02, wdt) for _ in range(sets)]
+            x = cp.zeros(Ws[0].shape[1], dtype=cp.float32)
+            x[:Kd] = rng.standard_normal(Kd, dtype=cp.float32)
+            want = Ws[0].get().astype(np.float64) @ x.get().astype(np.float64)
+            y = cp.zeros(N, dtype=cp.float32)
+            ld = i32(Ws[0].shape[1])
+            first = None
+            for name in ("gemv_vec16_add", "gemv_vec16_add_u8"):
+                fn = k[name]
+                call = lambda W, fn=fn: fn(((N + 7) // 8,), (256,), (W, x, y, i32(N), ld, i32(Kd), f32(1e-6)))
+                y.fill(0)
+                call(Ws[0])
+                err = check(f"{name} {label} {wname}", y.get(), want, 1e-5, failures)
+                t = graph_time(cp, [lambda W=W: call(W) for W in Ws], repeats)
+                first = first or t
+                trows.append(row("gemv_warp_vec16 (y += W x), U = " + ("8" if name.endswith("u8") else "4") +
+                                 " loads in flight", f"{label} {N}x{Kd}", wname, t, nbytes, first, err))
+            del Ws
             cp.get_default_memory_pool().free_all_blocks()
         # ------------------------------------------------------------------ attention
         for S in S_list:
@@ -328,6 +361,33 @@ def main(argv=None):
                 lambda: k["ffn_up_list4"]((min((F + 1) // 2, 8 * sms),), (256,), (Wu, x0, i32(Dp), i32(D), f32(eps),
                                                                                   i32(0), f32(0), cnt, idx, hv)),
                 lambda: k["ffn_down_rows"]((ncol, G), (256,), (cnt, idx, hv, Wd, xr, i32(Dp)))],
+            "FFN skip: gate_block (block reads its kept up rows) + down_rows": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_block"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                      i32(0), i32(0), f32(0), i32(1), cnt, idx, hv)),
+                lambda: k["ffn_down_rows"]((ncol, G), (256,), (cnt, idx, hv, Wd, xr, i32(Dp)))],
+            "FFN skip: gate_block8 (8 loads in flight) + down_rows": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_block8"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                       i32(0), i32(0), f32(0), i32(1), cnt, idx, hv)),
+                lambda: k["ffn_down_rows"]((ncol, G), (256,), (cnt, idx, hv, Wd, xr, i32(Dp)))],
+            "  (skip first half alone: gate_block)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_block"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                      i32(0), i32(0), f32(0), i32(1), cnt, idx, hv))],
+            "  (skip first half alone: gate_block8)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_block8"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                       i32(0), i32(0), f32(0), i32(1), cnt, idx, hv))],
+            "  (skip first half alone: gate pass, 8 loads in flight)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["ffn_gate_block8"](((F + 7) // 8,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
+                                                                       i32(0), i32(0), f32(0), i32(0), cnt, idx, hv))],
+            "  (skip first half alone: dense gate GEMV, norm fused)": [
+                lambda: k["gemv_vec16_norm"](((F + 7) // 8,), (256,), (Wg, x0, h, i32(F), i32(Dp), i32(D), f32(eps)))],
+            "  (skip first half alone: dense gate GEMV + a memset node, as the gate-pass rows)": [
+                lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
+                lambda: k["gemv_vec16_norm"](((F + 7) // 8,), (256,), (Wg, x0, h, i32(F), i32(Dp), i32(D), f32(eps)))],
             "  (skip first half alone: gate pass, 2 rows/warp)": [
                 lambda: cp.cuda.runtime.memsetAsync(cnt.data.ptr, 0, 4, cp.cuda.get_current_stream().ptr),
                 lambda: k["ffn_gate_select2"](((F + 15) // 16,), (256,), (Wg, Wu, x0, i32(F), i32(Dp), i32(D), f32(eps),
@@ -347,7 +407,10 @@ def main(argv=None):
         }
         nbytes = {"dense": 3 * F * D * wb, "skip": (F + 2 * A) * D * wb, "given": 3 * A * D * wb}
         half_bytes = {"gateup_list": 2 * A * D * wb, "gateup_list4": 2 * A * D * wb, "gate_select2": (F + A) * D * wb,
-                      "gate_select": (F + A) * D * wb, "gate pass": F * D * wb, "gate pass, 2 rows/warp": F * D * wb}
+                      "gate_select": (F + A) * D * wb, "gate pass": F * D * wb, "gate pass, 2 rows/warp": F * D * wb,
+                      "gate_block": (F + A) * D * wb, "gate_block8": (F + A) * D * wb,
+                      "gate pass, 8 loads in flight": F * D * wb, "dense gate GEMV, norm fused": F * D * wb,
+                      "dense gate GEMV + a memset node, as the gate-pass rows": F * D * wb}
         t_dense = None
         for name, calls in ffns.items():
             xr.fill(0)

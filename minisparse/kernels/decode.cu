@@ -107,15 +107,14 @@ __device__ __forceinline__ void cvt16(uint4 v, float* o, unsigned short) {  // 8
 }
 
 // Dot products of NR (1 or 2) weight rows (ld elements, ld % VecOf<W>::N == 0, 16-byte
-// aligned, zero-padded) with x by one warp: each lane keeps U = 4 sixteen-byte loads per
+// aligned, zero-padded) with x by one warp: each lane keeps U (4) sixteen-byte loads per
 // row in flight, then a shuffle sum. SQ: also ss = x . x (each warp reads all of x anyway,
 // so RMSNorm's statistic costs no extra memory traffic: the norm is fused into the GEMV).
-template <typename W, int NR, bool SQ>
+template <typename W, int NR, bool SQ, int U = 4>
 __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __restrict__ r1,
                                           const float* __restrict__ x, int ld, int lane,
                                           float* d0, float* d1, float* ss) {
     const int V = VecOf<W>::N;
-    const int U = 4;
     const int n = ld / V;
     float s0 = 0.f, s1 = 0.f, q = 0.f;
     int v = lane;
@@ -210,7 +209,9 @@ __global__ void __launch_bounds__(NTHREADS) gemv_warp(const W* __restrict__ w, c
 //    ld % VecOf<W>::N == 0 with zeros, x zero-padded to ld.
 //    EPI 0: y[r] = dot     EPI 1: y[r] += dot (the residual add of o-proj / down-proj)
 //    EPI 2: y[r] = rstd(x) * dot: RMSNorm fused (its weight folded into w; D, eps used)
-template <typename W, int EPI>
+//    U: 16-byte loads in flight per lane (4; 8 is the next rung: fewer rounds per row, for
+//    grids of less than one wave, at the cost of registers).
+template <typename W, int EPI, int U = 4>
 __global__ void __launch_bounds__(NTHREADS) gemv_warp_vec16(const W* __restrict__ w, const float* __restrict__ x,
                                                             float* __restrict__ y, int N, int ld, int D, float eps) {
     const int lane = threadIdx.x & 31;
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(NTHREADS) gemv_warp_vec16(const W* __restrict_
     pdl_wait();
     if (r >= N) return;
     float s, ss, unused;
-    warp_dots<W, 1, EPI == 2>(w + (size_t)r * ld, w, x, ld, lane, &s, &unused, &ss);
+    warp_dots<W, 1, EPI == 2, U>(w + (size_t)r * ld, w, x, ld, lane, &s, &unused, &ss);
     if (lane == 0) {
         if (EPI == 1) y[r] += s;
         else if (EPI == 2) y[r] = s * rstd_of(ss, D, eps);
@@ -301,7 +302,7 @@ __global__ void rmsnorm(float* __restrict__ x, const float* __restrict__ add, co
 // q -> q[h * Dh + i]; k, v -> kc / vc[(kh * max_len + pos) * Dh + i]. bias may be null.
 // cos_t, sin_t: (max_len, Dh/2) float tables.
 // ====================================================================================
-template <typename W>
+template <typename W, int U = 4>
 __global__ void __launch_bounds__(NTHREADS) qkv_rope(const W* __restrict__ w, const float* __restrict__ bias,
                                                      const float* __restrict__ x, int ld, int D, float eps,
                                                      int H, int K, int Dh,
@@ -318,7 +319,7 @@ __global__ void __launch_bounds__(NTHREADS) qkv_rope(const W* __restrict__ w, co
     pdl_wait();
     if (!live) return;
     float a, b, ss;
-    warp_dots<W, 2, true>(w + (size_t)r0 * ld, w + (size_t)r1 * ld, x, ld, lane, &a, &b, &ss);
+    warp_dots<W, 2, true, U>(w + (size_t)r0 * ld, w + (size_t)r1 * ld, x, ld, lane, &a, &b, &ss);
     if (lane != 0) return;
     const float rs = rstd_of(ss, D, eps);
     a *= rs;
@@ -579,7 +580,7 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
 //   h[f] = a(rstd * wg[f] . x) * b(rstd * wu[f] . x)   (gated)      h[f] = a(...)   (plain)
 // count (optional, null = off): count[pos * n_layers + layer] += #{f : h[f] != 0}
 // ====================================================================================
-template <typename W>
+template <typename W, int U = 4>
 __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg, const W* __restrict__ wu,
                                                        const float* __restrict__ x, float* __restrict__ h,
                                                        int F, int ld, int D, float eps, int gate_kind, int up_kind,
@@ -597,8 +598,8 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg,
     pdl_wait();
     if (f < F) {
         float g, u = 0.f, ss;
-        if (gated) warp_dots<W, 2, true>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
-        else warp_dots<W, 1, true>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &u, &ss);
+        if (gated) warp_dots<W, 2, true, U>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
+        else warp_dots<W, 1, true, U>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &u, &ss);
         if (lane == 0) {
             const float rs = rstd_of(ss, D, eps);
             float v = act_fn<float>(g * rs, gate_kind, thr);
@@ -801,22 +802,83 @@ __global__ void __launch_bounds__(NTHREADS) ffn_up_list4(const W* __restrict__ w
     }
 }
 
+//  ffn_gate_block    skip, fourth rung (two launches): as the pure gate pass, a warp per
+//                    neuron streams its gate row (U sixteen-byte loads in flight per lane);
+//                    the block's kept neurons (0..8, ~0.8 at 90% zeros) are collected in
+//                    shared memory, then all 8 warps read the kept up rows together, an
+//                    eighth of each row per warp (every load of a row in one round), and one
+//                    thread per kept neuron sums the eighths: hv[slot] = a(gate) * b(up).
+//                    No launch and no grid-wide wait for the up rows; a block whose neurons
+//                    are all zero leaves after its gate rows.
+template <typename W, int U>
+__global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                           const float* __restrict__ x, int F, int ld, int D,
+                                                           float eps, int gate_kind, int up_kind, float thr,
+                                                           int gated, int* __restrict__ cnt, int* __restrict__ idx,
+                                                           float* __restrict__ hv) {
+    __shared__ int nk, base;
+    __shared__ int kf[WARPS];                                // the block's kept neurons
+    __shared__ float ka[WARPS], krs[WARPS];                  // their a(gate) and rstd
+    __shared__ float part[WARPS][WARPS + 1];                 // [kept neuron][warp]: partial up dots
+    const int V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int f = blockIdx.x * WARPS + wid;
+    if (threadIdx.x == 0) nk = 0;
+    if (f < F) prefetch_row(wg + (size_t)f * ld, ld, lane);
+    pdl_wait();
+    __syncthreads();
+    if (f < F) {
+        float g, unused, ss;
+        warp_dots<W, 1, true, U>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
+        const float rs = rstd_of(ss, D, eps);
+        const float a = act_fn<float>(g * rs, gate_kind, thr);
+        if (lane == 0 && kept(a)) {                          // nonzero or NaN: keep f
+            const int m = atomicAdd(&nk, 1);
+            kf[m] = f; ka[m] = a; krs[m] = rs;
+        }
+    }
+    __syncthreads();
+    const int n = nk;                                        // the same in every thread
+    if (n == 0) return;
+    if (threadIdx.x == 0) base = atomicAdd(cnt, n);          // one global atomic per block
+    if (gated) {
+        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
+        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
+        for (int m = 0; m < n; ++m) {
+            float u = 0.f, unused;
+            if (len > 0)
+                warp_dots<W, 1, false>(wu + (size_t)kf[m] * ld + (size_t)v0 * V, wu, x + (size_t)v0 * V, len * V,
+                                       lane, &u, &unused, &unused);
+            if (lane == 0) part[m][wid] = u;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < n) {
+        const int m = threadIdx.x;
+        float a = ka[m];
+        if (gated) {
+            float u = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) u += part[m][w];
+            a = a * act_fn<float>(u * krs[m], up_kind, thr);
+        }
+        idx[base + m] = kf[m];
+        hv[base + m] = a;
+    }
+}
+
 #define NV 2                                                 // 16-byte vectors per lane in ffn_down_rows
+// x[col0 : col0 + CW] += sum_{lo <= j < hi} hv[j] * wd[idx[j], col0 : col0 + CW], one block:
+// a warp accumulates its slots' columns in registers (4 rows' loads in flight), the block
+// reduces its warps in shared memory (red), then one atomicAdd per column.
 template <typename W>
-__global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict__ cnt, const int* __restrict__ idx,
-                                                          const float* __restrict__ hv, const W* __restrict__ wd,
-                                                          float* __restrict__ x, int ld) {
+__device__ __forceinline__ void down_rows_tile(int lo, int hi, int col0, const int* __restrict__ idx,
+                                               const float* __restrict__ hv,
+                                               const W* __restrict__ wd, float* x, int ld,
+                                               float (*red)[32 * VecOf<W>::N * NV]) {
     const int V = VecOf<W>::N;
     const int CW = 32 * V * NV;                              // columns of a block
-    __shared__ float red[WARPS][CW];
-    pdl_wait();                                              // cnt, idx, hv: from the kernel before
-    const int n = *cnt;
-    const int G = gridDim.y;
-    const int chunk = (n + G - 1) / G;
-    const int lo = blockIdx.y * chunk, hi = min(n, lo + chunk);
-    if (lo >= hi) return;                                    // whole block
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const int col0 = blockIdx.x * CW;
     float acc[NV * V];
 #pragma unroll
     for (int k = 0; k < NV * V; ++k) acc[k] = 0.f;
@@ -849,6 +911,20 @@ __global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict_
         for (int w = 0; w < WARPS; ++w) t += red[w][i];
         if (col0 + i < ld && t != 0.f) atomicAdd(x + col0 + i, t);
     }
+}
+
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict__ cnt, const int* __restrict__ idx,
+                                                          const float* __restrict__ hv, const W* __restrict__ wd,
+                                                          float* __restrict__ x, int ld) {
+    __shared__ float red[WARPS][32 * VecOf<W>::N * NV];
+    pdl_wait();                                              // cnt, idx, hv: from the kernel before
+    const int n = *cnt;
+    const int G = gridDim.y;
+    const int chunk = (n + G - 1) / G;
+    const int lo = blockIdx.y * chunk, hi = min(n, lo + chunk);
+    if (lo >= hi) return;                                    // whole block
+    down_rows_tile<W>(lo, hi, blockIdx.x * 32 * VecOf<W>::N * NV, idx, hv, wd, x, ld, red);
 }
 
 // ====================================================================================

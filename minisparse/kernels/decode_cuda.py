@@ -81,10 +81,12 @@ PREFETCH_BYTES = 512            # of each weight row, prefetched into L2 before 
 PDL_SITES = ("embed", "qkv", "attn", "oproj", "ffn_up", "ffn_mid", "ffn_down", "norm", "head", "argmax")
 PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 PDL_AUTO = {"dense": PDL_ATTN_SIDE, "skip": PDL_SITES, "given": PDL_SITES}   # bench/decode_gpu.py --pdl-sweep
-SELECT_KERNELS = ("split3", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
+SELECT_KERNELS = ("split3", "block", "block8", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
 SELECT_KERNEL = "split3"
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
+GEMV_US = (4, 8)                # 16-byte loads in flight per lane in the warp-per-row GEMVs (GraphDecoder.gemv_u)
+GEMV_U = 8                      # bench/decode_gpu.py --pdl-sweep: faster in every mode (dense 4.08 -> 3.99 ms/token)
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
@@ -128,7 +130,8 @@ def kernels(weight_dtype, prefetch_bytes: int = 0) -> dict:
     Keys: ``gemv_naive``, ``gemv_warp``, ``gemv_vec16`` (y = W x), ``gemv_vec16_add``
     (y += W x), ``gemv_vec16_norm`` (y = rstd(x) W x), ``embed``, ``rmsnorm``,
     ``qkv_rope``, ``attn_naive``, ``attn``, ``ffn_gateup``, ``ffn_gate_select``,
-    ``ffn_gateup_list``, ``ffn_gate_select2``, ``ffn_gateup_list4``, ``ffn_up_list4``, ``ffn_down_rows``,
+    ``ffn_gateup_list``, ``ffn_gate_select2``, ``ffn_gateup_list4``, ``ffn_up_list4``,
+    ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane), ``ffn_down_rows``,
     ``argmax``, ``attn_split``.
     """
     wdt = np.dtype(weight_dtype)
@@ -142,16 +145,20 @@ def kernels(weight_dtype, prefetch_bytes: int = 0) -> dict:
         cp = _cupy()
         W = _CTYPE[wdt]
         names = dict(gemv_naive=f"gemv_naive<{W}>", gemv_warp=f"gemv_warp<{W}>",
-                     gemv_vec16=f"gemv_warp_vec16<{W}, 0>", gemv_vec16_add=f"gemv_warp_vec16<{W}, 1>",
-                     gemv_vec16_norm=f"gemv_warp_vec16<{W}, 2>",
-                     embed=f"embed<{W}>", qkv_rope=f"qkv_rope<{W}>", ffn_gateup=f"ffn_gateup<{W}>",
+                     gemv_vec16=f"gemv_warp_vec16<{W}, 0, 4>", gemv_vec16_add=f"gemv_warp_vec16<{W}, 1, 4>",
+                     gemv_vec16_norm=f"gemv_warp_vec16<{W}, 2, 4>",
+                     embed=f"embed<{W}>", qkv_rope=f"qkv_rope<{W}, 4>", ffn_gateup=f"ffn_gateup<{W}, 4>",
                      ffn_gate_select=f"ffn_gate_select<{W}>", ffn_gateup_list=f"ffn_gateup_list<{W}>",
                      ffn_gate_select2=f"ffn_gate_select2<{W}>", ffn_gateup_list4=f"ffn_gateup_list4<{W}>",
-                     ffn_up_list4=f"ffn_up_list4<{W}>",
+                     ffn_up_list4=f"ffn_up_list4<{W}>", ffn_gate_block=f"ffn_gate_block<{W}, 4>",
+                     ffn_gate_block8=f"ffn_gate_block<{W}, 8>",
                      ffn_down_rows=f"ffn_down_rows<{W}>",
                      rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
                      attn_split="attn_decode_split",
-                     argmax="argmax_advance")
+                     argmax="argmax_advance",
+                     # U = 8 loads in flight per lane (GraphDecoder.gemv_u)
+                     gemv_vec16_add_u8=f"gemv_warp_vec16<{W}, 1, 8>", gemv_vec16_norm_u8=f"gemv_warp_vec16<{W}, 2, 8>",
+                     qkv_rope_u8=f"qkv_rope<{W}, 8>", ffn_gateup_u8=f"ffn_gateup<{W}, 8>")
         # C++ names (mangled): every kernel, template or not, is found by its name expression
         mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}"),
                            name_expressions=list(names.values()))
@@ -486,12 +493,17 @@ class GraphDecoder:
         The launch sites captured with programmatic dependent launch (``pdl``).
     select_kernel, list_kernel : str
         The rung of skip mode's first half (``"split3"``: a pure gate pass, then
-        ffn_up_list4 for the kept neurons' up rows; ``"split3pair"``: the same with the
+        ffn_up_list4 for the kept neurons' up rows; ``"block"`` / ``"block8"``:
+        ffn_gate_block, the gate pass whose blocks then read their kept neurons' up rows
+        with all 8 warps, one launch, 4 / 8 loads in flight per lane; ``"split3pair"``: the same with the
         gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
         neurons per warp, up rows read by the same warp; ``"single"``: ffn_gate_select, one
         neuron per warp) and of given mode's first half
         (``"quarter"``: ffn_gateup_list4, four warps per neuron; ``"warp"``:
         ffn_gateup_list). Change them before the first step (or set ``_graph = None``).
+    gemv_u : int
+        16-byte loads in flight per lane (4 or 8) in the warp-per-row GEMVs (q,k,v, the
+        o-projection, the dense FFN and the LM head); same rule.
 
     Raises
     ------
@@ -536,6 +548,7 @@ class GraphDecoder:
             self.pdl_sites = frozenset()
         self.prefetch_bytes = int(prefetch_bytes) if self.pdl else 0
         self.select_kernel, self.list_kernel = SELECT_KERNEL, LIST_KERNEL
+        self.gemv_u = GEMV_U
         self.k = kernels(self.wdt, self.prefetch_bytes)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.down_blocks_per_sm = DOWN_BLOCKS_PER_SM
@@ -721,6 +734,9 @@ class GraphDecoder:
         if self.select_kernel not in SELECT_KERNELS or self.list_kernel not in LIST_KERNELS:
             raise ValueError(f"select_kernel must be one of {SELECT_KERNELS} and list_kernel one of "
                              f"{LIST_KERNELS}; got {self.select_kernel!r}, {self.list_kernel!r}")
+        if self.gemv_u not in GEMV_US:
+            raise ValueError(f"gemv_u must be one of {GEMV_US}, got {self.gemv_u!r}")
+        u8 = "_u8" if self.gemv_u == 8 else ""
         c, k = self.config, self.k
         i32, f32 = np.int32, np.float32
         D, H, K, Dh, F, V, L_ = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.n_layers
@@ -757,7 +773,7 @@ class GraphDecoder:
                (self.emb, i32(Dp), self.tokens, self.pos, self.x, i32(D), f32(math.sqrt(D)), i32(c.embed_scale)))
         for i, lw in enumerate(self.layers):
             # attention: [norm +] q,k,v + rotary + KV write; attention; o-proj + residual
-            launch("qkv", k["qkv_rope"], rows((H + 2 * K) * Dh // 2), blk,
+            launch("qkv", k["qkv_rope" + u8], rows((H + 2 * K) * Dh // 2), blk,
                    (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
                     i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
             if self.attn_kernel == "split":
@@ -768,20 +784,22 @@ class GraphDecoder:
                 launch("attn", k["attn"], (H,), (ATTN_THREADS,),
                        (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
                         f32(1.0 / math.sqrt(Dh))), shared_mem=attn_shared_bytes(S, Dh))
-            launch("oproj", k["gemv_vec16_add"], rows(D), blk, (lw["wo"], self.o, self.x, i32(D), i32(HDp), i32(D), eps))
+            launch("oproj", k["gemv_vec16_add" + u8], rows(D), blk, (lw["wo"], self.o, self.x, i32(D), i32(HDp), i32(D), eps))
             # FFN + residual
             wu = lw["wu"] if lw["wu"] is not None else lw["wg"]
             if self.mode == "dense":
-                launch("ffn_up", k["ffn_gateup"], rows(F), blk,
+                launch("ffn_up", k["ffn_gateup" + u8], rows(F), blk,
                        (lw["wg"], wu, self.x, self.h, i32(F), i32(Dp), i32(D), eps, gk, uk, thr, gated,
                         self.counts if self.counts is not None else _NULL, self.pos, i32(i), i32(L_)))
-                launch("ffn_down", k["gemv_vec16_add"], rows(D), blk, (lw["wdT"], self.h, self.x, i32(D), i32(Fp), i32(D), eps))
+                launch("ffn_down", k["gemv_vec16_add" + u8], rows(D), blk, (lw["wdT"], self.h, self.x, i32(D), i32(Fp), i32(D), eps))
             elif self.sparse_kernel == "decode":
                 if self.mode == "skip":
                     cnt_i, idx = self.cnt[i:i + 1], self.idx
                     pair = self.select_kernel in ("pair", "split3pair")
                     split3 = self.select_kernel.startswith("split3")
-                    launch("ffn_up", k["ffn_gate_select2" if pair else "ffn_gate_select"], rows((F + 1) // 2 if pair else F), blk,
+                    first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8"}.get(
+                        self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select")
+                    launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk,
                            (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
                             i32(0) if split3 else gated, cnt_i, idx, self.hv))
                     if split3 and self.act.gated:              # the kept neurons' up rows
@@ -808,7 +826,7 @@ class GraphDecoder:
                     if not count_only:
                         self._cupy_._launch(plan, self._x2, lw["wg"], lw["wu"], lw["wd"], lw.get("mask"), self._y2)
                 launch("norm", k["rmsnorm"], (1,), (1024,), (self.x, self.y, self.ones, self.scratch, i32(D), eps))
-        launch("head", k["gemv_vec16_norm"], rows(V), blk, (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps))
+        launch("head", k["gemv_vec16_norm" + u8], rows(V), blk, (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps))
         launch("argmax", k["argmax"], (1,), (1024,),
                (self.logits, i32(V), self.tokens, self.pos, self.n_prompt, i32(S + 1), zero, n_zero, record))
         return n

@@ -21,6 +21,7 @@ import pytest
 
 import minisparse as ms
 from minisparse.activations import get_activation
+from minisparse.kernels import decode_cuda as dc
 from minisparse.kernels.decode_cuda import GraphDecoder, exactly_sparse_params
 from minisparse.model import KVCache
 
@@ -186,11 +187,14 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
     major = int(cp.cuda.Device().compute_capability) // 10
     rungs = [("dense", {}), ("skip", {}), ("given", {}),                # the defaults, then the other rungs
              ("skip", dict(select_kernel="single")), ("skip", dict(select_kernel="pair")),
-             ("skip", dict(select_kernel="split3pair")), ("given", dict(list_kernel="warp"))]
+             ("skip", dict(select_kernel="split3pair")), ("skip", dict(select_kernel="block")),
+             ("skip", dict(select_kernel="block8")),
+             ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
+             ("given", dict(gemv_u=4))]
     for mode, rung in rungs:
         dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
                            pdl=pdl, prefetch_bytes=prefetch)
-        assert (dec.select_kernel, dec.list_kernel) == ("split3", "quarter")
+        assert (dec.select_kernel, dec.list_kernel) == (dc.SELECT_KERNEL, dc.LIST_KERNEL)
         for name, value in rung.items():
             setattr(dec, name, value)
         assert dec.pdl == (pdl and major >= 9)
@@ -237,6 +241,9 @@ def test_split_attention_has_no_max_len_limit(cp):
     dec.select_kernel = "singel"                         # a typo is refused at the next step
     dec._graph = None
     with pytest.raises(ValueError, match="select_kernel"):
+        dec.generate(PROMPT, 3)
+    dec.select_kernel, dec.gemv_u = "split3", 6         # so is a load depth without a kernel
+    with pytest.raises(ValueError, match="gemv_u"):
         dec.generate(PROMPT, 3)
 
 
