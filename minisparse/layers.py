@@ -119,6 +119,7 @@ def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
 
 
 QUERY_BLOCK = 64  # queries per block in attention: later blocks need more keys, early ones fewer
+GPU_QUERY_BLOCK = 256  # on a GPU: a block is ~15 kernel launches, which cost more than the masked scores they skip
 
 
 def _exp_needs_shift(qs: Array, k: Array):
@@ -137,7 +138,7 @@ def _exp_needs_shift(qs: Array, k: Array):
     return bool(need) if xp is np else need
 
 
-def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block: int = QUERY_BLOCK,
+def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block: Optional[int] = None,
                            scale: Optional[float] = None):
     """Causal softmax attention, softmax(scale q k^T + mask) v, scale = 1/sqrt(Dh) by default.
 
@@ -151,9 +152,10 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     * Grouped-query attention without copying k and v: the rep = H/K query heads that
       share a KV head are stacked along time, so one matmul per KV head serves all of them
       (query head h uses KV head h // rep, as ``np.repeat(k, rep, axis=1)`` would give).
-    * Causality: queries are taken ``block`` at a time, and a block only computes scores
-      against the keys its last query can see (about half the work of the full T x S);
-      only the keys the block's first query cannot see are masked.
+    * Causality: queries are taken ``block`` at a time (default :data:`QUERY_BLOCK`, on a
+      GPU :data:`GPU_QUERY_BLOCK`), and a block only computes scores against the keys its
+      last query can see (about half the work of the full T x S); only the keys the
+      block's first query cannot see are masked.
     * Few passes over the (block x keys) scores: the max is subtracted only when the
       scores could overflow ``exp`` (:func:`_exp_needs_shift`), the probabilities
       p = e / l (e = exp(scores), l = row sums of e) are never formed: the output is
@@ -165,6 +167,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     rep = H // K
     scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
     xp = array_module(q)                                              # numpy or cupy (minisparse.xp)
+    block = block or (QUERY_BLOCK if xp is np else GPU_QUERY_BLOCK)
     qs = q * q.dtype.type(scale) if scale != 1.0 else q               # (B, H, T, Dh) scaled queries
     shift = _exp_needs_shift(qs, k)
     out = np.empty_like(q)                                            # (B, H, T, Dh)
