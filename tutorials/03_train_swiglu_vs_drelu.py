@@ -165,7 +165,7 @@ show_figure("03_loss_vs_sparsity")
 #
 # One seed is one sample. In that reproduction's five paired seeds (the `tiny` preset, 800
 # steps) the final loss varies by about 0.006-0.009 nats/byte (sd) from seed to seed, and
-# dReLU − SwiGLU is +0.015 (95% CI +0.001 to +0.029; about +0.017 with 4x the steps): the
+# dReLU − SwiGLU is +0.015 (95% CI +0.001 to +0.029; +0.016, CI +0.013 to +0.020, with 4x the steps): the
 # gap of a single pair, like the one above, says little on its own; it takes several paired
 # seeds to tell a 1% difference from noise.
 #
