@@ -159,9 +159,18 @@ def main(argv=None) -> int:
         def sync():
             pass
         gpu = None
+    try:                                              # which code was measured (the device copy may lack .git)
+        import subprocess
+        top, commit = subprocess.run(["git", "-C", src, "rev-parse", "--show-toplevel", "HEAD"],
+                                     capture_output=True, text=True, timeout=10).stdout.split()
+        if Path(top).resolve() != Path(src).parent:   # a copy of the package outside the repository
+            commit = None
+    except Exception:
+        commit = None
     machine = dict(device=a.device, gpu=gpu, cpu=platform.processor() or platform.machine(),
                    python=platform.python_version(), numpy=np.__version__,
-                   cupy=getattr(xp, "__version__", None) if on_gpu else None, tf32=bool(a.tf32), src=src)
+                   cupy=getattr(xp, "__version__", None) if on_gpu else None, tf32=bool(a.tf32), src=src,
+                   commit=commit)
     print(f"minisparse from {src}; device {a.device}{' ' + gpu if gpu else ''}{' (TF32)' if a.tf32 else ''}")
 
     # ---- model, data, optimizer: as bench/science_gpu.py and minisparse.train.train ----

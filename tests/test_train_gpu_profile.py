@@ -41,3 +41,19 @@ def test_profile_rejects_bad_shapes(capsys):
     with pytest.raises(SystemExit):
         _script().main(["--device", "numpy", "--dim", "30", "--heads", "4"])
     assert "--dim 30" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_profile_runs_on_the_gpu(tmp_path):
+    """The same smoke run with CuPy (skipped, never passed, without CuPy and a CUDA device)."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device visible")
+    except Exception as e:  # ImportError, CUDARuntimeError
+        pytest.skip(f"needs CuPy and a CUDA GPU ({type(e).__name__}: {e})")
+    args = [a if a != "numpy" else "cupy" for a in TINY]
+    assert _script().main(args + ["--out", str(tmp_path), "--tag", "gpu"]) == 0
+    res = json.loads((tmp_path / "train_gpu_profile_gpu.json").read_text())
+    assert res["validation"]["ok"] and res["machine"]["gpu"]
+    assert res["validation"]["loss_rel_err"] < 1e-4                    # float32 on the GPU against NumPy
