@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import minisparse as ms
-from minisparse.train import AdamW, clip_grads, keep_freed_memory, set_blas_threads
+from minisparse.train import AdamW, accumulate_grads, clip_grads, keep_freed_memory, set_training_threads
 
 HERE = Path(__file__).resolve().parent
 REF = dict(dim=256, n_layers=4, n_heads=8, ffn_dim=688, max_seq_len=256)
@@ -127,12 +127,14 @@ def time_steps(step, n_warmup: int, n_steps: int):
     return times
 
 
-def minisparse_step_fn(act, x, y):
+def minisparse_step_fn(act, x, y, workers: int = 1):
+    """train()'s step: accumulate_grads (the batch rows split over ``workers`` threads, BLAS 1
+    thread each, as train() does with training_workers()), clipping, AdamW."""
     model = ms.Transformer(ms.ModelConfig(activation=act, **REF), seed=0, dtype=np.float32)
     opt = AdamW(model.params, LR, BETAS, EPS, WD)
 
     def step():
-        loss, grads = model.loss_and_grads(x, y)
+        loss, grads, _ = accumulate_grads(model, [(x, y)], workers=workers)
         clip_grads(grads, CLIP)
         opt.step(model.params, grads, LR)
         return loss
@@ -196,6 +198,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/train_throughput[_quick].json)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for both NumPy's OpenBLAS and PyTorch (default: all cores)")
+    ap.add_argument("--no-split", action="store_true",
+                    help="minisparse runs the whole batch on one thread with BLAS on --threads (the step before "
+                         "train() split batches over threads)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="do not apply minisparse.train.keep_freed_memory (which train() applies)")
     args = ap.parse_args(argv)
@@ -205,7 +210,13 @@ def main(argv=None):
     n_steps = args.steps or (2 if args.quick else 8)
     acts = args.activations.split(",")
     threads = args.threads or os.cpu_count() or 1
-    blas_set = set_blas_threads(threads)
+    blas_set = set_training_threads(threads)
+    try:                                         # train()'s rule (minisparse.runtime.training_workers)
+        import threadpoolctl  # noqa: F401
+        can_split = blas_set and threads >= 2
+    except ImportError:
+        can_split = False
+    workers = threads if can_split and not args.no_split else 1
     try:
         import torch
         torch.set_num_threads(threads)
@@ -223,14 +234,14 @@ def main(argv=None):
     print(f"machine: {model_name}, {os.cpu_count()} CPUs, load average "
           f"{load_start[0] if load_start else float('nan'):.1f}; float32 matmul (2048^3, NumPy BLAS): "
           f"{peak:.1f} GFLOP/s; glibc keeps freed memory: {malloc_tuned}; threads: {threads} "
-          f"(OpenBLAS set: {blas_set})")
+          f"(OpenBLAS set: {blas_set}); minisparse splits the batch over {workers} thread(s)")
     rows, checks = [], {}
     for act in acts:
         if torch is not None:
             checks[act] = validate(act, x[:2, :64], y[:2, :64])
             print(f"validated {act}: loss diff {checks[act]['loss_abs_diff']:.1e}, worst grad rel diff "
                   f"{checks[act]['worst_grad_rel_diff']:.1e} (float64, minisparse vs torch autograd)")
-        model, step = minisparse_step_fn(act, x, y)
+        model, step = minisparse_step_fn(act, x, y, workers)
         flops = train_flops(model, tokens, BATCH, SEQ)
         impls = [("minisparse", step)]
         if torch is not None:
@@ -286,7 +297,7 @@ def main(argv=None):
                     "torch_threads": torch.get_num_threads() if torch is not None else None,
                     "load_average_at_start": load_start, "load_average_at_end": load,
                     "malloc_keeps_freed_memory": malloc_tuned, "threads": threads,
-                    "openblas_threads_set": blas_set},
+                    "openblas_threads_set": blas_set, "minisparse_batch_split_workers": workers},
         "timed_steps": n_steps,
     }, indent=2))
     print(f"\nwrote {out}")

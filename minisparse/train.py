@@ -26,7 +26,8 @@ import numpy as np
 
 from .data import Corpus
 from .model import Transformer
-from .runtime import auto_threads, configure_training, keep_freed_memory, set_blas_threads  # noqa: F401
+from .runtime import (auto_threads, blas_threads_limited, configure_training, keep_freed_memory,  # noqa: F401
+                      set_blas_threads, set_training_threads, training_workers)
 from .xp import array_module, to_device, to_numpy
 
 Array = np.ndarray
@@ -257,16 +258,26 @@ def clip_grads(grads: Dict[str, Array], max_norm: float) -> float:
     return norm
 
 
-def accumulate_grads(model: Transformer, batches, l1: float = 0.0):
+def accumulate_grads(model: Transformer, batches, l1: float = 0.0, workers: int = 1):
     """Mean loss, mean gradients and mean cross-entropy over micro-batches [(x, y), ...].
 
     With equal-size micro-batches this equals the loss and gradient of their concatenation.
     ``loss`` includes the MoE auxiliary losses and the l1 penalty; ``ce`` is the
     cross-entropy alone.
+
+    ``workers`` > 1 splits each micro-batch's rows over that many threads, BLAS at one
+    thread each (see :func:`minisparse.runtime.training_workers`, which :func:`train`
+    passes), and combines the parts weighted by their rows: the same loss and gradient to
+    rounding. Used only where that is exact and safe -- a model on the host, no MoE layer
+    (the load-balancing loss is not a mean over tokens), ``l1 == 0``, no ignored target, no
+    :meth:`~minisparse.Transformer.wrap_ffn` wrapper -- else the batch runs whole.
     """
     total, ce, acc = 0.0, 0.0, None
     for x, y in batches:
-        loss, grads = model.loss_and_grads(x, y, l1=l1)
+        if workers > 1 and _can_split(model, x, y, l1):
+            loss, grads = _split_loss_and_grads(model, x, y, workers)
+        else:
+            loss, grads = model.loss_and_grads(x, y, l1=l1)
         total += loss
         ce += model.last_aux.get("ce_loss", loss)
         if acc is None:
@@ -279,6 +290,37 @@ def accumulate_grads(model: Transformer, batches, l1: float = 0.0):
         for g in acc.values():
             g /= g.dtype.type(n)
     return total / n, acc, ce / n
+
+
+def _can_split(model: Transformer, x, y, l1: float) -> bool:
+    c = model.config
+    return (array_module(next(iter(model.params.values()))) is np and not l1 and not model.ffn_wrappers
+            and not any(c.is_moe_layer(i) for i in range(c.n_layers))
+            and y is not None and len(x) >= 2 and bool((np.asarray(y) != -1).all()))
+
+
+_POOLS: Dict[int, "ThreadPoolExecutor"] = {}
+
+
+def _split_loss_and_grads(model: Transformer, x, y, workers: int):
+    """loss_and_grads of the rows of (x, y) split over ``workers`` threads, combined with
+    weights rows_i / B (every target counts: the loss is a mean over B x T tokens)."""
+    from concurrent.futures import ThreadPoolExecutor
+    parts = [r for r in np.array_split(np.arange(len(x)), workers) if len(r)]
+    pool = _POOLS.get(len(parts))
+    if pool is None:
+        pool = _POOLS[len(parts)] = ThreadPoolExecutor(len(parts), thread_name_prefix="minisparse-train")
+    with blas_threads_limited(1):
+        results = [f.result() for f in [pool.submit(model.loss_and_grads, x[r], y[r]) for r in parts]]
+    B = len(x)
+    loss = sum(part_loss * (len(r) / B) for (part_loss, _), r in zip(results, parts))
+    grads = results[0][1]
+    for k, g in grads.items():                    # fixed order: the same sum whichever thread ends first
+        g *= g.dtype.type(len(parts[0]) / B)
+        for (_, other), r in zip(results[1:], parts[1:]):
+            g += other[k] * g.dtype.type(len(r) / B)
+    model.last_aux = {"ce_loss": loss}            # the parts' writes raced: the combined value
+    return loss, grads
 
 
 # ======================================================================================
@@ -545,7 +587,7 @@ def _train_step(model: Transformer, corpus: Corpus, cfg: TrainConfig, opt: "Adam
     t0 = time.perf_counter()
     lr = lr_at(step, cfg)
     batches = [corpus.get_batch("train", cfg.batch_size, cfg.seq_len, rng) for _ in range(cfg.grad_accum)]
-    loss, grads, ce = accumulate_grads(model, batches, cfg.l1)
+    loss, grads, ce = accumulate_grads(model, batches, cfg.l1, workers=training_workers())
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate "
                                  f"(lr={cfg.lr}) or raise warmup")

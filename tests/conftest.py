@@ -18,6 +18,18 @@ def rng():
     return np.random.default_rng(12345)
 
 
+@pytest.fixture(autouse=True)
+def _training_threads_do_not_leak():
+    """A test that runs the CLI (its --threads calls set_training_threads) must not make
+    later tests' train() split their batches: restore minisparse.runtime's choices."""
+    from minisparse import runtime
+    names = ("_EXPLICIT_BLAS_THREADS", "_EXPLICIT_TRAIN_WORKERS", "_TRAIN_WORKERS")
+    saved = {n: getattr(runtime, n) for n in names}
+    yield
+    for n, v in saved.items():
+        setattr(runtime, n, v)
+
+
 # --------------------------------------------------------------------------------------
 # skip summary: a backend that cannot run here skips many tests for one reason; say the
 # reason on one line and its install hint once, not the same long hint for every location

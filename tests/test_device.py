@@ -106,9 +106,13 @@ def test_device_model_moves_back_bit_for_bit_and_saves(cp, tmp_path):
         np.testing.assert_array_equal(back.params[k], ref[k])
 
 
-def test_device_training_equals_host_training(cp):
+def test_device_training_equals_host_training(cp, monkeypatch):
+    import minisparse.train as T
     from minisparse.data import corpus_from_text
     from minisparse.train import TrainConfig, train
+    # bit for bit needs the same sums: the host's step must not split its batch over threads
+    # (the device never does; tests/test_train_split.py checks the split against the whole)
+    monkeypatch.setattr(T, "training_workers", lambda: 1)
     corpus = corpus_from_text("def f(x):\n    return x * 2 + 1\n" * 100)
     cfg = ms.preset("nano", activation="drelu", vocab_size=258)
     tc = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup=1, progress=False, eval_batches=1)

@@ -68,6 +68,7 @@ def test_numba_threads_start_passive_and_leave_the_environment_alone():
 def test_training_threads_default_and_explicit(monkeypatch):
     from minisparse import runtime
     monkeypatch.setattr(runtime, "_EXPLICIT_BLAS_THREADS", None)
+    monkeypatch.setattr(runtime, "_EXPLICIT_TRAIN_WORKERS", None)
     for v in runtime._BLAS_THREAD_VARS:
         monkeypatch.delenv(v, raising=False)
     d = runtime.configure_training()

@@ -94,14 +94,17 @@ DEMO_QUICK = dict(preset="nano", activation="drelu", max_bytes=300_000, steps=15
 
 
 def _threads(args) -> str:
-    """Apply --threads (default: auto) to NumPy's OpenBLAS; returns a line for the header."""
-    from ..runtime import auto_threads, set_blas_threads
+    """Apply --threads (default: auto) to training (minisparse.runtime.set_training_threads:
+    a step's batch rows split over the threads, BLAS 1 thread each); returns a header line."""
+    from ..runtime import auto_threads, set_training_threads
     n = args.threads if args.threads is not None else auto_threads()
-    ok = set_blas_threads(n)
+    ok = set_training_threads(n)
     why = ""
     if args.threads is None and n < (os.cpu_count() or 1):
         why = f" (other work keeps cores busy: load average {os.getloadavg()[0]:.1f}; --threads overrides)"
-    return f"{n}{why}" if ok else f"BLAS default (could not set {n}; use OPENBLAS_NUM_THREADS)"
+    from ..runtime import _EXPLICIT_TRAIN_WORKERS as workers
+    split = f" (a step's batch split over {workers}, BLAS 1 thread each)" if (workers or 1) > 1 else ""
+    return f"{n}{split}{why}" if ok else f"BLAS default (could not set {n}; use OPENBLAS_NUM_THREADS)"
 
 
 def cmd_demo(args) -> int:
@@ -132,7 +135,7 @@ def cmd_demo(args) -> int:
                        eval_batches=d["eval_batches"], seed=args.seed, out_dir=str(out),
                        progress=not args.no_progress)
     print(f"train  : {tcfg.steps} steps x {tcfg.batch_size} x {tcfg.seq_len} tokens, AdamW lr {tcfg.lr}, "
-          f"warmup {tcfg.warmup} + cosine; BLAS threads: {threads}")
+          f"warmup {tcfg.warmup} + cosine; threads: {threads}")
     result = train(model, corpus, tcfg)
     t_train = time.perf_counter() - t_start
 
@@ -268,7 +271,7 @@ def cmd_train(args) -> int:
           + f", {model.num_parameters():,} parameters, {model.dtype}")
     print(f"train  : steps {start}..{tcfg.steps}, {tcfg.batch_size} x {tcfg.seq_len} tokens"
           f"{f' x {tcfg.grad_accum} accumulated' if tcfg.grad_accum > 1 else ''}, lr {tcfg.lr}, out {out}, "
-          f"BLAS threads: {threads}")
+          f"threads: {threads}")
     routing = RoutingMonitor(model, corpus, tcfg.seq_len, out) if c.n_experts else None
     result = train(model, corpus, tcfg, resume=args.resume, callback=routing)
     print(f"validation loss {loss_text(result.final_val_loss, byte_level=True)}")
@@ -296,8 +299,8 @@ def cmd_generate(args) -> int:
 # --------------------------------------------------------------------------------------
 # the parser
 # --------------------------------------------------------------------------------------
-THREADS_HELP = ("BLAS threads for the matmuls (default: the cores the load average says are free; "
-                "on busy cores more threads only wait for each other)")
+THREADS_HELP = ("threads for training: a step's batch rows split over them, BLAS 1 thread each (default: "
+                "the cores the load average says are free; on busy cores more threads only wait for each other)")
 
 
 def build_parser() -> argparse.ArgumentParser:
