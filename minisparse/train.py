@@ -627,7 +627,9 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     ``save_every`` steps), ``metrics.jsonl`` and ``loss.png`` (with matplotlib) there.
 
     Speed: calls :func:`minisparse.runtime.configure_training` (process-wide allocator and
-    BLAS-thread settings; see there).
+    BLAS-thread settings; see there). With 2 or more threads chosen by minisparse (or by
+    :func:`~minisparse.runtime.set_training_threads`), each step splits its batch rows over
+    them (:func:`accumulate_grads`, ``workers``): the same loss and gradient to rounding.
 
     Examples
     --------
