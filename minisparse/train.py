@@ -272,6 +272,8 @@ def accumulate_grads(model: Transformer, batches, l1: float = 0.0, workers: int 
     (the load-balancing loss is not a mean over tokens), ``l1 == 0``, no ignored target, no
     :meth:`~minisparse.Transformer.wrap_ffn` wrapper -- else the batch runs whole.
     """
+    if int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be a positive integer (threads to split each batch over), got {workers!r}")
     total, ce, acc = 0.0, 0.0, None
     for x, y in batches:
         if workers > 1 and _can_split(model, x, y, l1):

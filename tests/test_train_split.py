@@ -122,3 +122,14 @@ def test_train_with_a_split_step_is_deterministic_and_close(fresh_runtime, monke
     np.testing.assert_allclose(l2, l1, rtol=1e-9)
     for k in m1.params:
         np.testing.assert_allclose(m2.params[k], m1.params[k], rtol=1e-6, atol=1e-8, err_msg=k)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_bad_thread_counts_are_refused(bad, fresh_runtime):
+    model = _model()
+    x, y = _batch(np.random.default_rng(0), 2)
+    with pytest.raises(ValueError, match="workers"):
+        accumulate_grads(model, [(x, y)], workers=bad)
+    if isinstance(bad, int):
+        with pytest.raises(ValueError, match="threads"):
+            fresh_runtime.set_training_threads(bad)
