@@ -129,14 +129,15 @@ def time_steps(step, n_warmup: int, n_steps: int):
 
 def minisparse_step_fn(act, x, y, workers: int = 1):
     """train()'s step: accumulate_grads (the batch rows split over ``workers`` threads, BLAS 1
-    thread each, as train() does with training_workers()), clipping, AdamW."""
+    thread each, as train() does with training_workers()), clipping, AdamW (their NumPy work
+    also in ``workers`` threads, as in train())."""
     model = ms.Transformer(ms.ModelConfig(activation=act, **REF), seed=0, dtype=np.float32)
     opt = AdamW(model.params, LR, BETAS, EPS, WD)
 
     def step():
         loss, grads, _ = accumulate_grads(model, [(x, y)], workers=workers)
-        clip_grads(grads, CLIP)
-        opt.step(model.params, grads, LR)
+        clip_grads(grads, CLIP, workers)
+        opt.step(model.params, grads, LR, workers)
         return loss
     return model, step
 

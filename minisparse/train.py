@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -184,8 +185,14 @@ class AdamW:
                 self.exp_avg_sq[k] = v[a:b].reshape(params[k].shape)
             self._groups.append((names, bounds, m, v))
 
-    def step(self, params: Dict[str, Array], grads: Dict[str, Array], lr: Optional[float] = None) -> None:
-        """Update every parameter in place (lr: this step's learning rate)."""
+    def step(self, params: Dict[str, Array], grads: Dict[str, Array], lr: Optional[float] = None,
+             workers: int = 1) -> None:
+        """Update every parameter in place (lr: this step's learning rate).
+
+        ``workers`` > 1 (NumPy arrays only) runs the update of contiguous runs of parameters
+        in that many threads (:func:`run_parallel`): every element gets the same operations,
+        so the result is the same, bit for bit, as with one.
+        """
         lr = self.lr if lr is None else float(lr)
         missing = sorted(set(params) - set(grads))
         if missing:
@@ -194,22 +201,36 @@ class AdamW:
         b1, b2 = self.betas
         bc1 = 1.0 - b1 ** self.t                     # bias corrections
         bc2 = 1.0 - b2 ** self.t
-        step_size = lr / bc1
-        sqrt_bc2 = math.sqrt(bc2)
+        coef = (b1, b2, lr / bc1, math.sqrt(bc2), lr)  # ..., step size, sqrt(bc2), lr
         for names, bounds, m, v in self._groups:
-            g = array_module(m).concatenate([grads[k].ravel() for k in names])  # (P,) all gradients
-            m *= b1
-            m += (1.0 - b1) * g                      # m <- b1 m + (1 - b1) g
-            v *= b2
-            v += (1.0 - b2) * (g * g)                # v <- b2 v + (1 - b2) g^2
-            denom = np.sqrt(v) / sqrt_bc2
-            denom += self.eps                        # sqrt(v_hat) + eps
-            update = step_size * (m / denom)         # (P,)
-            for name, (a, b) in zip(names, bounds):
-                p = params[name]
-                if self.weight_decay and decays(p.shape):
-                    p *= 1.0 - lr * self.weight_decay
-                p -= update[a:b].reshape(p.shape)
+            runs = (_balanced_runs([b - a for a, b in bounds], workers)
+                    if workers > 1 and array_module(m) is np and m.size >= _PARALLEL_MIN else [(0, len(names))])
+            run_parallel([partial(self._update, params, grads, names[i:j], bounds[i:j], m, v, coef)
+                          for i, j in runs])
+
+    def _update(self, params, grads, names, bounds, m, v, coef) -> None:
+        """The update of the parameters ``names``, which fill ``m[bounds[0][0]:bounds[-1][1]]``."""
+        b1, b2, step_size, sqrt_bc2, lr = coef
+        o = bounds[0][0]
+        m, v = m[o:bounds[-1][1]], v[o:bounds[-1][1]]    # (P,) this run's moments (views)
+        g = array_module(m).concatenate([grads[k].ravel() for k in names])  # (P,) its gradients
+        tmp = np.multiply(g, 1.0 - b1)               # (P,) the one temporary, reused in place below
+        m *= b1
+        m += tmp                                     # m <- b1 m + (1 - b1) g
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v *= b2
+        v += tmp                                     # v <- b2 v + (1 - b2) g^2
+        denom = np.sqrt(v, out=tmp)
+        denom /= sqrt_bc2
+        denom += self.eps                            # sqrt(v_hat) + eps
+        update = np.divide(m, denom, out=g)          # (P,) g is done with
+        update *= step_size                          # step_size * m_hat... / (sqrt(v_hat) + eps)
+        for name, (a, b) in zip(names, bounds):
+            p = params[name]
+            if self.weight_decay and decays(p.shape):
+                p *= 1.0 - lr * self.weight_decay
+            p -= update[a - o:b - o].reshape(p.shape)
 
     def state_dict(self, copy: bool = True) -> dict:
         """Scalars and moment arrays (copied; ``copy=False``: the live arrays, for saving)."""
@@ -239,23 +260,87 @@ class AdamW:
         self.weight_decay = float(state.get("weight_decay", self.weight_decay))
 
 
-def global_norm(grads: Dict[str, Array]) -> float:
-    """sqrt(sum of squares of every gradient), accumulated in float64."""
-    total = 0.0
-    for g in grads.values():
+def global_norm(grads: Dict[str, Array], workers: int = 1) -> float:
+    """sqrt(sum of squares of every gradient), accumulated in float64.
+
+    ``workers`` > 1 (NumPy arrays): each gradient's sum of squares in a thread of
+    :func:`run_parallel`, added up in the dict's order as with one (the same bits)."""
+    def sq(g):
         g64 = g.ravel().astype(np.float64, copy=False)
-        total = total + g64 @ g64                # on a GPU a 0-d device array: read back once, below
+        return g64 @ g64                         # on a GPU a 0-d device array: read back once, below
+    gs = list(grads.values())
+    if workers > 1 and gs and array_module(gs[0]) is np:
+        runs = _balanced_runs([g.size for g in gs], workers)
+        parts = run_parallel([partial(lambda sl: [sq(g) for g in sl], gs[i:j]) for i, j in runs])
+        squares = [s for part in parts for s in part]
+    else:
+        squares = [sq(g) for g in gs]
+    total = 0.0
+    for s in squares:
+        total = total + s
     return math.sqrt(float(total))
 
 
-def clip_grads(grads: Dict[str, Array], max_norm: float) -> float:
-    """Scale every gradient by min(1, max_norm / norm) in place; returns the norm before."""
-    norm = global_norm(grads)
+def clip_grads(grads: Dict[str, Array], max_norm: float, workers: int = 1) -> float:
+    """Scale every gradient by min(1, max_norm / norm) in place; returns the norm before.
+    ``workers``: threads for the NumPy work (see :func:`global_norm`; the same result)."""
+    norm = global_norm(grads, workers)
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for g in grads.values():
-            g *= g.dtype.type(scale)
+        gs = list(grads.values())
+
+        def scale_run(sl):
+            for g in sl:
+                g *= g.dtype.type(scale)
+        runs = (_balanced_runs([g.size for g in gs], workers) if workers > 1 and gs and array_module(gs[0]) is np
+                else [(0, len(gs))])
+        run_parallel([partial(scale_run, gs[i:j]) for i, j in runs])
     return norm
+
+
+# ======================================================================================
+# threads
+# ======================================================================================
+_POOLS: Dict[int, "ThreadPoolExecutor"] = {}
+_PARALLEL_MIN = 1 << 16          # elements below which the optimizer's update stays on one thread
+
+
+def run_parallel(tasks):
+    """Run the callables ``tasks`` (no arguments) and return their results, in order.
+
+    One task runs in the calling thread; more run in a persistent pool of that many
+    threads (kept across calls: no thread start per training step), with BLAS held at one
+    thread each meanwhile (:func:`~minisparse.runtime.blas_threads_limited`). NumPy and
+    BLAS release the GIL, so the tasks' array work runs on as many cores. The first
+    exception of a task is raised here, after every task has finished.
+    """
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    from concurrent.futures import ThreadPoolExecutor
+    pool = _POOLS.get(len(tasks))
+    if pool is None:
+        pool = _POOLS[len(tasks)] = ThreadPoolExecutor(len(tasks), thread_name_prefix="minisparse-train")
+    with blas_threads_limited(1):
+        futures = [pool.submit(t) for t in tasks]
+        errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
+    return [f.result() for f in futures]
+
+
+def _balanced_runs(sizes, n: int):
+    """At most ``n`` non-empty runs [(i, j), ...] of consecutive items covering all of
+    ``sizes``, each of about sum(sizes) / n (a run ends at the first item that reaches its
+    share)."""
+    total, runs, start, acc = sum(sizes), [], 0, 0
+    for idx, size in enumerate(sizes):
+        acc += size
+        if len(runs) < n - 1 and acc >= total * (len(runs) + 1) / n and idx + 1 < len(sizes):
+            runs.append((start, idx + 1))
+            start = idx + 1
+    runs.append((start, len(sizes)))
+    return runs
 
 
 def accumulate_grads(model: Transformer, batches, l1: float = 0.0, workers: int = 1):
@@ -301,26 +386,25 @@ def _can_split(model: Transformer, x, y, l1: float) -> bool:
             and y is not None and len(x) >= 2 and bool((np.asarray(y) != -1).all()))
 
 
-_POOLS: Dict[int, "ThreadPoolExecutor"] = {}
-
-
 def _split_loss_and_grads(model: Transformer, x, y, workers: int):
     """loss_and_grads of the rows of (x, y) split over ``workers`` threads, combined with
     weights rows_i / B (every target counts: the loss is a mean over B x T tokens)."""
-    from concurrent.futures import ThreadPoolExecutor
     parts = [r for r in np.array_split(np.arange(len(x)), workers) if len(r)]
-    pool = _POOLS.get(len(parts))
-    if pool is None:
-        pool = _POOLS[len(parts)] = ThreadPoolExecutor(len(parts), thread_name_prefix="minisparse-train")
-    with blas_threads_limited(1):
-        results = [f.result() for f in [pool.submit(model.loss_and_grads, x[r], y[r]) for r in parts]]
+    results = run_parallel([partial(model.loss_and_grads, x[r], y[r]) for r in parts])
     B = len(x)
     loss = sum(part_loss * (len(r) / B) for (part_loss, _), r in zip(results, parts))
     grads = results[0][1]
-    for k, g in grads.items():                    # fixed order: the same sum whichever thread ends first
-        g *= g.dtype.type(len(parts[0]) / B)
-        for (_, other), r in zip(results[1:], parts[1:]):
-            g += other[k] * g.dtype.type(len(r) / B)
+    keys = list(grads)
+
+    def combine(ks):                              # fixed order: the same sum whichever thread ends first
+        for k in ks:
+            g = grads[k]
+            g *= g.dtype.type(len(parts[0]) / B)
+            for (_, other), r in zip(results[1:], parts[1:]):
+                o = other[k]
+                g += np.multiply(o, o.dtype.type(len(r) / B), out=o)   # the part's own array, done with
+    runs = _balanced_runs([grads[k].size for k in keys], len(parts))
+    run_parallel([partial(combine, keys[i:j]) for i, j in runs])
     model.last_aux = {"ce_loss": loss}            # the parts' writes raced: the combined value
     return loss, grads
 
@@ -593,8 +677,9 @@ def _train_step(model: Transformer, corpus: Corpus, cfg: TrainConfig, opt: "Adam
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate "
                                  f"(lr={cfg.lr}) or raise warmup")
-    gnorm = clip_grads(grads, cfg.grad_clip)
-    opt.step(model.params, grads, lr)
+    workers = training_workers()
+    gnorm = clip_grads(grads, cfg.grad_clip, workers)
+    opt.step(model.params, grads, lr, workers)
     dt = time.perf_counter() - t0
     rec = {"step": step, "loss": float(loss), "ce_loss": float(ce), "lr": lr, "grad_norm": gnorm,
            "tokens": (step + 1) * cfg.tokens_per_step, "tokens_per_s": cfg.tokens_per_step / dt,
