@@ -212,10 +212,14 @@ def attention_core_backward(dout: Array, cache):
     K = k.shape[1]
     rep = H // K
     xp = array_module(dout)
-    dq = np.empty_like(dout)                                          # (B, H, T, Dh)
-    dk = xp.zeros(k.shape, dtype=k.dtype)                             # (B, K, S, Dh), C order
-    dv = xp.zeros(v.shape, dtype=v.dtype)                             # (B, K, S, Dh)
     S = v.shape[2]
+    dq = np.empty_like(dout)                                          # (B, H, T, Dh)
+    # the blocks run last to first: the last block's queries see every key (training: S = T),
+    # so its products are written into dk, dv (no zero fill), and the earlier blocks add theirs
+    blocks = blocks[::-1]
+    sets = blocks[0][2] == S                                          # the first block covers all keys
+    dk = (xp.empty if sets else xp.zeros)(k.shape, dtype=k.dtype)     # (B, K, S, Dh), C order
+    dv = (xp.empty if sets else xp.zeros)(v.shape, dtype=v.dtype)     # (B, K, S, Dh)
     v1t = xp.empty((B, K, Dh + 1, S), dtype=v.dtype)                  # (B, K, Dh+1, S) = [v, 1]^T
     v1t[:, :, :Dh] = v.transpose(0, 1, 3, 2)
     v1t[:, :, Dh] = 1
@@ -228,18 +232,24 @@ def attention_core_backward(dout: Array, cache):
     rows = max(1, (1 << 20) // (H * QUERY_BLOCK * S * dout.dtype.itemsize)) if xp is np else B
     for b in range(0, B, rows):
         n, nb = slice(b, b + rows), min(B, b + rows) - b              # batch rows of this pass, their count
-        for t0, t1, s1, qb, e in blocks:
+        for j, (t0, t1, s1, qb, e) in enumerate(blocks):
             Tb = t1 - t0
             qb, e = qb[n], e[n]
             do1b = do1[n, :, t0:t1].reshape(nb, K, rep * Tb, Dh + 1)  # [do', -D'] of the block's queries
-            dv[n, :, :s1] += e.transpose(0, 1, 3, 2) @ do1b[..., :Dh]  # (nb, K, s1, Dh) = p^T dout, sums the rep heads
+            if j == 0 and sets:                                       # (nb, K, s1, Dh) = p^T dout, sums the rep heads
+                np.matmul(e.transpose(0, 1, 3, 2), do1b[..., :Dh], out=dv[n])
+            else:
+                dv[n, :, :s1] += e.transpose(0, 1, 3, 2) @ do1b[..., :Dh]
             ds = do1b @ v1t[n, :, :, :s1]                             # (nb, K, rep*Tb, s1) = do' v^T - D'
             ds *= e                                                   # ds = e (do' v^T - D') = p (dp - D)
             dqb = ds @ k[n, :, :s1]                                   # (nb, K, rep*Tb, Dh)
             if scale != 1.0:
                 dqb *= k.dtype.type(scale)
             dq[n, :, t0:t1] = dqb.reshape(nb, H, Tb, Dh)
-            dk[n, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb            # (nb, K, s1, Dh)
+            if j == 0 and sets:                                       # (nb, K, s1, Dh)
+                np.matmul(ds.transpose(0, 1, 3, 2), qb, out=dk[n])
+            else:
+                dk[n, :, :s1] += ds.transpose(0, 1, 3, 2) @ qb
     return dq, dk, dv
 
 
@@ -258,22 +268,31 @@ def _from_pairs(g: Array, heads: int) -> Array:
 
 
 def _rotate_pairs(x: Array, cos: Array, sin: Array, heads: int, inverse: bool = False,
-                  factor: float = 1.0) -> Array:
+                  factor: float = 1.0, rot: Optional[Array] = None) -> Array:
     """Rotary embedding of x (B, T, heads*Dh) in the pair layout of :func:`_to_pairs`, in place.
 
     Pair (a, b) at position t rotates by the angle of cos/sin (T, Dh) column j: with
     z = a + i b, the rotation is z * (cos + i sin), one complex multiplication per pair
     (RoFormer's complex form; ``inverse``: by cos - i sin, the backward). The rotate-half
     tables hold each angle twice (columns j and j + Dh/2), so their first half is used.
-    ``factor`` scales the result too (free: it multiplies the small table).
+    ``factor`` scales the result too (free: it multiplies the small table). ``rot``: the
+    table (:func:`_rotation`, conjugated for ``inverse``) when the caller has it already.
     """
-    B, T, n = x.shape
-    half = n // heads // 2
-    rot = (cos[:, :half] + 1j * (-sin[:, :half] if inverse else sin[:, :half])) * factor  # (T, Dh/2) e^{+-i theta}
-    rot = array_module(x).tile(rot.astype(np.result_type(x.dtype, np.complex64)), (1, heads))  # (T, heads*Dh/2)
+    if rot is None:
+        rot = _rotation(cos, sin, heads, x.dtype, array_module(x), factor)
+        if inverse:
+            rot = rot.conj()
     z = x.view(rot.dtype)                                            # (B, T, heads*Dh/2) complex view
     z *= rot
     return x
+
+
+def _rotation(cos: Array, sin: Array, heads: int, dtype, xp, factor: float = 1.0) -> Array:
+    """(T, heads*Dh/2) complex table of :func:`_rotate_pairs`: factor * e^{i theta} per pair
+    (its conjugate is the inverse rotation's table, exactly)."""
+    half = cos.shape[1] // 2
+    rot = (cos[:, :half] + 1j * sin[:, :half]) * factor              # (T, Dh/2) e^{i theta}
+    return xp.tile(rot.astype(np.result_type(dtype, np.complex64)), (1, heads))  # (T, heads*Dh/2)
 
 
 def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
@@ -309,9 +328,13 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
         q = q + bq
         k = k + bk
         v = v + bv
+    rots = None
     if paired:                                                       # in place; q also takes attention's
-        q = _rotate_pairs(q, cos, sin, n_heads, factor=1.0 / math.sqrt(Dh))  # 1/sqrt(Dh)
-        k = _rotate_pairs(k, cos, sin, n_kv_heads)
+        xp = array_module(q)                                         # 1/sqrt(Dh)
+        rots = (_rotation(cos, sin, n_heads, q.dtype, xp, 1.0 / math.sqrt(Dh)),
+                _rotation(cos, sin, n_kv_heads, k.dtype, xp))        # kept for the backward, with wq, wk
+        q = _rotate_pairs(q, cos, sin, n_heads, rot=rots[0])
+        k = _rotate_pairs(k, cos, sin, n_kv_heads, rot=rots[1])
     q = q.reshape(B, T, n_heads, Dh).transpose(0, 2, 1, 3)           # (B, H, T, Dh)
     k = k.reshape(B, T, n_kv_heads, Dh).transpose(0, 2, 1, 3)        # (B, K, T, Dh)
     v = v.reshape(B, T, n_kv_heads, Dh).transpose(0, 2, 1, 3)        # (B, K, T, Dh)
@@ -327,13 +350,14 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
                                            scale=1.0 if paired else None)
     o = o.transpose(0, 2, 1, 3).reshape(B, T, n_heads * Dh)          # (B, T, H*Dh)
     y = o @ wo                                                       # (B, T, D)
-    return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads, paired, bq is not None)
+    return y, (x, o, core_cache, cos, sin, n_heads, n_kv_heads, paired, bq is not None,
+               (wq, wk, rots) if paired else None)
 
 
 def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Array):
     """dy (B, T, D) -> dx (B, T, D) and a dict of parameter gradients (wq, wk, wv, wo; and
     bq, bk, bv when the forward had biases)."""
-    x, o, core_cache, cos, sin, H, K, paired, bias = cache
+    x, o, core_cache, cos, sin, H, K, paired, bias, kept = cache
     B, T, D = x.shape
     Dh = wq.shape[1] // H
     g = {}
@@ -347,10 +371,10 @@ def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Ar
     dk = dk.transpose(0, 2, 1, 3).reshape(B, T, K * Dh)              # (B, T, K*Dh)
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * Dh)             # (N, K*Dh)
     if paired:                                                       # back through the rotation, then
-        xp = array_module(dq)                                        # the pair layout
-        dq = _rotate_pairs(xp.ascontiguousarray(dq), cos, sin, H, inverse=True, factor=1.0 / math.sqrt(Dh))
-        dk = _rotate_pairs(xp.ascontiguousarray(dk), cos, sin, K, inverse=True)
-        wq, wk = _to_pairs(wq, H), _to_pairs(wk, K)
+        xp = array_module(dq)                                        # the pair layout (the forward's
+        wq, wk, (rot_q, rot_k) = kept                                # paired weights and tables)
+        dq = _rotate_pairs(xp.ascontiguousarray(dq), cos, sin, H, rot=rot_q.conj())
+        dk = _rotate_pairs(xp.ascontiguousarray(dk), cos, sin, K, rot=rot_k.conj())
     dq, dk = dq.reshape(B * T, H * Dh), dk.reshape(B * T, K * Dh)    # (N, H*Dh), (N, K*Dh)
     x2 = x.reshape(-1, D)                                            # (N, D)
     g["wq"], g["wk"], g["wv"] = x2.T @ dq, x2.T @ dk, x2.T @ dv
