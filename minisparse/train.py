@@ -390,8 +390,14 @@ def _split_loss_and_grads(model: Transformer, x, y, workers: int):
     """loss_and_grads of the rows of (x, y) split over ``workers`` threads, combined with
     weights rows_i / B (every target counts: the loss is a mean over B x T tokens)."""
     parts = [r for r in np.array_split(np.arange(len(x)), workers) if len(r)]
-    results = run_parallel([partial(model.loss_and_grads, x[r], y[r]) for r in parts])
     B = len(x)
+
+    def part(r):                                  # a part's loss and gradients, times its weight
+        loss, grads = model.loss_and_grads(x[r], y[r])
+        for g in grads.values():
+            g *= g.dtype.type(len(r) / B)
+        return loss, grads
+    results = run_parallel([partial(part, r) for r in parts])
     loss = sum(part_loss * (len(r) / B) for (part_loss, _), r in zip(results, parts))
     grads = results[0][1]
     keys = list(grads)
@@ -399,10 +405,8 @@ def _split_loss_and_grads(model: Transformer, x, y, workers: int):
     def combine(ks):                              # fixed order: the same sum whichever thread ends first
         for k in ks:
             g = grads[k]
-            g *= g.dtype.type(len(parts[0]) / B)
-            for (_, other), r in zip(results[1:], parts[1:]):
-                o = other[k]
-                g += np.multiply(o, o.dtype.type(len(r) / B), out=o)   # the part's own array, done with
+            for _, other in results[1:]:
+                g += other[k]
     runs = _balanced_runs([grads[k].size for k in keys], len(parts))
     run_parallel([partial(combine, keys[i:j]) for i, j in runs])
     model.last_aux = {"ce_loss": loss}            # the parts' writes raced: the combined value
