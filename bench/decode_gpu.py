@@ -405,26 +405,32 @@ def bench_minisparse(args, cp, copy_GBs):
 
 def pdl_sweep(args, cp, model, active, prompt):
     """ms/token of dense / skip / given with plain launches, and with programmatic dependent
-    launch at several L2 prefetch depths (same decoder, re-captured; best of 2 runs)."""
+    launch (L2 prefetch of 512 bytes per weight row, or the first round of weight loads
+    issued before the wait: "+E"), with the LM head and argmax fused (default) or not
+    ("sep"); same decoder, re-captured; best of 2 runs; 8 loads in flight per lane (U8)."""
     from minisparse.kernels import decode_cuda as dc
     res = []
-    print("  kernel rung / programmatic dependent launch sites / prefetch bytes per weight row (ms/token, best of 2):")
+    print("  kernel rung / PDL sites / prefetch bytes [+E early loads] [sep: head, argmax apart] (ms/token, best of 2):")
     for mode in ("dense", "skip", "given"):
         dec = dc.GraphDecoder(model, mode=mode, weight_dtype="float16", active=active if mode == "given" else None,
                               max_len=args.prompt + args.new)
         line, ref_ids = [], None
-        rungs = {"dense": [None], "skip": ["split3", "block8"], "given": ["quarter", "warp"]}[mode]
-        variants = [(r, pdl, pf, u) for u in dc.GEMV_US for r in rungs
-                    for pdl, pf in (("none", 0), ("all", 512), ("attn_side", 512))]
+        rungs = {"dense": [None], "skip": ["block8", "split3"], "given": ["quarter", "warp"]}[mode]
+        variants = [(r, pdl, pf, early, "fused") for r in rungs
+                    for pdl, pf, early in (("none", 0, False), ("all", 512, False), ("attn_side", 512, False),
+                                           ("all", 512, True), ("attn_side", 512, True))]
+        variants += [(rungs[0], pdl, 512, early, "separate") for pdl in ("all", "attn_side") for early in (False, True)]
         policy = {"none": (), "all": dc.PDL_SITES, "attn_side": dc.PDL_ATTN_SIDE}
-        for rung, pdl, pf, u in variants:
-            dec.gemv_u = u
-            tag = f"/U{u}"
+        for rung, pdl, pf, early, head in variants:
+            dec.gemv_u = 8
+            dec.head_kernel = head
+            tag = ("+E" if early else "") + ("/sep" if head == "separate" else "")
             dec.pdl_sites = frozenset(policy[pdl])
             dec.prefetch_bytes = pf
+            dec.early_loads = early
             if rung:                                   # the rung of this mode's first half
                 setattr(dec, "select_kernel" if mode == "skip" else "list_kernel", rung)
-            dec.k = dc.kernels(dec.wdt, pf)
+            dec.k = dc.kernels(dec.wdt, pf, early)
             dec._graph = None
             try:
                 dec.generate(prompt, 4)
@@ -433,14 +439,14 @@ def pdl_sweep(args, cp, model, active, prompt):
                     ids = dec.generate(prompt, args.new)
                     ts.append(dec.last_timing["decode_s"] / dec.last_timing["decode_steps"])
                 ref_ids = ref_ids or ids
-                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, gemv_u=u, s_per_token=min(ts),
-                                spread=[min(ts), max(ts)], same_tokens=ids == ref_ids))
+                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, early_loads=early, head_kernel=head,
+                                gemv_u=8, s_per_token=min(ts), spread=[min(ts), max(ts)], same_tokens=ids == ref_ids))
                 line.append(f"{rung or ''}/{pdl}/{pf}{tag}: {min(ts) * 1e3:.3f}{'' if ids == ref_ids else ' (TOKENS DIFFER)'}")
             except Exception as e:
-                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, gemv_u=u,
-                                error=f"{type(e).__name__}: {e}"))
+                res.append(dict(mode=mode, rung=rung, pdl=pdl, prefetch_bytes=pf, early_loads=early, head_kernel=head,
+                                gemv_u=8, error=f"{type(e).__name__}: {e}"))
                 line.append(f"{rung or ''}/{pdl}/{pf}{tag}: ERROR {type(e).__name__}: {str(e)[:120]}")
-        print(f"    {mode:<6} " + "\n           ".join(", ".join(line[i:i + 2]) for i in range(0, len(line), 2)))
+        print(f"    {mode:<6} " + "\n           ".join(", ".join(line[i:i + 3]) for i in range(0, len(line), 3)))
         del dec
         cp.get_default_memory_pool().free_all_blocks()
     return res

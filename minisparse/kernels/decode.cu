@@ -36,6 +36,9 @@
 #ifndef PF_BYTES
 #define PF_BYTES 0               // bytes of each weight row a kernel prefetches into L2 before pdl_wait
 #endif
+#ifndef EARLY
+#define EARLY 0                  // 1: the GEMV kernels issue their first round of weight loads before pdl_wait
+#endif
 #define NEG_INF __int_as_float(0xff800000)   // NVRTC has no math.h: no INFINITY
 #define NTHREADS (32 * WARPS)
 
@@ -47,6 +50,11 @@
 // loads overlap this one's tail. After pdl_wait() the previous kernel has completed and its
 // writes are visible; only then does a kernel let its own dependent launch (at most one
 // kernel runs ahead). Launched normally, both are no-ops.
+// EARLY (the next rung): instead of an L2 prefetch, the warp-per-row kernels issue the
+// first round of their weight-row loads into registers (U 16-byte loads per lane: half a
+// 4096-wide fp16 row at U = 8) and only then wait (warp_dots<..., WAIT = true>). Those
+// loads run while the kernel before still computes: the o-projection's first half streams
+// in while attention (a few blocks, latency-bound) runs, q,k,v's while the down pass ends.
 // ------------------------------------------------------------------------------------
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -76,12 +84,19 @@ __device__ __forceinline__ float to_f(unsigned short v) { return h2f(v); }
 
 template <typename W> struct VecOf { enum { N = 16 / sizeof(W) }; };
 
+// Loads of what a kernel before in the step wrote (activations, KV, counters, kept lists)
+// are ordinary loads (__ldca: ld.global.ca), never the read-only path (__ldg,
+// ld.global.nc): data declared read-only may be loaded before griddepcontrol.wait, and
+// under PDL it is written while this kernel already runs (on the H200 the 32-layer step
+// with early loads then gave other tokens). L2-only loads (__ldcg) were correct too but
+// made the step up to 2x slower: every warp of a GEMV reads all of x, and L1 serves it.
+// Weights, tables and the fixed given lists: __ldg.
 // N consecutive floats of an activation vector (16-byte aligned), N = 4 or 8
 template <int N>
 __device__ __forceinline__ void ldx(const float* p, float* o) {
 #pragma unroll
     for (int c = 0; c < N / 4; ++c) {
-        float4 v = *reinterpret_cast<const float4*>(p + 4 * c);
+        float4 v = __ldca(reinterpret_cast<const float4*>(p + 4 * c));
         o[4 * c] = v.x; o[4 * c + 1] = v.y; o[4 * c + 2] = v.z; o[4 * c + 3] = v.w;
     }
 }
@@ -110,7 +125,9 @@ __device__ __forceinline__ void cvt16(uint4 v, float* o, unsigned short) {  // 8
 // aligned, zero-padded) with x by one warp: each lane keeps U (4) sixteen-byte loads per
 // row in flight, then a shuffle sum. SQ: also ss = x . x (each warp reads all of x anyway,
 // so RMSNorm's statistic costs no extra memory traffic: the norm is fused into the GEMV).
-template <typename W, int NR, bool SQ, int U = 4>
+// WAIT: the caller has not waited yet (EARLY): pdl_wait() comes after the first round's
+// weight loads are issued and before x (written by the kernel before) is read.
+template <typename W, int NR, bool SQ, int U = 4, bool WAIT = false>
 __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __restrict__ r1,
                                           const float* __restrict__ x, int ld, int lane,
                                           float* d0, float* d1, float* ss) {
@@ -118,6 +135,7 @@ __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __r
     const int n = ld / V;
     float s0 = 0.f, s1 = 0.f, q = 0.f;
     int v = lane;
+    bool waited = !WAIT;
     for (; v + 32 * (U - 1) < n; v += 32 * U) {
         uint4 a[U], b[U];
 #pragma unroll
@@ -125,6 +143,7 @@ __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __r
             a[j] = ld16raw(r0 + (size_t)(v + 32 * j) * V);
             if (NR == 2) b[j] = ld16raw(r1 + (size_t)(v + 32 * j) * V);
         }
+        if (WAIT && !waited) { pdl_wait(); waited = true; }
 #pragma unroll
         for (int j = 0; j < U; ++j) {
             float xv[V], w[V];
@@ -143,6 +162,7 @@ __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __r
             }
         }
     }
+    if (WAIT && !waited) pdl_wait();
     for (; v < n; v += 32) {
         float xv[V], w[V];
         ldx<V>(x + (size_t)v * V, xv);
@@ -216,11 +236,13 @@ __global__ void __launch_bounds__(NTHREADS) gemv_warp_vec16(const W* __restrict_
                                                             float* __restrict__ y, int N, int ld, int D, float eps) {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * WARPS + (threadIdx.x >> 5);
+#if !EARLY
     if (r < N) prefetch_row(w + (size_t)r * ld, ld, lane);
     pdl_wait();
+#endif
     if (r >= N) return;
     float s, ss, unused;
-    warp_dots<W, 1, EPI == 2, U>(w + (size_t)r * ld, w, x, ld, lane, &s, &unused, &ss);
+    warp_dots<W, 1, EPI == 2, U, EARLY != 0>(w + (size_t)r * ld, w, x, ld, lane, &s, &unused, &ss);
     if (lane == 0) {
         if (EPI == 1) y[r] += s;
         else if (EPI == 2) y[r] = s * rstd_of(ss, D, eps);
@@ -285,7 +307,7 @@ __global__ void rmsnorm(float* __restrict__ x, const float* __restrict__ add, co
     float ss = 0.f;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float v = x[d];
-        if (add != nullptr) { v += add[d]; x[d] = v; }
+        if (add != nullptr) { v += __ldca(add + d); x[d] = v; }
         ss = fmaf(v, v, ss);
     }
     const float rstd = 1.0f / sqrtf(block_sum(ss, sh) / (float)D + eps);
@@ -315,11 +337,13 @@ __global__ void __launch_bounds__(NTHREADS) qkv_rope(const W* __restrict__ w, co
     const bool live = item < (H + 2 * K) * half;
     const int head = item / half, i = item - head * half;
     const int r0 = head * Dh + i, r1 = r0 + half;
+#if !EARLY
     if (live) { prefetch_row(w + (size_t)r0 * ld, ld, lane); prefetch_row(w + (size_t)r1 * ld, ld, lane); }
     pdl_wait();
+#endif
     if (!live) return;
     float a, b, ss;
-    warp_dots<W, 2, true, U>(w + (size_t)r0 * ld, w + (size_t)r1 * ld, x, ld, lane, &a, &b, &ss);
+    warp_dots<W, 2, true, U, EARLY != 0>(w + (size_t)r0 * ld, w + (size_t)r1 * ld, x, ld, lane, &a, &b, &ss);
     if (lane != 0) return;
     const float rs = rstd_of(ss, D, eps);
     a *= rs;
@@ -398,7 +422,7 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
     const float* kb = kc + (size_t)kh * max_len * Dh;
     const float* vb = vc + (size_t)kh * max_len * Dh;
     const bool v4 = (Dh & 3) == 0;
-    for (int j = threadIdx.x; j < Dh; j += blockDim.x) qs[j] = q[(size_t)h * Dh + j];
+    for (int j = threadIdx.x; j < Dh; j += blockDim.x) qs[j] = __ldca(q + (size_t)h * Dh + j);
     __syncthreads();
     float m = NEG_INF;
     for (int s = threadIdx.x; s < S; s += blockDim.x) {      // a thread per key
@@ -407,17 +431,17 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
         if (v4) {
 #pragma unroll 4
             for (int j = 0; j < Dh; j += 8) {                  // unrolled: 8 loads of the row in flight
-                const float4 ka = *reinterpret_cast<const float4*>(kr + j);
+                const float4 ka = __ldca(reinterpret_cast<const float4*>(kr + j));
                 d0 = fmaf(qs[j], ka.x, d0); d0 = fmaf(qs[j + 1], ka.y, d0);
                 d0 = fmaf(qs[j + 2], ka.z, d0); d0 = fmaf(qs[j + 3], ka.w, d0);
                 if (j + 4 < Dh) {
-                    const float4 kb4 = *reinterpret_cast<const float4*>(kr + j + 4);
+                    const float4 kb4 = __ldca(reinterpret_cast<const float4*>(kr + j + 4));
                     d1 = fmaf(qs[j + 4], kb4.x, d1); d1 = fmaf(qs[j + 5], kb4.y, d1);
                     d1 = fmaf(qs[j + 6], kb4.z, d1); d1 = fmaf(qs[j + 7], kb4.w, d1);
                 }
             }
         } else {
-            for (int j = 0; j < Dh; ++j) d0 = fmaf(qs[j], kr[j], d0);
+            for (int j = 0; j < Dh; ++j) d0 = fmaf(qs[j], __ldca(kr + j), d0);
         }
         const float sv = (d0 + d1) * scale;
         sc[s] = sv;
@@ -441,7 +465,7 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
 #pragma unroll 4
             for (int s = g; s < S; s += G) {
                 const float p = sc[s];
-                const float4 vv = *reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * c);
+                const float4 vv = __ldca(reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * c));
                 acc.x = fmaf(p, vv.x, acc.x); acc.y = fmaf(p, vv.y, acc.y);
                 acc.z = fmaf(p, vv.z, acc.z); acc.w = fmaf(p, vv.w, acc.w);
             }
@@ -456,7 +480,7 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
     } else {
         for (int j = threadIdx.x; j < Dh; j += blockDim.x) {
             float acc = 0.f;
-            for (int s = 0; s < S; ++s) acc = fmaf(sc[s], vb[(size_t)s * Dh + j], acc);
+            for (int s = 0; s < S; ++s) acc = fmaf(sc[s], __ldca(vb + (size_t)s * Dh + j), acc);
             o[(size_t)h * Dh + j] = acc * inv;
         }
     }
@@ -500,12 +524,12 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
             const float* kr = kb + (size_t)key * Dh;
             if (v4) {
                 for (int j = 4 * l8; j < Dh; j += 32) {
-                    const float4 a = *reinterpret_cast<const float4*>(kr + j);
-                    const float4 b = *reinterpret_cast<const float4*>(qh + j);
+                    const float4 a = __ldca(reinterpret_cast<const float4*>(kr + j));
+                    const float4 b = __ldca(reinterpret_cast<const float4*>(qh + j));
                     d = fmaf(a.x, b.x, d); d = fmaf(a.y, b.y, d); d = fmaf(a.z, b.z, d); d = fmaf(a.w, b.w, d);
                 }
             } else {
-                for (int j = l8; j < Dh; j += 8) d = fmaf(kr[j], qh[j], d);
+                for (int j = l8; j < Dh; j += 8) d = fmaf(__ldca(kr + j), __ldca(qh + j), d);
             }
         }
 #pragma unroll
@@ -533,7 +557,7 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
             if (g < G) {
                 for (int s = g; s < n; s += G) {
                     const float p = sc[s];
-                    const float4 v = *reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col);
+                    const float4 v = __ldca(reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col));
                     a.x = fmaf(p, v.x, a.x); a.y = fmaf(p, v.y, a.y); a.z = fmaf(p, v.z, a.z); a.w = fmaf(p, v.w, a.w);
                 }
             }
@@ -547,7 +571,7 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
         } else {
             for (int j = t; j < Dh; j += 256) {
                 float sum = 0.f;
-                for (int s = 0; s < n; ++s) sum = fmaf(sc[s], vb[(size_t)s * Dh + j], sum);
+                for (int s = 0; s < n; ++s) sum = fmaf(sc[s], __ldca(vb + (size_t)s * Dh + j), sum);
                 my[j] = sum;
             }
         }
@@ -562,13 +586,13 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
     const int nc = (S + ACH - 1) / ACH;
     const float* ph = part + (size_t)h * NS * P;
     float M = NEG_INF;
-    for (int cc = 0; cc < nc; ++cc) M = fmaxf(M, __ldcg(ph + (size_t)cc * P + Dh));
+    for (int cc = 0; cc < nc; ++cc) M = fmaxf(M, __ldca(ph + (size_t)cc * P + Dh));
     float Lsum = 0.f;
-    for (int cc = 0; cc < nc; ++cc) Lsum += __ldcg(ph + (size_t)cc * P + Dh + 1) * expf(__ldcg(ph + (size_t)cc * P + Dh) - M);
+    for (int cc = 0; cc < nc; ++cc) Lsum += __ldca(ph + (size_t)cc * P + Dh + 1) * expf(__ldca(ph + (size_t)cc * P + Dh) - M);
     const float inv = 1.0f / Lsum;
     for (int j = t; j < Dh; j += 256) {
         float sum = 0.f;
-        for (int cc = 0; cc < nc; ++cc) sum += __ldcg(ph + (size_t)cc * P + j) * expf(__ldcg(ph + (size_t)cc * P + Dh) - M);
+        for (int cc = 0; cc < nc; ++cc) sum += __ldca(ph + (size_t)cc * P + j) * expf(__ldca(ph + (size_t)cc * P + Dh) - M);
         o[(size_t)h * Dh + j] = sum * inv;
     }
     if (t == 0) ticket[h] = 0;
@@ -591,15 +615,19 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg,
     __syncthreads();
     const int lane = threadIdx.x & 31;
     const int f = blockIdx.x * WARPS + (threadIdx.x >> 5);
+#if EARLY
+    if (f >= F) pdl_wait();                                  // (a live warp waits in warp_dots)
+#else
     if (f < F) {
         prefetch_row(wg + (size_t)f * ld, ld, lane);
         if (gated) prefetch_row(wu + (size_t)f * ld, ld, lane);
     }
     pdl_wait();
+#endif
     if (f < F) {
         float g, u = 0.f, ss;
-        if (gated) warp_dots<W, 2, true, U>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
-        else warp_dots<W, 1, true, U>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &u, &ss);
+        if (gated) warp_dots<W, 2, true, U, EARLY != 0>(wg + (size_t)f * ld, wu + (size_t)f * ld, x, ld, lane, &g, &u, &ss);
+        else warp_dots<W, 1, true, U, EARLY != 0>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &u, &ss);
         if (lane == 0) {
             const float rs = rstd_of(ss, D, eps);
             float v = act_fn<float>(g * rs, gate_kind, thr);
@@ -626,7 +654,7 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup(const W* __restrict__ wg,
 //                   slots in registers; the block reduces its warps in shared memory, then
 //                   one atomicAdd per column per block, straight into the residual stream.
 // ====================================================================================
-template <typename W>
+template <typename W, int U = 4>
 __global__ void __launch_bounds__(NTHREADS) ffn_gate_select(const W* __restrict__ wg, const W* __restrict__ wu,
                                                             const float* __restrict__ x, int F, int ld, int D,
                                                             float eps, int gate_kind, int up_kind, float thr,
@@ -634,11 +662,13 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_select(const W* __restrict_
                                                             float* __restrict__ hv) {
     const int lane = threadIdx.x & 31;
     const int f = blockIdx.x * WARPS + (threadIdx.x >> 5);
+#if !EARLY
     if (f < F) prefetch_row(wg + (size_t)f * ld, ld, lane);
     pdl_wait();
+#endif
     if (f >= F) return;
     float g, unused, ss;
-    warp_dots<W, 1, true>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
+    warp_dots<W, 1, true, U, EARLY != 0>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
     const float rs = rstd_of(ss, D, eps);
     float a = act_fn<float>(g * rs, gate_kind, thr);
     if (!(fabsf(a) > 0.f) && a == a) return;                // exactly zero (NaN is kept): skip f
@@ -743,15 +773,19 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gateup_list4(const W* __restrict
     const bool live = j < *cnt;                              // cnt, idx: the fixed active set
     const int f = live ? idx[j] : 0;
     const size_t off = (size_t)f * ld + (size_t)v0 * V;
+#if EARLY
+    if (!(live && len > 0)) pdl_wait();                      // (a live warp waits in warp_dots)
+#else
     if (live && len > 0) {
         prefetch_row(wg + off, len * V, lane);
         if (gated) prefetch_row(wu + off, len * V, lane);
     }
     pdl_wait();
+#endif
     float g = 0.f, u = 0.f, ss = 0.f;
     if (live && len > 0) {
-        if (gated) warp_dots<W, 2, true>(wg + off, wu + off, x + (size_t)v0 * V, len * V, lane, &g, &u, &ss);
-        else warp_dots<W, 1, true>(wg + off, wg, x + (size_t)v0 * V, len * V, lane, &g, &u, &ss);
+        if (gated) warp_dots<W, 2, true, 4, EARLY != 0>(wg + off, wu + off, x + (size_t)v0 * V, len * V, lane, &g, &u, &ss);
+        else warp_dots<W, 1, true, 4, EARLY != 0>(wg + off, wg, x + (size_t)v0 * V, len * V, lane, &g, &u, &ss);
     }
     if (lane == 0) { red[wid][0] = g; red[wid][1] = u; red[wid][2] = ss; }
     __syncthreads();
@@ -782,13 +816,13 @@ __global__ void __launch_bounds__(NTHREADS) ffn_up_list4(const W* __restrict__ w
     const int nvec = ld / V, nq = (nvec + 3) / 4;
     const int v0 = min(nvec, qt * nq), len = min(nq, nvec - v0);   // this warp's quarter (vectors)
     pdl_wait();
-    const int n = *cnt;
+    const int n = __ldca(cnt);
     for (int jb = blockIdx.x * (WARPS / 4); jb < n; jb += gridDim.x * (WARPS / 4)) {   // uniform per block
         const int j = jb + (wid >> 2);
         const bool live = j < n;
         float u = 0.f, ss = 0.f, unused;
         if (live && len > 0)
-            warp_dots<W, 1, true>(wu + (size_t)idx[j] * ld + (size_t)v0 * V, wu, x + (size_t)v0 * V, len * V,
+            warp_dots<W, 1, true>(wu + (size_t)__ldca(idx + j) * ld + (size_t)v0 * V, wu, x + (size_t)v0 * V, len * V,
                                   lane, &u, &unused, &ss);
         if (lane == 0) { red[wid][0] = u; red[wid][1] = ss; }
         __syncthreads();
@@ -884,8 +918,8 @@ __device__ __forceinline__ void down_rows_tile(int lo, int hi, int col0, const i
     for (int k = 0; k < NV * V; ++k) acc[k] = 0.f;
 #pragma unroll 4
     for (int j = lo + wid; j < hi; j += WARPS) {            // unrolled: 4 rows' loads in flight
-        const W* row = wd + (size_t)idx[j] * ld;
-        const float hj = hv[j];
+        const W* row = wd + (size_t)__ldca(idx + j) * ld;
+        const float hj = __ldca(hv + j);
         uint4 raw[NV];
 #pragma unroll
         for (int qv = 0; qv < NV; ++qv) {
@@ -919,7 +953,7 @@ __global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict_
                                                           float* __restrict__ x, int ld) {
     __shared__ float red[WARPS][32 * VecOf<W>::N * NV];
     pdl_wait();                                              // cnt, idx, hv: from the kernel before
-    const int n = *cnt;
+    const int n = __ldca(cnt);
     const int G = gridDim.y;
     const int chunk = (n + G - 1) / G;
     const int lo = blockIdx.y * chunk, hi = min(n, lo + chunk);
@@ -943,7 +977,7 @@ __global__ void argmax_advance(const float* __restrict__ logits, int V, int* __r
     float best = NEG_INF;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float v = logits[i];
+        const float v = __ldca(logits + i);
         if (v > best || (v == best && i < bi)) { best = v; bi = i; }
     }
 #pragma unroll
@@ -968,5 +1002,79 @@ __global__ void argmax_advance(const float* __restrict__ logits, int V, int* __r
         if (bi == 0x7fffffff) bi = 0;                      // every logit NaN
         if (p + 1 < max_len && p + 1 >= *n_prompt) tokens[p + 1] = bi;
         *pos_p = p + 1;
+    }
+}
+
+// ====================================================================================
+// the LM head and the greedy argmax in one launch (the next rung after gemv_vec16_norm +
+// argmax_advance, whose single block scans all V logits: ~7 us a token on the H200).
+// Each block: its WARPS rows' logits (RMSNorm fused), then its best (value, lowest id)
+// as one 64-bit key, atomicMax'ed into *best; the last block to finish (a ticket) reads
+// the winner and advances as argmax_advance does, then resets *best and *ticket to 0.
+// key: the float's bits made order-preserving (-0 taken as +0, so ties between them go
+// to the lowest id as in np.argmax) over (0xffffffff - id). NaN logits are passed over
+// (key 0), as argmax_advance does; every logit NaN: id 0.
+// ====================================================================================
+__device__ __forceinline__ unsigned long long argmax_key(float v, int r) {
+    if (v != v) return 0ull;
+    const unsigned int u = __float_as_uint(v == 0.f ? 0.f : v);
+    const unsigned int o = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)o << 32) | (unsigned long long)(0xffffffffu - (unsigned int)r);
+}
+
+template <typename W, int U = 4>
+__global__ void __launch_bounds__(NTHREADS) head_argmax(const W* __restrict__ w, const float* __restrict__ x,
+                                                        float* __restrict__ logits, int N, int ld, int D, float eps,
+                                                        unsigned long long* __restrict__ best,
+                                                        unsigned int* __restrict__ ticket, int* __restrict__ tokens,
+                                                        int* __restrict__ pos_p, const int* __restrict__ n_prompt,
+                                                        int max_len, int* __restrict__ zero, int n_zero,
+                                                        int* __restrict__ record) {
+    __shared__ unsigned long long sb[WARPS];
+    __shared__ int last;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int r = blockIdx.x * WARPS + wid;
+    unsigned long long key = 0ull;
+#if EARLY
+    if (r >= N) pdl_wait();                                  // (a live warp waits in warp_dots)
+#else
+    if (r < N) prefetch_row(w + (size_t)r * ld, ld, lane);
+    pdl_wait();
+#endif
+    if (r < N) {
+        float s, ss, unused;
+        warp_dots<W, 1, true, U, EARLY != 0>(w + (size_t)r * ld, w, x, ld, lane, &s, &unused, &ss);
+        const float v = s * rstd_of(ss, D, eps);
+        if (lane == 0) logits[r] = v;
+        key = argmax_key(v, r);
+    }
+    if (lane == 0) sb[wid] = key;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long m = sb[0];
+#pragma unroll
+        for (int i = 1; i < WARPS; ++i) m = sb[i] > m ? sb[i] : m;
+        if (m) atomicMax(best, m);
+        __threadfence();                                     // our candidate is visible before our ticket
+        last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int p = *pos_p;
+    if (zero != nullptr) {
+        for (int i = threadIdx.x; i < n_zero; i += blockDim.x) {
+            if (record != nullptr) record[(size_t)p * n_zero + i] = zero[i];
+            zero[i] = 0;
+        }
+    }
+    __syncthreads();                                         // every thread has read *pos_p
+    if (threadIdx.x == 0) {
+        const unsigned long long m = atomicMax(best, 0ull);  // (an atomic read)
+        const int bi = m ? (int)(0xffffffffu - (unsigned int)(m & 0xffffffffull)) : 0;
+        if (p + 1 < max_len && p + 1 >= *n_prompt) tokens[p + 1] = bi;
+        *pos_p = p + 1;
+        *best = 0ull;
+        *ticket = 0u;
     }
 }

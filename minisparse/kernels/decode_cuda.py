@@ -80,17 +80,23 @@ PREFETCH_BYTES = 512            # of each weight row, prefetched into L2 before 
 # the launch sites of a step; with programmatic dependent launch ("auto") those of PDL_AUTO[mode]
 PDL_SITES = ("embed", "qkv", "attn", "oproj", "ffn_up", "ffn_mid", "ffn_down", "norm", "head", "argmax")
 PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
-PDL_AUTO = {"dense": PDL_ATTN_SIDE, "skip": PDL_SITES, "given": PDL_SITES}   # bench/decode_gpu.py --pdl-sweep
+# every site in every mode (bench/decode_gpu.py --pdl-sweep, H200, with early loads: dense 3.761 ms/token
+# against 3.807 with the attention side only; without early loads the attention side was better for dense)
+PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
 SELECT_KERNELS = ("split3", "block", "block8", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
-SELECT_KERNEL = "split3"
+SELECT_KERNEL = "block8"        # with early loads and PDL everywhere: 2.383 ms/token against 2.461 for split3 (H200)
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
 GEMV_US = (4, 8)                # 16-byte loads in flight per lane in the warp-per-row GEMVs (GraphDecoder.gemv_u)
 GEMV_U = 8                      # bench/decode_gpu.py --pdl-sweep: faster in every mode (dense 4.08 -> 3.99 ms/token)
+HEAD_KERNELS = ("fused", "separate")   # head_argmax | gemv_vec16_norm + argmax_advance (GraphDecoder.head_kernel)
+HEAD_KERNEL = "fused"
+EARLY_LOADS = True              # GEMV kernels issue their first round of weight loads before the PDL wait (decode.cu
+                                # EARLY); H200, ms/token: dense 4.033 -> 3.761, skip 2.489 -> 2.383, given 1.615 -> 1.506
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
-_MODULES: Dict[tuple, dict] = {}   # (weight dtype, prefetch bytes) -> kernels
+_MODULES: Dict[tuple, dict] = {}   # (weight dtype, prefetch bytes, early loads) -> kernels
 _NULL = np.uint64(0)            # a null pointer argument
 
 
@@ -120,12 +126,16 @@ def cuda_source() -> str:
         return cuda_activation_source() + fh.read()
 
 
-def kernels(weight_dtype, prefetch_bytes: int = 0) -> dict:
+def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     """Compiled decode kernels for one weight dtype (NVRTC via cupy.RawModule, cached).
 
     ``prefetch_bytes``: how much of each weight row a kernel prefetches into L2 before it
     waits for the kernel before it (``PF_BYTES`` in ``decode.cu``; only useful with
     programmatic dependent launch, see :class:`Launcher`).
+    ``early``: the warp-per-row kernels (GEMVs, q,k,v, the FFN gate/up passes, given
+    mode's list kernel) instead load their first round of weight rows into registers
+    before they wait (``EARLY`` in ``decode.cu``; ``prefetch_bytes`` then applies only to
+    the other kernels). Launched without PDL the wait is a no-op and the result the same.
 
     Keys: ``gemv_naive``, ``gemv_warp``, ``gemv_vec16`` (y = W x), ``gemv_vec16_add``
     (y += W x), ``gemv_vec16_norm`` (y = rstd(x) W x), ``embed``, ``rmsnorm``,
@@ -140,7 +150,7 @@ def kernels(weight_dtype, prefetch_bytes: int = 0) -> dict:
     pf = int(prefetch_bytes)
     if not 0 <= pf <= 4096 or pf % 128:
         raise ValueError(f"prefetch_bytes must be a multiple of 128 in [0, 4096], got {prefetch_bytes!r}")
-    key = (wdt, pf)
+    key = (wdt, pf, bool(early))
     if key not in _MODULES:
         cp = _cupy()
         W = _CTYPE[wdt]
@@ -158,9 +168,11 @@ def kernels(weight_dtype, prefetch_bytes: int = 0) -> dict:
                      argmax="argmax_advance",
                      # U = 8 loads in flight per lane (GraphDecoder.gemv_u)
                      gemv_vec16_add_u8=f"gemv_warp_vec16<{W}, 1, 8>", gemv_vec16_norm_u8=f"gemv_warp_vec16<{W}, 2, 8>",
-                     qkv_rope_u8=f"qkv_rope<{W}, 8>", ffn_gateup_u8=f"ffn_gateup<{W}, 8>")
+                     qkv_rope_u8=f"qkv_rope<{W}, 8>", ffn_gateup_u8=f"ffn_gateup<{W}, 8>",
+                     ffn_gate_select_u8=f"ffn_gate_select<{W}, 8>",
+                     head_argmax=f"head_argmax<{W}, 4>", head_argmax_u8=f"head_argmax<{W}, 8>")
         # C++ names (mangled): every kernel, template or not, is found by its name expression
-        mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}"),
+        mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}", f"-DEARLY={int(bool(early))}"),
                            name_expressions=list(names.values()))
         _MODULES[key] = {k: mod.get_function(v) for k, v in names.items()}
     return _MODULES[key]
@@ -468,11 +480,18 @@ class GraphDecoder:
         ignored): such a kernel starts while the one before it finishes, prefetches the
         first ``prefetch_bytes`` of its weight rows into L2, and waits for that kernel's
         results. Sites: ``PDL_SITES``; ``True`` all, ``False`` none, ``"auto"`` those of
-        ``PDL_AUTO[mode]``: every site for skip and given, the attention side for dense
-        (measured on the H200: launching the dense FFN's 1792-block gate kernel early made
-        the step 7% slower). Eager steps (``graph=False``) always use plain launches.
+        ``PDL_AUTO[mode]``: every site in every mode (measured on the H200 with early
+        loads; without them, launching the dense FFN's 1792-block gate kernel early made
+        the dense step 7% slower, so pass ``pdl=PDL_ATTN_SIDE`` with
+        ``early_loads=False``). Eager steps (``graph=False``) always use plain launches.
     prefetch_bytes : int
         See ``pdl`` (a multiple of 128, at most 4096; 0: no prefetch).
+    early_loads : bool
+        With ``pdl``: the warp-per-row kernels (q,k,v, o-projection, the FFN's gate/up
+        passes and down GEMV, given mode's list kernel, the LM head) load the first round of
+        their weight rows into registers before they wait, instead of the L2 prefetch: the
+        o-projection's loads overlap attention, q,k,v's the FFN's last kernel (see
+        :func:`kernels`). Default ``EARLY_LOADS``.
     attn_kernel : "split" (default) or "block"
         Decode attention: split over chunks of 32 keys, every chunk a block, merged by the
         last block of each head (any ``max_len``), or one block per head (the previous rung;
@@ -503,7 +522,12 @@ class GraphDecoder:
         ffn_gateup_list). Change them before the first step (or set ``_graph = None``).
     gemv_u : int
         16-byte loads in flight per lane (4 or 8) in the warp-per-row GEMVs (q,k,v, the
-        o-projection, the dense FFN and the LM head); same rule.
+        o-projection, the dense FFN, skip mode's gate pass and the LM head); same rule.
+    head_kernel : str
+        ``"fused"``: the LM head and the greedy argmax in one launch (head_argmax: each
+        block's best logit meets the others through one 64-bit atomicMax; the last block
+        advances); ``"separate"``: the head GEMV, then argmax_advance (one block scans the
+        logits; the previous rung). Same rule.
 
     Raises
     ------
@@ -521,7 +545,8 @@ class GraphDecoder:
     def __init__(self, model, *, mode: str = "dense", weight_dtype: str = "float16",
                  max_len: Optional[int] = None, active: Optional[Sequence] = None,
                  count_active: bool = False, sparse_kernel: str = "decode", pdl="auto",
-                 prefetch_bytes: int = PREFETCH_BYTES, attn_kernel: str = "split"):
+                 prefetch_bytes: int = PREFETCH_BYTES, attn_kernel: str = "split",
+                 early_loads: bool = EARLY_LOADS):
         c = model.config
         self.cp = cp = self._check_args(model, mode, weight_dtype, sparse_kernel, active, count_active)
         act = model.act
@@ -549,7 +574,9 @@ class GraphDecoder:
         self.prefetch_bytes = int(prefetch_bytes) if self.pdl else 0
         self.select_kernel, self.list_kernel = SELECT_KERNEL, LIST_KERNEL
         self.gemv_u = GEMV_U
-        self.k = kernels(self.wdt, self.prefetch_bytes)
+        self.head_kernel = HEAD_KERNEL
+        self.early_loads = bool(early_loads) and self.pdl
+        self.k = kernels(self.wdt, self.prefetch_bytes, self.early_loads)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.down_blocks_per_sm = DOWN_BLOCKS_PER_SM
         self._sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
@@ -667,6 +694,8 @@ class GraphDecoder:
         self.logits = cp.zeros(c.vocab_size, dtype=f32)
         self.attn_part = cp.zeros(H * attn_splits(S) * (Dh + 2), dtype=f32)   # split attention's partials
         self.attn_ticket = cp.zeros(H, dtype=cp.int32)
+        self.best = cp.zeros(1, dtype=cp.uint64)                            # head_argmax: the winner's key
+        self.head_ticket = cp.zeros(1, dtype=cp.uint32)                     # head_argmax: blocks done
         self.kc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
         self.vc = [cp.zeros((K, S, Dh), dtype=f32) for _ in range(c.n_layers)]
         self.tokens = cp.zeros(S + 1, dtype=cp.int32)                      # prompt, then new ids
@@ -736,6 +765,8 @@ class GraphDecoder:
                              f"{LIST_KERNELS}; got {self.select_kernel!r}, {self.list_kernel!r}")
         if self.gemv_u not in GEMV_US:
             raise ValueError(f"gemv_u must be one of {GEMV_US}, got {self.gemv_u!r}")
+        if self.head_kernel not in HEAD_KERNELS:
+            raise ValueError(f"head_kernel must be one of {HEAD_KERNELS}, got {self.head_kernel!r}")
         u8 = "_u8" if self.gemv_u == 8 else ""
         c, k = self.config, self.k
         i32, f32 = np.int32, np.float32
@@ -798,7 +829,7 @@ class GraphDecoder:
                     pair = self.select_kernel in ("pair", "split3pair")
                     split3 = self.select_kernel.startswith("split3")
                     first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8"}.get(
-                        self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select")
+                        self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select" + (u8 if split3 else ""))
                     launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk,
                            (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
                             i32(0) if split3 else gated, cnt_i, idx, self.hv))
@@ -826,9 +857,14 @@ class GraphDecoder:
                     if not count_only:
                         self._cupy_._launch(plan, self._x2, lw["wg"], lw["wu"], lw["wd"], lw.get("mask"), self._y2)
                 launch("norm", k["rmsnorm"], (1,), (1024,), (self.x, self.y, self.ones, self.scratch, i32(D), eps))
-        launch("head", k["gemv_vec16_norm" + u8], rows(V), blk, (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps))
-        launch("argmax", k["argmax"], (1,), (1024,),
-               (self.logits, i32(V), self.tokens, self.pos, self.n_prompt, i32(S + 1), zero, n_zero, record))
+        if self.head_kernel == "fused":                        # logits and the argmax, one launch
+            launch("head", k["head_argmax" + u8], rows(V), blk,
+                   (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps, self.best, self.head_ticket,
+                    self.tokens, self.pos, self.n_prompt, i32(S + 1), zero, n_zero, record))
+        else:
+            launch("head", k["gemv_vec16_norm" + u8], rows(V), blk, (self.w_out, self.x, self.logits, i32(V), i32(Dp), i32(D), eps))
+            launch("argmax", k["argmax"], (1,), (1024,),
+                   (self.logits, i32(V), self.tokens, self.pos, self.n_prompt, i32(S + 1), zero, n_zero, record))
         return n
 
     def _capture(self):

@@ -175,12 +175,15 @@ def test_modes_agree_on_exactly_sparse_model(cp, name, wdt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl,prefetch", [(False, 0), (True, 0), (True, 128), (True, 4096)])
+@pytest.mark.parametrize("pdl,prefetch,early", [(False, 0, False), (True, 0, False), (True, 128, False),
+                                                (True, 4096, False), (False, 0, True), (True, 0, True),
+                                                (True, 512, True)])
 @pytest.mark.parametrize("wdt", ["float32", "float16"])
-def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch, wdt):
+def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch, early, wdt):
     """The graph captured with programmatic dependent launch (kernels start before the one
-    before them ends, prefetch weights, wait) gives the NumPy tokens in every mode, replayed
-    many times, and the same logits as plain launches and as the eager kernels."""
+    before them ends, prefetch weights or load their first rows early, wait) gives the
+    NumPy tokens in every mode, replayed many times, and the same logits as plain launches
+    and as the eager kernels."""
     cfg, ref, dev, active = models(CONFIGS["d40-gqa5/1-drelu"], seed=5, weights_f16=(wdt == "float16"), sparse=True)
     want_ids, want_logits = reference(ref, PROMPT, NEW)
     dmodel = to_device(cp, dev)
@@ -188,12 +191,14 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
     rungs = [("dense", {}), ("skip", {}), ("given", {}),                # the defaults, then the other rungs
              ("skip", dict(select_kernel="single")), ("skip", dict(select_kernel="pair")),
              ("skip", dict(select_kernel="split3pair")), ("skip", dict(select_kernel="block")),
-             ("skip", dict(select_kernel="block8")),
+             ("skip", dict(select_kernel="block8")), ("skip", dict(select_kernel="split3")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
-             ("given", dict(gemv_u=4))]
+             ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
+             ("skip", dict(head_kernel="separate", gemv_u=4))]
     for mode, rung in rungs:
         dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
-                           pdl=pdl, prefetch_bytes=prefetch)
+                           pdl=pdl, prefetch_bytes=prefetch, early_loads=early)
+        assert dec.early_loads == (early and dec.pdl)
         assert (dec.select_kernel, dec.list_kernel) == (dc.SELECT_KERNEL, dc.LIST_KERNEL)
         for name, value in rung.items():
             setattr(dec, name, value)
@@ -206,6 +211,7 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
                 np.testing.assert_array_equal(lg, lg_e)
             assert_logits_close(lg, want_logits, 1e-4, f"{mode} pdl={pdl} prefetch={prefetch} {wdt}")
         assert dec.pdl == (pdl and major >= 9)          # still on after the capture (the driver took it)
+        assert int(dec.best.get()[0]) == 0 and int(dec.head_ticket.get()[0]) == 0   # head_argmax reset both
 
 
 @pytest.mark.gpu
@@ -245,6 +251,84 @@ def test_split_attention_has_no_max_len_limit(cp):
     dec.select_kernel, dec.gemv_u = "split3", 6         # so is a load depth without a kernel
     with pytest.raises(ValueError, match="gemv_u"):
         dec.generate(PROMPT, 3)
+    dec.gemv_u, dec.head_kernel = 8, "fast"             # and an unknown head rung
+    with pytest.raises(ValueError, match="head_kernel"):
+        dec.generate(PROMPT, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdt", ["float32", "float16"])
+def test_early_loads_on_rows_of_several_rounds(cp, wdt):
+    """Rows long enough that the GEMVs' first round of loads really comes before the wait
+    (dim 2304: float16 one round of 8 x 16 bytes per lane and a tail, float32 two rounds
+    and a tail): with programmatic dependent launch and early loads, every mode gives the
+    NumPy tokens and the logits of plain launches. (The small models above have rows
+    shorter than one round: their early path is the plain one.)"""
+    cfg_kw = dict(dim=2304, n_layers=3, n_heads=18, n_kv_heads=6, ffn_dim=1000, vocab_size=300,
+                  activation="drelu", tie_embeddings=False)
+    cfg, ref, dev, active = models(cfg_kw, seed=2, weights_f16=(wdt == "float16"), sparse=True)
+    want_ids, want_logits = reference(ref, PROMPT, NEW)
+    dmodel = to_device(cp, dev)
+    for mode in ("dense", "skip", "given"):
+        logits = {}
+        for early in (False, True):
+            dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
+                               pdl=True if early else False, early_loads=early)
+            for _ in range(3):
+                ids, lg = dec.generate(PROMPT, NEW, return_logits=True)
+                assert ids == want_ids, f"{mode} {wdt} early={early}: {ids} != NumPy {want_ids}"
+                assert_logits_close(lg, want_logits, 1e-4, f"{mode} {wdt} early={early}")
+            logits[early] = lg
+        if mode == "dense":                             # the same sums in the same order: bit for bit
+            np.testing.assert_array_equal(logits[True], logits[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("early", [False, True])
+def test_head_argmax_ties_zeros_and_nan_as_argmax_advance(cp, early):
+    """The fused head + argmax kernel against the two-launch rung and np.argmax on logits
+    built to be hard: a tie across blocks (the lowest id wins), -0 against +0 when every
+    other logit is negative, NaN rows (passed over), every row NaN (id 0); 1003 rows: 126
+    blocks, the last one partial. It leaves its key and ticket at 0 for the next step."""
+    k = dc.kernels("float32", 0, early)
+    N, D = 1003, 16
+    rng = np.random.default_rng(0)
+    x = cp.ones(D, dtype=cp.float32)                 # rstd(x) = 1/sqrt(1 + eps): one common factor
+
+    def run(vals, kernel):
+        w = np.zeros((N, D), dtype=np.float32)
+        w[:, 0] = vals                                   # w . x = vals (exact: the other columns are 0)
+        logits = cp.zeros(N, dtype=cp.float32)
+        tokens, pos, n_prompt = cp.zeros(8, cp.int32), cp.array([2], cp.int32), cp.array([1], cp.int32)
+        best, ticket = cp.zeros(1, cp.uint64), cp.zeros(1, cp.uint32)
+        i32, f32 = np.int32, np.float32
+        wg = cp.asarray(w)
+        if kernel == "fused":
+            k["head_argmax"](((N + 7) // 8,), (256,), (wg, x, logits, i32(N), i32(D), i32(D), f32(1e-5), best, ticket,
+                                                       tokens, pos, n_prompt, i32(8), np.uint64(0), i32(0), np.uint64(0)))
+        else:
+            k["gemv_vec16_norm"](((N + 7) // 8,), (256,), (wg, x, logits, i32(N), i32(D), i32(D), f32(1e-5)))
+            k["argmax"]((1,), (1024,), (logits, i32(N), tokens, pos, n_prompt, i32(8), np.uint64(0), i32(0),
+                                        np.uint64(0)))
+        assert int(pos.get()[0]) == 3 and int(best.get()[0]) == 0 and int(ticket.get()[0]) == 0
+        return int(tokens.get()[3])
+
+    cases = []
+    v = rng.normal(size=N).astype(np.float32)
+    v[[37, 900]] = v.max() + 1.0                     # a tie in two blocks: 37
+    cases.append((v, 37))
+    v = -np.abs(rng.normal(size=N)).astype(np.float32) - 1.0
+    v[700], v[500] = 0.0, -0.0                       # -0 == +0: the lower id, 500
+    cases.append((v, 500))
+    v = rng.normal(size=N).astype(np.float32)
+    v[[3, 400]] = np.nan
+    cases.append((v, int(np.nanargmax(v))))
+    cases.append((np.full(N, np.nan, np.float32), 0))
+    v = rng.normal(size=N).astype(np.float32)
+    v[N - 1] = 9.0                                   # the winner in the last, partial block
+    cases.append((v, N - 1))
+    for vals, want in cases:
+        assert run(vals, "fused") == want == run(vals, "separate")
 
 
 def test_prefetch_bytes_are_checked():
@@ -255,7 +339,7 @@ def test_prefetch_bytes_are_checked():
             kernels("float16", bad)
     with pytest.raises(TypeError, match="kernel argument"):
         Launcher._c_value("x")
-    assert GraphDecoder._pdl_sites("auto", "dense") == frozenset(dc.PDL_ATTN_SIDE)
+    assert GraphDecoder._pdl_sites("auto", "dense") == frozenset(dc.PDL_SITES)
     assert GraphDecoder._pdl_sites("auto", "skip") == frozenset(dc.PDL_SITES)
     assert GraphDecoder._pdl_sites(False, "skip") == frozenset()
     assert GraphDecoder._pdl_sites(True, "dense") == frozenset(dc.PDL_SITES)
