@@ -720,7 +720,8 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     Speed: calls :func:`minisparse.runtime.configure_training` (process-wide allocator and
     BLAS-thread settings; see there). With 2 or more threads chosen by minisparse (or by
     :func:`~minisparse.runtime.set_training_threads`), each step splits its batch rows over
-    them (:func:`accumulate_grads`, ``workers``): the same loss and gradient to rounding.
+    them (:func:`accumulate_grads`, ``workers``): the same loss and gradient to rounding;
+    clipping and the AdamW update then run in the same threads (bit for bit as on one).
 
     Examples
     --------
