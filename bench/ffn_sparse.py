@@ -404,13 +404,14 @@ def bench_gpu(shapes, sparsities, repeats, sweep=False):
 
                 from minisparse.kernels import cupy_
 
-                def kernel(kind, f):
+                def kernel(kind, f):                   # an older path: no two-launch given-mask path
                     def g():
                         old, cupy_.SPARSE_KERNEL = cupy_.SPARSE_KERNEL, kind
+                        old1, cupy_.GIVEN1 = cupy_.GIVEN1, False
                         try:
                             return f()
                         finally:
-                            cupy_.SPARSE_KERNEL = old
+                            cupy_.SPARSE_KERNEL, cupy_.GIVEN1 = old, old1
                     return g
 
                 x2, out = x.reshape(1, D), cp.empty((1, D), dtype=x.dtype)
@@ -423,7 +424,7 @@ def bench_gpu(shapes, sparsities, repeats, sweep=False):
                 for k in ("cupy skip", "cupy given active"):
                     fns[k + " [fused]"] = kernel("fused", fns[k])
                     fns[k + " [3 launches]"] = kernel("split", fns[k])
-                    del fns[k]
+                del fns["cupy skip"]                   # = [fused]; given active: the two-launch path (default)
                 tol = 2e-2 if wdt == np.float16 else 1e-4
                 for k, f in fns.items():
                     validate(f"{k} D={D} F={F} s={s} {np.dtype(wdt).name}", f().get(), ref, tol)

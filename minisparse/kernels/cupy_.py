@@ -271,6 +271,63 @@ _FUSED_PLANS: Dict[tuple, dict] = {}
 _FUSED_WS: Dict[tuple, dict] = {}
 
 
+# ------------------------------------------------------------------------------------
+# one token given a mask: the decode kernels (decode.cu), two launches
+# ------------------------------------------------------------------------------------
+GIVEN1 = True                   # batch 1 + active mask: ffn_gateup_mask + ffn_down_rows_out (see _given1)
+_GIVEN1_WS: Dict[tuple, dict] = {}
+
+
+def _given1_ok(xd, wg, wu, wd, act: Activation, skip: float, mask) -> bool:
+    """Whether the two-launch given-mask path can run this call (else the fused/split one):
+    one token, no threshold, float16 weights with float16/float32 x or float32 weights and
+    x, rows of whole 16-byte vectors, 16-byte aligned buffers, a compiled activation."""
+    if not GIVEN1 or mask is None or skip != 0.0 or xd.ndim != 2 or xd.shape[0] != 1:
+        return False
+    wdt, xdt = np.dtype(wg.dtype), np.dtype(xd.dtype)
+    if not ((wdt == np.float16 and xdt in (np.float16, np.float32)) or (wdt == np.float32 and xdt == np.float32)):
+        return False
+    if xd.shape[1] % (16 // wdt.itemsize) or not _aligned(xd, wg, wu, wd):
+        return False
+    try:
+        activation_codes(act, NAME)
+    except ValueError:
+        return False
+    return True
+
+
+def _given1(xd, wg, wu, wd, act: Activation, mask, out) -> dict:
+    """y = FFN(x) over the masked-in neurons, one token, into ``out`` (1, D) of x's dtype:
+    ``ffn_gateup_mask`` (each block compacts 32 mask entries, four warps per active neuron
+    read both rows) then ``ffn_down_rows_out`` (the kept rows of w_down into a float32
+    accumulator; the last block writes ``out`` and leaves the workspace zero). No sync, no
+    allocation after the first call for (device, stream, D, F, weight dtype). Returns the workspace
+    (``cnt[2]``: the neurons of the last call)."""
+    from . import decode_cuda
+    D, F = int(xd.shape[1]), int(wg.shape[0])
+    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, D, F, wg.dtype.char)   # the grid depends on the dtype
+    ws = _GIVEN1_WS.get(key)
+    if ws is None:
+        V16 = 16 // wg.dtype.itemsize
+        ncol = -(-D // (32 * V16 * decode_cuda.NV))
+        ws = dict(y32=cp.zeros(D, dtype=cp.float32), cnt=cp.zeros(3, dtype=cp.int32),
+                  idx=cp.zeros(F, dtype=cp.int32), hv=cp.zeros(F, dtype=cp.float32), ncol=ncol,
+                  G=max(1, min(-(-decode_cuda.DOWN_BLOCKS_PER_SM * _sm_count() // ncol), -(-F // _WARPS))))
+        if len(_GIVEN1_WS) > 64:
+            _GIVEN1_WS.clear()
+        _GIVEN1_WS[key] = ws
+    k = decode_cuda.kernels(wg.dtype)
+    xs = "_xf16" if xd.dtype == cp.float16 else "_xf32"
+    gk, uk, thr = activation_codes(act, NAME)
+    i32 = np.int32
+    k["ffn_gateup_mask" + xs]((-(-F // 32),), (32 * _WARPS,),
+                              (wg, wg if wu is None else wu, xd, i32(D), i32(F), mask, i32(gk), i32(uk),
+                               np.float32(thr), i32(bool(act.gated)), ws["cnt"], ws["idx"], ws["hv"]))
+    k["ffn_down_rows_out" + xs]((ws["ncol"], ws["G"]), (32 * _WARPS,),
+                                (ws["cnt"], ws["idx"], ws["hv"], wd, i32(D), ws["y32"], out, i32(D)))
+    return ws
+
+
 def _fused_workspace(D: int, acc: np.dtype) -> dict:
     """Per (device, stream, D, acc dtype): the accumulator (8, D), all zero between launches,
     and the counters [blocks done, kept running sum, kept of the last launch]. Launches on
@@ -393,7 +450,10 @@ def ffn_device(x, w_gate, w_up, w_down, act, *, active=None, out=None, threshold
         out = plan["out"]
     elif not (isinstance(out, cp.ndarray) and out.shape == x.shape and out.dtype == x.dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a C-contiguous CuPy array of shape {x.shape} and dtype {x.dtype}")
-    _fused_launch(plan, x, w_gate, w_up, w_down, mask, out)
+    if plan["given1"] and x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0:
+        _given1(x, w_gate, w_up, w_down, plan["act"], mask, out)
+    else:
+        _fused_launch(plan, x, w_gate, w_up, w_down, mask, out)
     return out
 
 
@@ -413,6 +473,8 @@ def _device_plan(x, w_gate, w_up, w_down, act, active, threshold) -> dict:
     plan = _fused_plan(T, D, F, np.dtype(w_gate.dtype), np.dtype(x.dtype), bool(a.gated), a, skip,
                        active is not None, _aligned(w_gate, w_up, w_down))
     plan["out"] = cp.empty((T, D), dtype=x.dtype)
+    plan["act"] = a
+    plan["given1"] = active is not None and _given1_ok(x, w_gate, w_up, w_down, a, skip, cp.zeros(1, cp.uint8))
     return plan
 
 
@@ -443,7 +505,11 @@ def ffn(x, w_gate, w_up, w_down, act: Activation, *, active=None, threshold=None
         path, n_active = "dense", F
     else:
         mask = _mask_from_active(active, F) if active is not None else None
-        if SPARSE_KERNEL == "split":
+        if _given1_ok(xd, wg, wu, wd, act, skip, mask):
+            y = cp.empty((1, D), dtype=xd.dtype)
+            ws = _given1(xd, wg, wu, wd, act, mask, y)
+            n_active = None if stats is None else int(ws["cnt"][2].get())      # the one sync
+        elif SPARSE_KERNEL == "split":
             y, n_active = _split_ffn(xd, wg, wu, wd, act, skip, mask, stats)
         else:
             y, n_active = _fused_ffn(xd, wg, wu, wd, act, skip, mask, stats)

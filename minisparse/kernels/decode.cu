@@ -101,6 +101,21 @@ __device__ __forceinline__ void ldx(const float* p, float* o) {
     }
 }
 
+// the same from a float16 activation vector (the CuPy backend's x may be float16)
+template <int N>
+__device__ __forceinline__ void ldx(const unsigned short* p, float* o) {
+    if (N == 8) {
+        const uint4 v = __ldca(reinterpret_cast<const uint4*>(p));
+        const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) { o[2 * k] = h2f((unsigned short)(w[k] & 0xffffu)); o[2 * k + 1] = h2f((unsigned short)(w[k] >> 16)); }
+    } else {
+        const uint2 v = __ldca(reinterpret_cast<const uint2*>(p));
+        o[0] = h2f((unsigned short)(v.x & 0xffffu)); o[1] = h2f((unsigned short)(v.x >> 16));
+        o[2] = h2f((unsigned short)(v.y & 0xffffu)); o[3] = h2f((unsigned short)(v.y >> 16));
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float s) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -127,9 +142,9 @@ __device__ __forceinline__ void cvt16(uint4 v, float* o, unsigned short) {  // 8
 // so RMSNorm's statistic costs no extra memory traffic: the norm is fused into the GEMV).
 // WAIT: the caller has not waited yet (EARLY): pdl_wait() comes after the first round's
 // weight loads are issued and before x (written by the kernel before) is read.
-template <typename W, int NR, bool SQ, int U = 4, bool WAIT = false>
+template <typename W, int NR, bool SQ, int U = 4, bool WAIT = false, typename X = float>
 __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __restrict__ r1,
-                                          const float* __restrict__ x, int ld, int lane,
+                                          const X* __restrict__ x, int ld, int lane,
                                           float* d0, float* d1, float* ss) {
     const int V = VecOf<W>::N;
     const int n = ld / V;
@@ -1077,4 +1092,94 @@ __global__ void __launch_bounds__(NTHREADS) head_argmax(const W* __restrict__ w,
         *best = 0ull;
         *ticket = 0u;
     }
+}
+
+// ====================================================================================
+// the CuPy backend's batch-1 FFN given a mask of active neurons (sparse_ffn(...,
+// backend="cupy", active=mask) and ffn_device): two launches, no host round trip, no
+// norm, x float32 or float16, y in x's dtype.
+//  ffn_gateup_mask  block b scans mask[b*MSPAN, (b+1)*MSPAN), collects its active
+//                   neurons in shared memory, then four warps per neuron (quarters of
+//                   both rows, as ffn_gateup_list4): slot = atomicAdd(cnt), idx, hv.
+//  ffn_down_rows_out  ffn_down_rows into a float32 accumulator y32 (zero between calls);
+//                   the last block (a ticket) writes out = y32 in x's dtype, zeroes y32,
+//                   keeps the count in cnt[2] and resets cnt[0] and the ticket.
+// ====================================================================================
+#define MSPAN 32
+__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_out(unsigned short* p, float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    *p = h;
+}
+
+template <typename W, typename X>
+__global__ void __launch_bounds__(NTHREADS) ffn_gateup_mask(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                            const X* __restrict__ x, int ld, int F,
+                                                            const unsigned char* __restrict__ mask, int gate_kind,
+                                                            int up_kind, float thr, int gated, int* __restrict__ cnt,
+                                                            int* __restrict__ idx, float* __restrict__ hv) {
+    __shared__ int kf[MSPAN];
+    __shared__ int nk;
+    __shared__ float red[WARPS][2];
+    const int V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, qt = wid & 3;
+    if (threadIdx.x == 0) nk = 0;
+    __syncthreads();
+    const int f0 = blockIdx.x * MSPAN;
+    for (int f = f0 + (int)threadIdx.x; f < min(F, f0 + MSPAN); f += blockDim.x)
+        if (mask[f]) kf[atomicAdd(&nk, 1)] = f;
+    __syncthreads();
+    const int n = nk;
+    const int nvec = ld / V, nq = (nvec + 3) / 4;
+    const int v0 = min(nvec, qt * nq), len = min(nq, nvec - v0);   // this warp's quarter (vectors)
+    for (int m0 = 0; m0 < n; m0 += WARPS / 4) {                     // uniform per block
+        const int m = m0 + (wid >> 2);
+        const bool live = m < n;
+        const int f = live ? kf[m] : 0;
+        float g = 0.f, u = 0.f, unused;
+        if (live && len > 0) {
+            const size_t off = (size_t)f * ld + (size_t)v0 * V;
+            if (gated) warp_dots<W, 2, false, 4, false, X>(wg + off, wu + off, x + (size_t)v0 * V, len * V, lane, &g, &u, &unused);
+            else warp_dots<W, 1, false, 4, false, X>(wg + off, wg, x + (size_t)v0 * V, len * V, lane, &g, &u, &unused);
+        }
+        if (lane == 0) { red[wid][0] = g; red[wid][1] = u; }
+        __syncthreads();
+        if (live && qt == 0 && lane == 0) {
+            float G = 0.f, U = 0.f;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) { G += red[wid + w][0]; U += red[wid + w][1]; }
+            float v = act_fn<float>(G, gate_kind, thr);
+            if (gated) v = v * act_fn<float>(U, up_kind, thr);
+            const int slot = atomicAdd(cnt, 1);
+            idx[slot] = f;
+            hv[slot] = v;
+        }
+        __syncthreads();
+    }
+}
+
+template <typename W, typename X>
+__global__ void __launch_bounds__(NTHREADS) ffn_down_rows_out(int* __restrict__ cnt, const int* __restrict__ idx,
+                                                              const float* __restrict__ hv, const W* __restrict__ wd,
+                                                              int ld, float* __restrict__ y32, X* __restrict__ out,
+                                                              int D) {
+    __shared__ float red[WARPS][32 * VecOf<W>::N * NV];
+    __shared__ int last;
+    const int n = __ldca(cnt);
+    const int G = gridDim.y;
+    const int chunk = (n + G - 1) / G;
+    const int lo = blockIdx.y * chunk, hi = min(n, lo + chunk);
+    if (lo < hi) down_rows_tile<W>(lo, hi, blockIdx.x * 32 * VecOf<W>::N * NV, idx, hv, wd, y32, ld, red);
+    __threadfence();                                         // our atomics before our ticket
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(reinterpret_cast<unsigned int*>(cnt + 1), 1u) == gridDim.x * gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        store_out(out + d, __ldcg(y32 + d));
+        y32[d] = 0.f;
+    }
+    if (threadIdx.x == 0) { cnt[2] = n; cnt[0] = 0; cnt[1] = 0; }
 }

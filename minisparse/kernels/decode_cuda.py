@@ -170,7 +170,12 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
                      gemv_vec16_add_u8=f"gemv_warp_vec16<{W}, 1, 8>", gemv_vec16_norm_u8=f"gemv_warp_vec16<{W}, 2, 8>",
                      qkv_rope_u8=f"qkv_rope<{W}, 8>", ffn_gateup_u8=f"ffn_gateup<{W}, 8>",
                      ffn_gate_select_u8=f"ffn_gate_select<{W}, 8>",
-                     head_argmax=f"head_argmax<{W}, 4>", head_argmax_u8=f"head_argmax<{W}, 8>")
+                     head_argmax=f"head_argmax<{W}, 4>", head_argmax_u8=f"head_argmax<{W}, 8>",
+                     # the CuPy backend's one-token FFN given a mask (cupy_._given1), x float32 / float16
+                     ffn_gateup_mask_xf32=f"ffn_gateup_mask<{W}, float>",
+                     ffn_gateup_mask_xf16=f"ffn_gateup_mask<{W}, unsigned short>",
+                     ffn_down_rows_out_xf32=f"ffn_down_rows_out<{W}, float>",
+                     ffn_down_rows_out_xf16=f"ffn_down_rows_out<{W}, unsigned short>")
         # C++ names (mangled): every kernel, template or not, is found by its name expression
         mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}", f"-DEARLY={int(bool(early))}"),
                            name_expressions=list(names.values()))

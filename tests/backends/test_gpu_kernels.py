@@ -227,3 +227,70 @@ def test_sparse_ffn_validates_once_but_still_rejects_new_bad_inputs(cp):
     with pytest.raises(ValueError, match="transposed"):
         ms.sparse_ffn(d["x"], d["w_gate"], d["w_up"], cp.ascontiguousarray(d["w_down"].T), "drelu",
                       backend="cupy")
+
+
+@pytest.mark.parametrize("wdt, xdt", [(np.float16, np.float16), (np.float16, np.float32), (np.float32, np.float32)])
+@pytest.mark.parametrize("act", ["drelu", "relu", "reglu", "swiglu"])
+@pytest.mark.parametrize("D, F", [(8, 1), (40, 7), (136, 33), (4096, 1000)])
+def test_one_token_given_mask_path_equals_fused_and_reference(cp, wdt, xdt, act, D, F):
+    """Batch 1 with a mask runs ffn_gateup_mask + ffn_down_rows_out (cupy_._given1): equal
+    to the reference and to the one-launch fused kernel, through sparse_ffn and ffn_device,
+    over calls whose x changes; the workspace is zero again after every call and the
+    count of the last call is the mask's."""
+    from minisparse.kernels import cupy_
+    p = make_ffn(D, F, tokens=1, sparsity=0.8, activation=act, dtype=wdt, seed=D + F)
+    d = _dev(cp, p)
+    wu = d["w_up"] if act != "relu" else None
+    chosen = p["active"][::2] if p["active"].size > 1 else p["active"]
+    mask = cp.asarray(np.isin(np.arange(F), chosen))
+    tol = np.float16 if wdt == np.float16 else wdt
+    rng = np.random.default_rng(1)
+    out = cp.empty((1, D), dtype=xdt)
+    for i in range(3):
+        xs = p["x"].copy()
+        xs[:, 1:] *= rng.uniform(0.5, 1.5, size=xs[:, 1:].shape).astype(wdt)
+        x = cp.asarray(xs.astype(xdt))
+        st = {}
+        y = ms.sparse_ffn(x, d["w_gate"], wu, d["w_down"], act, backend="cupy", active=mask, stats=st)
+        ws = cupy_._GIVEN1_WS[(cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, D, F, np.dtype(wdt).char)]
+        assert st["n_active"] == int(mask.sum()) == int(ws["cnt"][2])
+        assert int(ws["cnt"][0]) == 0 and int(ws["cnt"][1]) == 0 and not bool(ws["y32"].any())
+        check(y, xs.astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol,
+              active=chosen, what=f"given1 sparse_ffn {act} call {i}")
+        y2 = cupy_.ffn_device(x, d["w_gate"], wu, d["w_down"], act, active=mask, out=out)
+        check(y2, xs.astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol,
+              active=chosen, what=f"given1 ffn_device {act} call {i}")
+        old, cupy_.GIVEN1 = cupy_.GIVEN1, False
+        try:
+            y3 = ms.sparse_ffn(x, d["w_gate"], wu, d["w_down"], act, backend="cupy", active=mask)
+        finally:
+            cupy_.GIVEN1 = old
+        check(y3, xs.astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol,
+              active=chosen, what=f"fused (GIVEN1 off) sparse_ffn {act} call {i}")
+        f64 = lambda a: None if a is None else np.asarray(a, dtype=np.float64)
+        ref = ms.sparse_ffn(f64(xs.astype(xdt)), f64(p["w_gate"]), f64(p["w_up"]) if wu is not None else None,
+                            f64(p["w_down"]), act, backend="numpy", active=chosen)
+        for name, got in (("given1", y), ("ffn_device", y2), ("fused", y3)):   # tight: relative to max |ref|
+            err = np.abs(cp.asnumpy(got).astype(np.float64) - ref).max() / (np.abs(ref).max() or 1.0)
+            assert err < (5e-3 if xdt == np.float16 else 1e-4), f"{name} {act} call {i}: rel err {err:.1e}"
+
+
+def test_one_token_given_mask_path_is_taken_and_refused_where_it_cannot_run(cp):
+    from minisparse.kernels import cupy_
+    from minisparse.activations import get_activation
+    p = make_ffn(40, 7, tokens=1, sparsity=0.5, activation="drelu", dtype=np.float32, seed=0)
+    d = _dev(cp, p)
+    a = get_activation("drelu")
+    m = cp.ones(7, dtype=cp.uint8)
+    x = cp.asarray(p["x"])
+    assert cupy_._given1_ok(x, d["w_gate"], d["w_up"], d["w_down"], a, 0.0, m)
+    assert not cupy_._given1_ok(x, d["w_gate"], d["w_up"], d["w_down"], a, 0.0, None)     # no mask
+    assert not cupy_._given1_ok(x, d["w_gate"], d["w_up"], d["w_down"], a, 0.1, m)      # a threshold
+    x2 = cp.asarray(np.repeat(p["x"], 2, axis=0))
+    assert not cupy_._given1_ok(x2, d["w_gate"], d["w_up"], d["w_down"], a, 0.0, m)     # two tokens
+    x64 = x.astype(cp.float64)
+    w64 = {k: d[k].astype(cp.float64) for k in ("w_gate", "w_up", "w_down")}
+    assert not cupy_._given1_ok(x64, w64["w_gate"], w64["w_up"], w64["w_down"], a, 0.0, m)   # float64
+    q = make_ffn(7, 5, tokens=1, sparsity=0.5, activation="drelu", dtype=np.float32, seed=0)
+    dq = _dev(cp, q)
+    assert not cupy_._given1_ok(cp.asarray(q["x"]), dq["w_gate"], dq["w_up"], dq["w_down"], a, 0.0, m)  # 7 % 4
