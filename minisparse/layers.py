@@ -25,6 +25,33 @@ Array = np.ndarray
 
 
 # ======================================================================================
+# weight gradients that may be queued
+# ======================================================================================
+class Deferred:
+    """A weight gradient queued by a backward given ``defer`` (a list) instead of computed in
+    place: nothing later in the backward reads it, so another thread may compute it
+    (``run()``, then ``.value``). The same product either way, bit for bit."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, fn):
+        self.fn, self.value = fn, None
+
+    def run(self):
+        self.value, self.fn = self.fn(), None
+        return self.value
+
+
+def _weight_grad(fn, defer: Optional[list]):
+    """``fn()`` now (``defer`` None), or queued on ``defer`` as a :class:`Deferred`."""
+    if defer is None:
+        return fn()
+    d = Deferred(fn)
+    defer.append(d)
+    return d
+
+
+# ======================================================================================
 # token embedding
 # ======================================================================================
 def embedding_forward(table: Array, tokens: Array) -> Array:
@@ -354,14 +381,16 @@ def attention_forward(x: Array, wq: Array, wk: Array, wv: Array, wo: Array,
                (wq, wk, rots) if paired else None)
 
 
-def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Array):
+def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Array,
+                       defer: Optional[list] = None):
     """dy (B, T, D) -> dx (B, T, D) and a dict of parameter gradients (wq, wk, wv, wo; and
-    bq, bk, bv when the forward had biases)."""
+    bq, bk, bv when the forward had biases). With ``defer`` (a list) the wq, wk, wv
+    gradients are :class:`Deferred` entries queued there (see :func:`ffn_backward`)."""
     x, o, core_cache, cos, sin, H, K, paired, bias, kept = cache
     B, T, D = x.shape
     Dh = wq.shape[1] // H
     g = {}
-    g["wo"] = o.reshape(-1, H * Dh).T @ dy.reshape(-1, D)            # (H*Dh, D)
+    g["wo"] = o.reshape(-1, H * Dh).T @ dy.reshape(-1, D)            # (H*Dh, D) now: callers update dy
     do = (dy @ wo.T).reshape(B, T, H, Dh).transpose(0, 2, 1, 3)      # (B, H, T, Dh)
     dq, dk, dv = attention_core_backward(do, core_cache)
     if not paired:
@@ -377,13 +406,13 @@ def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Ar
         dk = _rotate_pairs(xp.ascontiguousarray(dk), cos, sin, K, rot=rot_k.conj())
     dq, dk = dq.reshape(B * T, H * Dh), dk.reshape(B * T, K * Dh)    # (N, H*Dh), (N, K*Dh)
     x2 = x.reshape(-1, D)                                            # (N, D)
-    g["wq"], g["wk"], g["wv"] = x2.T @ dq, x2.T @ dk, x2.T @ dv
+    back = _from_pairs if paired else (lambda w, heads: w)           # to the parameters' layout
+    g["wq"] = _weight_grad(lambda: back(x2.T @ dq, H), defer)        # (D, H*Dh)
+    g["wk"] = _weight_grad(lambda: back(x2.T @ dk, K), defer)        # (D, K*Dh)
+    g["wv"] = _weight_grad(lambda: x2.T @ dv, defer)                 # (D, K*Dh)
     if bias:
-        g["bq"], g["bk"], g["bv"] = dq.sum(0), dk.sum(0), dv.sum(0)
+        g["bq"], g["bk"], g["bv"] = back(dq.sum(0), H), back(dk.sum(0), K), dv.sum(0)
     dx = dq @ wq.T + dk @ wk.T + dv @ wv.T                           # (N, D)
-    if paired:
-        for name, heads in (("wq", H), ("wk", K)) + ((("bq", H), ("bk", K)) if bias else ()):
-            g[name] = _from_pairs(g[name], heads)
     return dx.reshape(B, T, D), g
 
 
@@ -443,8 +472,14 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
 
 
 def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down: Array,
-                 act: Activation, l1: float = 0.0, l1_tokens: Optional[int] = None):
+                 act: Activation, l1: float = 0.0, l1_tokens: Optional[int] = None,
+                 defer: Optional[list] = None):
     """dy (N, D) -> dx (N, D), dw_gate, dw_up (or None), dw_down, each (F, D).
+
+    ``defer``: a list; dw_gate and dw_up are then returned as :class:`Deferred` entries
+    appended to it, to be computed later (by any thread: the training split lets a thread
+    that finished its rows take products of the other's), the same bits. (dw_down, like
+    attention's wo, is computed at once: it reads ``dy``, which callers update in place.)
 
     ``l1`` adds the gradient of ``l1 * sum(|h|) / l1_tokens`` (ProSparse's activation
     penalty: a sum over neurons, averaged over tokens; ``l1_tokens`` defaults to N, and a
@@ -452,7 +487,7 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     """
     x, g, u, h = cache
     a, b, e = (getattr(cache, name, None) for name in "abe")         # kept by ffn_forward, or None
-    dw_down = h.T @ dy                                               # (F, D)
+    dw_down = h.T @ dy                                               # (F, D) now: callers update dy
     dh = dy @ w_down.T                                               # (N, F)
     if l1:
         dh += dh.dtype.type(l1 / (l1_tokens or h.shape[0])) * np.sign(h)
@@ -476,11 +511,11 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     else:
         dg = np.multiply(dh, act.gate_grad(g), out=dh)               # (N, F) dL/dg = dh * f'(g)
         du = None
-    dw_gate = dg.T @ x                                               # (F, D)
+    dw_gate = _weight_grad(lambda: dg.T @ x, defer)                  # (F, D)
     dx = dg @ w_gate                                                 # (N, D)
     dw_up = None
     if act.gated:
-        dw_up = du.T @ x                                             # (F, D)
+        dw_up = _weight_grad(lambda: du.T @ x, defer)                # (F, D)
         dx += du @ w_up
     return dx, dw_gate, dw_up, dw_down
 

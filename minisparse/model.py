@@ -654,6 +654,12 @@ class Transformer:
         >>> sorted(grads) == sorted(model.params), round(loss, 1)   # about ln(258) = 5.55
         (True, 5.6)
         """
+        return self._loss_and_grads(tokens, targets, l1)
+
+    def _loss_and_grads(self, tokens, targets=None, l1: float = 0.0, defer: Optional[list] = None):
+        """:meth:`loss_and_grads`; with ``defer`` (a list, dense FFNs only) the attention and
+        FFN weight gradients are :class:`~minisparse.layers.Deferred` entries queued there
+        (uncast), for another thread to compute (minisparse.train's batch split)."""
         c, p = self.config, self.params
         inputs, targets = self._inputs_targets(tokens, targets)
         B, T = inputs.shape
@@ -670,7 +676,7 @@ class Transformer:
         dxf = dlogits @ w_out                                                  # (B, T, D)
         dx, grads["norm"] = L.rms_norm_backward(dxf, fwd.final_norm)
         for i in reversed(range(c.n_layers)):
-            dx = self._block_backward(i, dx, fwd.blocks[i], grads, l1)
+            dx = self._block_backward(i, dx, fwd.blocks[i], grads, l1, defer)
         if c.embed_scale:
             dx = dx * dx.dtype.type(math.sqrt(D))
         demb = L.embedding_backward(dx, fwd.tokens, V)
@@ -679,7 +685,8 @@ class Transformer:
         else:
             grads["tok_embeddings"] = demb
             grads["output"] = dw_out
-        grads = {k: grads[k].astype(p[k].dtype, copy=False) for k in p}
+        grads = {k: grads[k] if isinstance(grads[k], L.Deferred) else grads[k].astype(p[k].dtype, copy=False)
+                 for k in p}
         loss = float(loss)                                                     # the step's one read of the loss
         self.last_aux["ce_loss"] = loss
         total = loss + float(np.sum(self.last_aux.get("aux_loss", [])))
@@ -687,7 +694,8 @@ class Transformer:
             total += penalty
         return total, grads
 
-    def _block_backward(self, i: int, dx: Array, blk: BlockCache, grads: Dict[str, Array], l1: float) -> Array:
+    def _block_backward(self, i: int, dx: Array, blk: BlockCache, grads: Dict[str, Array], l1: float,
+                        defer: Optional[list] = None) -> Array:
         """Backward through block i (FFN branch, then attention branch); fills ``grads``."""
         c, p = self.config, self.params
         B, T, D = dx.shape
@@ -701,7 +709,7 @@ class Transformer:
         else:
             q = pre + "feed_forward."
             wg, wu, wd = self.ffn_weights(i)
-            dhn2, dwg, dwu, dwd = L.ffn_backward(df, blk.ffn.cache, wg, wu, wd, self.act, l1=l1)
+            dhn2, dwg, dwu, dwd = L.ffn_backward(df, blk.ffn.cache, wg, wu, wd, self.act, l1=l1, defer=defer)
             grads[q + "w_gate"], grads[q + "w_down"] = dwg, dwd
             if dwu is not None:
                 grads[q + "w_up"] = dwu
@@ -712,7 +720,7 @@ class Transformer:
         dx += dxn                                    # dx: a fresh array of this backward, updated in place
         # attention residual branch
         dhn, g_att = L.attention_backward(dx, blk.attention, p[pre + "attention.wq"], p[pre + "attention.wk"],
-                                          p[pre + "attention.wv"], p[pre + "attention.wo"])
+                                          p[pre + "attention.wv"], p[pre + "attention.wo"], defer=defer)
         for k in ("wq", "wk", "wv", "wo") + (("bq", "bk", "bv") if c.qkv_bias else ()):
             grads[pre + "attention." + k] = g_att[k]
         if c.norm_relu:

@@ -388,13 +388,57 @@ def _can_split(model: Transformer, x, y, l1: float) -> bool:
 
 def _split_loss_and_grads(model: Transformer, x, y, workers: int):
     """loss_and_grads of the rows of (x, y) split over ``workers`` threads, combined with
-    weights rows_i / B (every target counts: the loss is a mean over B x T tokens)."""
+    weights rows_i / B (every target counts: the loss is a mean over B x T tokens).
+
+    The parts queue their attention and FFN weight-gradient products
+    (:class:`~minisparse.layers.Deferred`) on one shared queue instead of computing them
+    in place, and a thread that is done with its rows' backward takes products off the
+    queue until every part is done: when one thread runs behind (another process shares
+    its core), the other takes over part of its work. Each product is the same whichever
+    thread computes it, so the result is bit for bit that of computing them in place."""
+    import threading
+    from collections import deque
+    from .layers import Deferred
     parts = [r for r in np.array_split(np.arange(len(x)), workers) if len(r)]
     B = len(x)
+    queue: deque = deque()
+    cond = threading.Condition()
+    state = {"producing": len(parts), "busy": 0}
+
+    class Shared:                                 # what the backward appends its products to
+        @staticmethod
+        def append(d):
+            with cond:
+                queue.append(d)
+                cond.notify()
+
+    def drain():                                  # until nothing is queued, producing or running
+        while True:
+            with cond:
+                while not queue and (state["producing"] or state["busy"]):
+                    cond.wait()
+                if not queue:
+                    return
+                task = queue.popleft()
+                state["busy"] += 1
+            try:
+                task.run()
+            finally:
+                with cond:
+                    state["busy"] -= 1
+                    cond.notify_all()
 
     def part(r):                                  # a part's loss and gradients, times its weight
-        loss, grads = model.loss_and_grads(x[r], y[r])
-        for g in grads.values():
+        try:
+            loss, grads = model._loss_and_grads(x[r], y[r], defer=Shared)
+        finally:
+            with cond:
+                state["producing"] -= 1
+                cond.notify_all()
+        drain()
+        for k, g in grads.items():
+            if isinstance(g, Deferred):
+                g = grads[k] = g.value.astype(model.params[k].dtype, copy=False)
             g *= g.dtype.type(len(r) / B)
         return loss, grads
     results = run_parallel([partial(part, r) for r in parts])

@@ -106,3 +106,118 @@ def test_run_parallel_order_and_errors():
     with pytest.raises(ValueError, match="task failed"):
         T.run_parallel([boom, ok, ok])
     assert done == [1, 1]                                # the others ran to the end first
+
+
+# --------------------------------------------------------------------------------------
+# weight-gradient products queued by the backward (layers.Deferred) and shared by the split
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["swiglu", "drelu", "relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ffn_backward_deferred_is_bit_for_bit(act, dtype):
+    from minisparse import layers as L
+    from minisparse.activations import get_activation
+    a = get_activation(act)
+    rng = np.random.default_rng(7)
+    N, D, F = 33, 7, 13
+    x = rng.standard_normal((N, D)).astype(dtype)
+    wg, wu, wd = (rng.standard_normal((F, D)).astype(dtype) for _ in range(3))
+    wu = wu if a.gated else None
+    dy = rng.standard_normal((N, D)).astype(dtype)
+    _, cache = L.ffn_forward(x, wg, wu, wd, a)
+    want = L.ffn_backward(dy, cache, wg, wu, wd, a)
+    queue = []
+    got = L.ffn_backward(dy, cache, wg, wu, wd, a, defer=queue)
+    assert len(queue) == (2 if a.gated else 1)
+    assert all(isinstance(g, L.Deferred) for g in (got[1],) + ((got[2],) if a.gated else ()))
+    for d in queue[::-1]:                               # any order, any thread
+        d.run()
+    got = [g.value if isinstance(g, L.Deferred) else g for g in got]
+    for w, g in zip(want, got):
+        assert (w is None and g is None) or np.array_equal(w, g)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_attention_backward_deferred_is_bit_for_bit(paired):
+    from minisparse import layers as L
+    rng = np.random.default_rng(3)
+    B, T, D, H, K = 2, 7, 16, 4, 2
+    Dh = D // H
+    x = rng.standard_normal((B, T, D))
+    wq, wo = rng.standard_normal((D, H * Dh)), rng.standard_normal((H * Dh, D))
+    wk, wv = rng.standard_normal((D, K * Dh)), rng.standard_normal((D, K * Dh))
+    bq, bk, bv = rng.standard_normal(H * Dh), rng.standard_normal(K * Dh), rng.standard_normal(K * Dh)
+    cos, sin = L.rope_tables(Dh, T, 10000.0, np.float64)
+    kv = None if paired else (np.zeros((B, K, T, Dh)), np.zeros((B, K, T, Dh)))
+    _, cache = L.attention_forward(x, wq, wk, wv, wo, cos, sin, H, K, bq, bk, bv, kv_cache=kv)
+    dy = rng.standard_normal((B, T, D))
+    dx1, g1 = L.attention_backward(dy, cache, wq, wk, wv, wo)
+    queue = []
+    dx2, g2 = L.attention_backward(dy, cache, wq, wk, wv, wo, defer=queue)
+    assert len(queue) == 3 and np.array_equal(dx1, dx2)
+    for d in queue:
+        d.run()
+    for k in g1:
+        g = g2[k].value if isinstance(g2[k], L.Deferred) else g2[k]
+        assert np.array_equal(g1[k], g), k
+
+
+def _split_model(act="swiglu"):
+    import minisparse as ms
+    cfg = ms.ModelConfig(vocab_size=40, dim=24, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=40, max_seq_len=80,
+                         activation=act)
+    return ms.Transformer(cfg, seed=3, dtype=np.float64)
+
+
+def test_split_shares_the_slow_parts_products(monkeypatch):
+    """A part that runs behind (here: it sleeps after its backward) has its queued
+    weight-gradient products computed by the other thread; the result is the same bits."""
+    import threading
+    import time
+    from minisparse import layers as L
+    model = _split_model()
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 40, (4, 70)), rng.integers(0, 40, (4, 70))
+    _, want, _ = T.accumulate_grads(model, [(x, y)], workers=2)
+
+    made, ran = {}, {}
+    weight_grad, run = L._weight_grad, L.Deferred.run
+
+    def tagged(fn, defer):
+        d = weight_grad(fn, defer)
+        made[id(d)] = threading.current_thread().name
+        return d
+
+    def run_where(self):
+        ran[id(self)] = threading.current_thread().name
+        if ran[id(self)] != made[id(self)]:
+            time.sleep(0.02)                            # a product taken over finishes late: its part must wait
+        return run(self)
+    inner = model._loss_and_grads
+
+    def slow_first_part(tokens, targets=None, l1=0.0, defer=None):
+        out = inner(tokens, targets, l1, defer)
+        if np.array_equal(tokens[0], x[0]):
+            time.sleep(0.3)                             # the other thread is done meanwhile
+        return out
+    monkeypatch.setattr(L, "_weight_grad", tagged)
+    monkeypatch.setattr(L.Deferred, "run", run_where)
+    monkeypatch.setattr(model, "_loss_and_grads", slow_first_part)
+    _, got, _ = T.accumulate_grads(model, [(x, y)], workers=2)
+    assert len(made) == 2 * 3 * 5 and set(ran) == set(made)  # 2 parts x 3 layers x (wq, wk, wv, w_gate, w_up)
+    assert any(ran[k] != made[k] for k in made)              # some by the thread that did not queue them
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_split_error_in_a_part_is_raised_not_hung(monkeypatch):
+    model = _split_model()
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 40, (4, 9)), rng.integers(0, 40, (4, 9))
+    inner = model._loss_and_grads
+
+    def fails_once(tokens, targets=None, l1=0.0, defer=None):
+        if np.array_equal(tokens[0], x[0]):
+            raise FloatingPointError("part failed")
+        return inner(tokens, targets, l1, defer)
+    monkeypatch.setattr(model, "_loss_and_grads", fails_once)
+    with pytest.raises(FloatingPointError, match="part failed"):
+        T.accumulate_grads(model, [(x, y)], workers=2)
