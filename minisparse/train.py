@@ -353,7 +353,8 @@ def accumulate_grads(model: Transformer, batches, l1: float = 0.0, workers: int 
     ``workers`` > 1 splits each micro-batch's rows over that many threads, BLAS at one
     thread each (see :func:`minisparse.runtime.training_workers`, which :func:`train`
     passes), and combines the parts weighted by their rows: the same loss and gradient to
-    rounding. Used only where that is exact and safe -- a model on the host, no MoE layer
+    rounding (a thread done with its rows computes weight-gradient products the others
+    queued: the same bits). Used only where that is exact and safe -- a model on the host, no MoE layer
     (the load-balancing loss is not a mean over tokens), ``l1 == 0``, no ignored target, no
     :meth:`~minisparse.Transformer.wrap_ffn` wrapper -- else the batch runs whole.
     """
