@@ -11,13 +11,14 @@ import minisparse as ms
 from minisparse.kernels import cupy_
 from minisparse.kernels.testing import make_ffn
 sys.path.insert(0, os.path.dirname(HERE))
-from backend_helpers import check
+from backend_helpers import check, truth
 cupy_.SPARSE_KERNEL = "fused"
-cupy_.GIVEN1 = False                                       # the decode kernels of _given1 are not emulated here
 n = 0
 for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32, np.float32), (np.float64, np.float64)]:
     for act in ("drelu", "relu", "swiglu"):
-        for D, F, T in [(1, 1, 1), (7, 33, 3), (40, 130, 19), (16, 50, 8)]:
+        # (264, 40, 1): one token, rows of whole 16-byte vectors: the given-mask path (_given1),
+        # wider than one float32 column block of its down kernel, after float16 weights of that shape
+        for D, F, T in [(1, 1, 1), (7, 33, 3), (40, 130, 19), (16, 50, 8), (264, 40, 1)]:
             p = make_ffn(D, F, tokens=T, sparsity=0.8, activation=act, dtype=wdt, seed=D + F)
             d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
             wu = d["w_up"] if act != "relu" else None
@@ -31,6 +32,9 @@ for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32
                 y2 = cupy_.ffn_device(x, d["w_gate"], wu, d["w_down"], act, active=mask, out=out)
                 assert y2 is out
                 check(out, p["x"].astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, tol, active=p["active"][::2], what="dev mask")
+                want = truth(p["x"].astype(xdt), p["w_gate"], p["w_up"] if wu is not None else None, p["w_down"], act, active=p["active"][::2])[0]
+                err = np.abs(np.asarray(out, dtype=np.float64) - want).max() / max(np.abs(want).max(), 1e-30)
+                assert err <= (2e-3 if xdt == np.float16 else 1e-5 if wdt != np.float64 else 1e-12), (wdt, xdt, act, D, F, T, err)
             if act != "swiglu" and xdt == wdt and T <= 8 or (act != "swiglu" and xdt == wdt):
                 for kw in ({}, {"active": p["active"][::2]}, {"active": cp.asarray(np.isin(np.arange(F), p["active"]))}, {"threshold": 0.02}):
                     if T >= 9 and "active" not in kw: continue
@@ -45,4 +49,5 @@ for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32
                     if not kw and st["path"] == "sparse":
                         assert st["n_active"] == p["active"].size, (st, p["active"].size)
             n += 1
-print("ok", n, "cases;", len(cp.CALLS), "emulated launches; plans", len(cupy_._DEVICE_PLANS), len(cupy_._FUSED_PLANS), len(cupy_._VALIDATED))
+print("ok", n, "cases;", sum(c.startswith("ffn_gateup_mask") for c in cp.CALLS), "given-path launches;",
+      len(cp.CALLS), "emulated launches; plans", len(cupy_._DEVICE_PLANS), len(cupy_._FUSED_PLANS), len(cupy_._VALIDATED))

@@ -1,5 +1,6 @@
 """A NumPy-backed stand-in for the parts of CuPy that ``minisparse.kernels.cupy_`` uses,
-with a NumPy emulation of the ``ffn_fused`` kernel that reads its arguments in the order
+with NumPy emulations of the ``ffn_fused`` kernel (and of decode.cu's ``ffn_gateup_mask`` /
+``ffn_down_rows_out``, the one-token given path) that read their arguments in the order
 ``sparse_ffn.cu`` declares them and checks the launch's invariants (shared-memory size,
 grid covering F, accumulator and counters zero on entry). It tests the backend's host
 logic (plans, caches, tiling, masks, stats) where no GPU is present; the kernel itself is
@@ -38,10 +39,44 @@ def _act(v, kind, thr):
     if kind == 5: return v
     raise NotImplementedError(kind)
 
+def _wtype(name):                  # the weight type of a decode.cu template: itemsize
+    return 2 if name.split("<")[1].startswith("unsigned short") else 4
+
+def _gateup_mask(name, grid, block, args):
+    """decode.cu ffn_gateup_mask: the masked-in neurons' h, appended at slots cnt[0]++."""
+    wg, wu, x, ld, F, m, gk, uk, thr, gated, cnt, idx, hv = args
+    ld, F, gk, uk, gated = map(int, (ld, F, gk, uk, gated))
+    assert block == (256,) and grid == ((F + 31) // 32,), (grid, F)
+    assert x.shape[-1] == ld and wg.shape == (F, ld) and m.dtype == _np.uint8 and m.shape == (F,)
+    assert isinstance(thr, _np.float32) and int(cnt[0]) == 0 and int(cnt[1]) == 0, (cnt, thr)
+    xs = _np.asarray(x, dtype=_np.float32).reshape(-1)
+    for f in range(F):
+        if not m[f]: continue
+        v = _act(_np.float32(xs @ _np.asarray(wg[f], _np.float32)), gk, thr)
+        if gated: v = v * _act(_np.float32(xs @ _np.asarray(wu[f], _np.float32)), uk, thr)
+        j = int(cnt[0]); idx[j] = f; hv[j] = v; cnt[0] = j + 1
+
+def _down_rows_out(name, grid, block, args):
+    """decode.cu ffn_down_rows_out: only the columns its grid covers (ncol blocks of 32 lanes x
+    16-byte vectors x NV = 2), so a grid planned for another weight type shows."""
+    cnt, idx, hv, wd, ld, y32, out, D = args
+    ld, D = int(ld), int(D)
+    assert block == (256,) and len(grid) == 2 and grid[1] >= 1
+    assert y32.dtype == _np.float32 and not y32.any() and int(cnt[1]) == 0
+    cols = min(ld, grid[0] * 32 * (16 // _wtype(name)) * 2)
+    n = int(cnt[0])
+    for j in range(n):
+        y32[:cols] += _np.float32(hv[j]) * _np.asarray(wd[int(idx[j]), :cols], _np.float32)
+    out[...] = y32[:D].astype(out.dtype).reshape(out.shape)
+    y32[...] = 0
+    cnt[2], cnt[0], cnt[1] = n, 0, 0
+
 class _Kernel:
     def __init__(self, name): self.name = name
     def __call__(self, grid, block, args, shared_mem=0):
         CALLS.append(self.name)
+        if self.name.startswith("ffn_gateup_mask"): return _gateup_mask(self.name, grid, block, args)
+        if self.name.startswith("ffn_down_rows_out"): return _down_rows_out(self.name, grid, block, args)
         assert self.name.startswith("ffn_fused"), self.name
         tt = int(self.name.rstrip(">").split(",")[-1])
         x, wg, wu, wd, m, T, D, F, P, gk, uk, athr, skip, flags, acc, out, cnt = args
@@ -68,7 +103,7 @@ class _Kernel:
 
 class RawModule:
     def __init__(self, code, options=(), name_expressions=()):
-        assert "ffn_fused" in code and "act_fn" in code
+        assert ("ffn_fused" in code or "ffn_gateup_mask" in code) and "act_fn" in code
     def get_function(self, name): return _Kernel(name)
 
 class _Stream:
