@@ -142,7 +142,9 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     ``qkv_rope``, ``attn_naive``, ``attn``, ``ffn_gateup``, ``ffn_gate_select``,
     ``ffn_gateup_list``, ``ffn_gate_select2``, ``ffn_gateup_list4``, ``ffn_up_list4``,
     ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane), ``ffn_down_rows``,
-    ``argmax``, ``attn_split``.
+    ``argmax``, ``attn_split``, ``head_argmax``; ``*_u8``: 8 loads in flight per lane;
+    ``ffn_gateup_mask_xf32`` / ``_xf16`` and ``ffn_down_rows_out_xf32`` / ``_xf16``: the CuPy
+    backend's one-token FFN given a mask (x float32 / float16).
     """
     wdt = np.dtype(weight_dtype)
     if wdt not in _CTYPE:
