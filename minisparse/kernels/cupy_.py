@@ -285,10 +285,10 @@ _GIVEN1_WS: Dict[tuple, dict] = {}
 
 
 def _given1_ok(xd, wg, wu, wd, act: Activation, skip: float, mask) -> bool:
-    """Whether the two-launch given-mask path can run this call (else the fused/split one):
+    """Whether the two-launch given-mask path can run this call (the callers also ask ``GIVEN1``):
     one token, no threshold, float16 weights with float16/float32 x or float32 weights and
     x, rows of whole 16-byte vectors, 16-byte aligned buffers, a compiled activation."""
-    if not GIVEN1 or mask is None or skip != 0.0 or xd.ndim != 2 or xd.shape[0] != 1:
+    if mask is None or skip != 0.0 or xd.ndim != 2 or xd.shape[0] != 1:
         return False
     wdt, xdt = np.dtype(wg.dtype), np.dtype(xd.dtype)
     if not ((wdt == np.float16 and xdt in (np.float16, np.float32)) or (wdt == np.float32 and xdt == np.float32)):
@@ -416,7 +416,8 @@ def ffn_device(x, w_gate, w_up, w_down, act, *, active=None, out=None, threshold
     the inputs, compiles the kernels and allocates the workspace), a call does **no host
     synchronisation and no device allocation**: one ``ffn_fused`` launch per 8 tokens on
     the current stream (one token with ``active``: the two launches of :func:`_given1`),
-    so it can be captured in a CUDA graph (make the first call before capturing). Values of every buffer may change between calls; pointers and shapes are
+    so it can be captured in a CUDA graph (make the first call before capturing). Values
+    of every buffer may change between calls; pointers and shapes are
     the cache key.
 
     Parameters
@@ -456,7 +457,7 @@ def ffn_device(x, w_gate, w_up, w_down, act, *, active=None, out=None, threshold
         out = plan["out"]
     elif not (isinstance(out, cp.ndarray) and out.shape == x.shape and out.dtype == x.dtype and out.flags.c_contiguous):
         raise ValueError(f"out must be a C-contiguous CuPy array of shape {x.shape} and dtype {x.dtype}")
-    if plan["given1"] and x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0:
+    if GIVEN1 and plan["given1"] and x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0:
         _given1(x, w_gate, w_up, w_down, plan["act"], mask, out)
     else:
         _fused_launch(plan, x, w_gate, w_up, w_down, mask, out)
@@ -480,7 +481,7 @@ def _device_plan(x, w_gate, w_up, w_down, act, active, threshold) -> dict:
                        active is not None, _aligned(w_gate, w_up, w_down))
     plan["out"] = cp.empty((T, D), dtype=x.dtype)
     plan["act"] = a
-    plan["given1"] = active is not None and _given1_ok(x, w_gate, w_up, w_down, a, skip, cp.zeros(1, cp.uint8))
+    plan["given1"] = _given1_ok(x, w_gate, w_up, w_down, a, skip, active)   # GIVEN1 is asked per call
     return plan
 
 
@@ -511,7 +512,7 @@ def ffn(x, w_gate, w_up, w_down, act: Activation, *, active=None, threshold=None
         path, n_active = "dense", F
     else:
         mask = _mask_from_active(active, F) if active is not None else None
-        if _given1_ok(xd, wg, wu, wd, act, skip, mask):
+        if GIVEN1 and _given1_ok(xd, wg, wu, wd, act, skip, mask):
             y = cp.empty((1, D), dtype=xd.dtype)
             ws = _given1(xd, wg, wu, wd, act, mask, y)
             n_active = None if stats is None else int(ws["cnt"][2].get())      # the one sync

@@ -49,5 +49,17 @@ for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32
                     if not kw and st["path"] == "sparse":
                         assert st["n_active"] == p["active"].size, (st, p["active"].size)
             n += 1
+# GIVEN1 switched off after a plan exists: ffn_device follows it at the next call (the fused kernel)
+p = make_ffn(264, 40, tokens=1, sparsity=0.8, activation="drelu", dtype=np.float32, seed=1)
+d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+mask, out = cp.asarray(np.isin(np.arange(40), p["active"])), cp.empty((1, 264), dtype=np.float32)
+args = (cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu")
+for on in (True, False, True):
+    cupy_.GIVEN1 = on
+    before = list(cp.CALLS)
+    cupy_.ffn_device(*args, active=mask, out=out)
+    new = cp.CALLS[len(before):]
+    assert (new[0].startswith("ffn_gateup_mask") if on else new[0].startswith("ffn_fused")), (on, new)
+    check(out, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32, active=p["active"], what=f"GIVEN1={on}")
 print("ok", n, "cases;", sum(c.startswith("ffn_gateup_mask") for c in cp.CALLS), "given-path launches;",
       len(cp.CALLS), "emulated launches; plans", len(cupy_._DEVICE_PLANS), len(cupy_._FUSED_PLANS), len(cupy_._VALIDATED))
