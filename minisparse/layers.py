@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from . import _fused
 from .activations import Activation, relu_grad, silu
 from .xp import add_at, array_module
 
@@ -420,6 +421,21 @@ def attention_backward(dy: Array, cache, wq: Array, wk: Array, wv: Array, wo: Ar
 # gated FFN, neuron-major weights
 #   y = down(act(gate(x), up(x)))   e.g. down(relu(x Wg^T) * relu(x Wu^T))  # dReLU, TurboSparse eq. 2
 # ======================================================================================
+# SiLU-gated FFNs (SwiGLU) on host arrays run their element-wise lines through one fused
+# Numba pass each way (minisparse._fused: the same operations in the same order, the same
+# bits; exp stays NumPy's). False: always the NumPy lines. Arrays smaller than
+# FUSED_SWIGLU_MIN_SIZE elements keep the NumPy lines (a few microseconds; and a short
+# inference call then does not import Numba). Without Numba: the NumPy lines.
+FUSED_SWIGLU = True
+FUSED_SWIGLU_MIN_SIZE = 1 << 16
+
+
+def _fused_swiglu(*arrays) -> bool:
+    """Whether the fused SiLU-gate pass applies to these (N, F) arrays (see FUSED_SWIGLU)."""
+    return (FUSED_SWIGLU and arrays[0].size >= FUSED_SWIGLU_MIN_SIZE and _fused.usable(*arrays)
+            and _fused.kernels() is not None)
+
+
 class FFNCache(NamedTuple):
     """What :func:`ffn_backward` needs from :func:`ffn_forward` (and what instruments read)."""
     x: Array                    # (N, D) input tokens
@@ -448,16 +464,20 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
     a = b = e = None
     if act.gated:                                                    # = act.forward(g, u), keeping its factors
         u = x @ w_up.T                                               # (N, F) up pre-activation
+        b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
         if act.gate_fn is silu:                                      # SwiGLU: silu(g) = g / (1 + exp(-g)),
             e = np.negative(g)                                       # keeping 1 + exp(-g) for the derivative
             with np.errstate(over="ignore"):                         # (exp(-g) = inf for g < -88 in float32:
                 np.exp(e, out=e)                                     # silu -> -0, the right limit)
-            e += 1
-            a = g / e                                                # (N, F) silu(g)
+            if _fused_swiglu(g, b, e):                               # the 3 lines below in 1 pass
+                a, h = _fused.swiglu_rest(g, b, e)                   # (N, F) each; e += 1 in place
+            else:
+                e += 1                                               # (N, F) 1 + exp(-g)
+                a = g / e                                            # (N, F) silu(g)
+                h = a * b                                            # (N, F)
         else:
             a = act.gate_fn(g)                                       # (N, F) gate(g)
-        b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
-        h = a * b                                                    # (N, F)
+            h = a * b                                                # (N, F)
     else:
         u = None
         h = act.forward(g)                                           # (N, F)
@@ -495,17 +515,21 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     if act.gated:
         if a is None:                                                # a cache built elsewhere
             a, b = act.gate_fn(g), (u if act.up_kind == "identity" else act.up_fn(u))
-        dg = dh * b                                                  # (N, F)
-        if e is not None:                                            # silu'(g) = s + g s (1 - s), s = 1 / e,
-            d_gate = np.subtract(1, a, dtype=a.dtype)                # = (1 - a) / e + a with a = g s
-            d_gate /= e
-            d_gate += a
-        elif act.gate_grad is relu_grad:
-            d_gate = g > 0                                           # relu'(g) as a mask (no float copy)
+        if e is not None and _fused_swiglu(dh, b, a, e):             # the SiLU lines below in 1 pass:
+            dg = _fused.swiglu_backward(dh, b, a, e)                 # (N, F); dh becomes du = dh * a
+            du = dh                                                  # (N, F)
         else:
-            d_gate = act.gate_grad(g)
-        dg *= d_gate                                                 # dL/dg = dh * up(u) * gate'(g)
-        du = np.multiply(dh, a, out=dh)                              # (N, F), in place of dh
+            dg = dh * b                                              # (N, F)
+            if e is not None:                                        # silu'(g) = s + g s (1 - s), s = 1 / e,
+                d_gate = np.subtract(1, a, dtype=a.dtype)            # = (1 - a) / e + a with a = g s
+                d_gate /= e
+                d_gate += a
+            elif act.gate_grad is relu_grad:
+                d_gate = g > 0                                       # relu'(g) as a mask (no float copy)
+            else:
+                d_gate = act.gate_grad(g)
+            dg *= d_gate                                             # dL/dg = dh * up(u) * gate'(g)
+            du = np.multiply(dh, a, out=dh)                          # (N, F), in place of dh
         if act.up_kind != "identity":                                # dL/du = dh * gate(g) * up'(u)
             du *= (u > 0) if act.up_grad is relu_grad else act.up_grad(u)
     else:
