@@ -204,7 +204,13 @@ def main(argv=None):
                          "train() split batches over threads)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="do not apply minisparse.train.keep_freed_memory (which train() applies)")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="SwiGLU's element-wise lines as NumPy passes (minisparse.layers.FUSED_SWIGLU = False) "
+                         "instead of the fused Numba pass; the same bits, for a before/after comparison")
     args = ap.parse_args(argv)
+    if args.no_fused:
+        ms.layers.FUSED_SWIGLU = False
+    fused = ms.layers.FUSED_SWIGLU and ms._fused.kernels() is not None      # imports Numba here, not in a step
     # what minisparse.train.train() does for its runs; process-wide, so PyTorch gets it too
     malloc_tuned = False if args.default_malloc else keep_freed_memory()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -235,7 +241,7 @@ def main(argv=None):
     print(f"machine: {model_name}, {os.cpu_count()} CPUs, load average "
           f"{load_start[0] if load_start else float('nan'):.1f}; float32 matmul (2048^3, NumPy BLAS): "
           f"{peak:.1f} GFLOP/s; glibc keeps freed memory: {malloc_tuned}; threads: {threads} "
-          f"(OpenBLAS set: {blas_set}); minisparse splits the batch over {workers} thread(s)")
+          f"(OpenBLAS set: {blas_set}); minisparse splits the batch over {workers} thread(s); fused SwiGLU pass: {fused}")
     rows, checks = [], {}
     for act in acts:
         if torch is not None:
@@ -298,7 +304,8 @@ def main(argv=None):
                     "torch_threads": torch.get_num_threads() if torch is not None else None,
                     "load_average_at_start": load_start, "load_average_at_end": load,
                     "malloc_keeps_freed_memory": malloc_tuned, "threads": threads,
-                    "openblas_threads_set": blas_set, "minisparse_batch_split_workers": workers},
+                    "openblas_threads_set": blas_set, "minisparse_batch_split_workers": workers,
+                    "fused_swiglu": fused},
         "timed_steps": n_steps,
     }, indent=2))
     print(f"\nwrote {out}")
