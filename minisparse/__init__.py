@@ -38,7 +38,9 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(_import_module(_LAZY[name]), name)
+        value = getattr(_import_module(_LAZY[name]), name)
+        globals()[name] = value        # later lookups skip this hook (ms.sparse_ffn in a decode loop)
+        return value
     raise AttributeError(f"module 'minisparse' has no attribute {name!r}")
 
 

@@ -280,51 +280,85 @@ _FUSED_WS: Dict[tuple, dict] = {}
 # ------------------------------------------------------------------------------------
 # one token given a mask: the decode kernels (decode.cu), two launches
 # ------------------------------------------------------------------------------------
-GIVEN1 = True                   # batch 1 + active mask: ffn_gateup_mask + ffn_down_rows_out (see _given1)
+GIVEN1 = True                   # batch 1 + active mask: the decode kernels (see _given1)
+GIVEN1_KERNEL = "one"           # "one": ffn_given1 (one launch); "two": ffn_gateup_mask + ffn_down_rows_out
+GIVEN1_WARPS = 32               # warps per block of ffn_given1 (16 or 32; 32 measured faster on the H200)
+GIVEN1_BLOCKS_PER_SM = 1        # its grid: this many blocks per multiprocessor
+GIVEN1_SLICES = 1               # its float32 accumulators: block b adds into slice b % this (1..8; 1 measured fastest)
+_GIVEN1_MAX_SLICES = 8
 _GIVEN1_WS: Dict[tuple, dict] = {}
 
 
-def _given1_ok(xd, wg, wu, wd, act: Activation, skip: float, mask) -> bool:
-    """Whether the two-launch given-mask path can run this call (the callers also ask ``GIVEN1``):
-    one token, no threshold, float16 weights with float16/float32 x or float32 weights and
-    x, rows of whole 16-byte vectors, 16-byte aligned buffers, a compiled activation."""
-    if mask is None or skip != 0.0 or xd.ndim != 2 or xd.shape[0] != 1:
-        return False
+def _given1_codes(xd, wg, act: Activation, skip: float):
+    """The parts of :func:`_given1_ok` that depend only on shapes, dtypes and the activation:
+    the activation's kernel codes, or None. One token ((D,) or (1, D)), no threshold, float16
+    weights with float16/float32 x or float32 weights and x, rows of whole 16-byte vectors,
+    a compiled activation."""
+    if skip != 0.0 or not (xd.ndim == 1 or (xd.ndim == 2 and xd.shape[0] == 1)):
+        return None
     wdt, xdt = np.dtype(wg.dtype), np.dtype(xd.dtype)
     if not ((wdt == np.float16 and xdt in (np.float16, np.float32)) or (wdt == np.float32 and xdt == np.float32)):
-        return False
-    if xd.shape[1] % (16 // wdt.itemsize) or not _aligned(xd, wg, wu, wd):
-        return False
+        return None
+    if xd.shape[-1] % (16 // wdt.itemsize):
+        return None
     try:
-        activation_codes(act, NAME)
+        return activation_codes(act, NAME)
     except ValueError:
-        return False
-    return True
+        return None
 
 
-def _given1(xd, wg, wu, wd, act: Activation, mask, out) -> dict:
-    """y = FFN(x) over the masked-in neurons, one token, into ``out`` (1, D) of x's dtype:
-    ``ffn_gateup_mask`` (each block compacts 32 mask entries, four warps per active neuron
-    read both rows) then ``ffn_down_rows_out`` (the kept rows of w_down into a float32
-    accumulator; the last block writes ``out`` and leaves the workspace zero). No sync, no
-    allocation after the first call for (device, stream, D, F, weight dtype). Returns the workspace
-    (``cnt[2]``: the neurons of the last call)."""
+def _given1_ok(xd, wg, wu, wd, act: Activation, skip: float, mask) -> bool:
+    """Whether the given-mask path of :func:`_given1` can run this call (the callers also ask
+    ``GIVEN1``): :func:`_given1_codes`, a mask, and 16-byte aligned buffers."""
+    return mask is not None and _given1_codes(xd, wg, act, skip) is not None and _aligned(xd, wg, wu, wd)
+
+
+def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
+    """y = FFN(x) over the masked-in neurons, one token, into ``out`` (x's shape and dtype).
+
+    ``GIVEN1_KERNEL = "one"`` (default): ``ffn_given1``, one launch (each block ranks the
+    whole mask, takes an equal share of the active neurons, four warps per neuron for their
+    gate/up rows, then their down rows into ``GIVEN1_SLICES`` float32 accumulators with
+    float4 atomics; the last block writes their sum to ``out`` and leaves them zero). ``"two"`` (or a mask not
+    16-byte aligned, or a shape beyond the one-launch kernel): ``ffn_gateup_mask`` (each
+    block compacts 32 mask entries) then ``ffn_down_rows_out``. No sync, no allocation after the
+    first call for (device, stream, D, F, weight dtype). ``codes``: the activation's kernel
+    codes when the caller has them. Returns the workspace (``cnt[2]``: the neurons of the
+    last call)."""
     from . import decode_cuda
-    D, F = int(xd.shape[1]), int(wg.shape[0])
+    D, F = int(xd.shape[-1]), int(wg.shape[0])
     key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, D, F, wg.dtype.char)   # the grid depends on the dtype
     ws = _GIVEN1_WS.get(key)
     if ws is None:
         V16 = 16 // wg.dtype.itemsize
         ncol = -(-D // (32 * V16 * decode_cuda.NV))
-        ws = dict(y32=cp.zeros(D, dtype=cp.float32), cnt=cp.zeros(3, dtype=cp.int32),
+        ws = dict(y32=cp.zeros(_GIVEN1_MAX_SLICES * D, dtype=cp.float32), cnt=cp.zeros(3, dtype=cp.int32),
                   idx=cp.zeros(F, dtype=cp.int32), hv=cp.zeros(F, dtype=cp.float32), ncol=ncol,
                   G=max(1, min(-(-decode_cuda.DOWN_BLOCKS_PER_SM * _sm_count() // ncol), -(-F // _WARPS))))
         if len(_GIVEN1_WS) > 64:
             _GIVEN1_WS.clear()
         _GIVEN1_WS[key] = ws
+    if codes is None:
+        codes = activation_codes(act, NAME)
+    setting = (GIVEN1_KERNEL, GIVEN1_WARPS, GIVEN1_BLOCKS_PER_SM, GIVEN1_SLICES, xd.dtype.char, codes, act.gated)
+    one = ws.get(setting)
+    if one is None:                                       # the launch, less its buffers (cached: host time)
+        one = ws[setting] = _given1_grid(D, F, wg.dtype.itemsize)
+        if one["pv"]:
+            xs = "_xf16" if xd.dtype == cp.float16 else "_xf32"
+            one.update(fn=decode_cuda.kernels(wg.dtype)[f"ffn_given1{xs}_w{GIVEN1_WARPS}_p{one['pv']}"], grid=(one["G"],), block=(32 * GIVEN1_WARPS,),
+                       consts=(np.int32(D), np.int32(F), np.int32(codes[0]), np.int32(codes[1]),
+                               np.float32(codes[2]), np.int32(bool(act.gated)), np.int32(GIVEN1_SLICES)))
+    if one["pv"] and mask.data.ptr % 16 == 0:
+        d, f, gk, uk, thr, gated, nslice = one["consts"]
+        one["fn"](one["grid"], one["block"],
+                  (wg, wg if wu is None else wu, wd, xd, d, f, mask, gk, uk, thr, gated, ws["y32"], nslice, out,
+                   ws["cnt"]),
+                  shared_mem=one["smem"])
+        return ws
     k = decode_cuda.kernels(wg.dtype)
     xs = "_xf16" if xd.dtype == cp.float16 else "_xf32"
-    gk, uk, thr = activation_codes(act, NAME)
+    gk, uk, thr = codes
     i32 = np.int32
     k["ffn_gateup_mask" + xs]((-(-F // 32),), (32 * _WARPS,),
                               (wg, wg if wu is None else wu, xd, i32(D), i32(F), mask, i32(gk), i32(uk),
@@ -332,6 +366,30 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out) -> dict:
     k["ffn_down_rows_out" + xs]((ws["ncol"], ws["G"]), (32 * _WARPS,),
                                 (ws["cnt"], ws["idx"], ws["hv"], wd, i32(D), ws["y32"], out, i32(D)))
     return ws
+
+
+def _given1_grid(D: int, F: int, wbytes: int) -> dict:
+    """ffn_given1's launch shape: G blocks of 32 * GIVEN1_WARPS threads, PV column vectors per
+    thread (0: D too wide for the instantiated PV, use the two-launch path), dynamic shared
+    memory for ceil(F / G) neuron ids and their h."""
+    from . import decode_cuda
+    if GIVEN1_KERNEL not in ("one", "two"):
+        raise ValueError(f"GIVEN1_KERNEL must be 'one' or 'two', got {GIVEN1_KERNEL!r}")
+    if GIVEN1_KERNEL == "two":
+        return dict(pv=0)
+    if not (isinstance(GIVEN1_SLICES, int) and 1 <= GIVEN1_SLICES <= _GIVEN1_MAX_SLICES):
+        raise ValueError(f"GIVEN1_SLICES must be an int in [1, {_GIVEN1_MAX_SLICES}], got {GIVEN1_SLICES!r}")
+    if GIVEN1_WARPS not in decode_cuda.GIVEN1_WARPS:
+        raise ValueError(f"GIVEN1_WARPS must be one of {decode_cuda.GIVEN1_WARPS}, got {GIVEN1_WARPS!r}")
+    G = max(1, GIVEN1_BLOCKS_PER_SM * _sm_count())
+    NT = 32 * GIVEN1_WARPS
+    nvec = D // (16 // wbytes)
+    need = -(-nvec // NT)
+    pv = next((p for p in decode_cuda.GIVEN1_PV if p >= need), 0)
+    smem = 8 * (-(-F // G))                                # the block's neuron ids and their h
+    if smem > 46 * 1024:                                   # beyond the default shared memory: two launches
+        pv = 0
+    return dict(G=G, pv=pv, smem=smem)
 
 
 def _fused_workspace(D: int, acc: np.dtype) -> dict:
@@ -607,8 +665,17 @@ def sparse_ffn_cached(x, w_gate, w_up, w_down, activation, *, active=None, thres
                             weight_dtypes=WEIGHT_DTYPES, backend=NAME)
         if len(_VALIDATED) > 4096:
             _VALIDATED.clear()
-        hit = _VALIDATED[key] = (act, info["threshold"], info["T"], info["D"], info["F"])
-    act, thr, T, D, F = hit
+        codes = None                                              # the lean given path: contiguous buffers
+        if all(a is None or a.flags.c_contiguous for a in (x, w_gate, w_up, w_down)):   # (strides are in the key)
+            codes = _given1_codes(x, w_gate, act, 0.0 if info["threshold"] is None else info["threshold"])
+        hit = _VALIDATED[key] = (act, info["threshold"], info["T"], info["D"], info["F"], codes)
+    act, thr, T, D, F, codes = hit
+    if (codes is not None and GIVEN1 and stats is None and isinstance(active, cp.ndarray)
+            and active.dtype == cp.bool_ and active.shape == (F,) and active.flags.c_contiguous
+            and (x.data.ptr | w_gate.data.ptr | w_down.data.ptr | (0 if w_up is None else w_up.data.ptr)) % 16 == 0):
+        y = cp.empty(x.shape, dtype=x.dtype)                      # one token, a device mask: the lean path
+        _given1(x, w_gate, w_up, w_down, act, active.view(cp.uint8), y, codes)
+        return y
     if active is not None:
         from .base import _check_active
         active = _check_active(active, F, True)

@@ -1183,3 +1183,214 @@ __global__ void __launch_bounds__(NTHREADS) ffn_down_rows_out(int* __restrict__ 
     }
     if (threadIdx.x == 0) { cnt[2] = n; cnt[0] = 0; cnt[1] = 0; }
 }
+
+// ====================================================================================
+// ffn_given1: the same FFN given a mask in ONE launch (the next rung after the two above).
+// G blocks (about one per multiprocessor), NT = 32 * NW threads each, ks ints + ks floats
+// of dynamic shared memory (ks >= ceil(F / G)):
+//  1. every block reads the whole mask (16-byte words, L2-resident after the first block)
+//     and ranks the active neurons with a block-wide scan; block b takes the ranks
+//     [b n / G, (b + 1) n / G): the same work in every block, whatever the mask's layout
+//     (the two-launch path gave each block 32 mask entries: 0 to 10 neurons at 90%).
+//  2. per round of NW / 4 neurons, four warps per neuron (quarters of the gate and up
+//     rows, as ffn_gateup_list4) -> h in shared memory; each warp also prefetches its
+//     quarter of the neuron's w_down row into L2.
+//  3. the block's down rows, a thread per PV 16-byte column vectors, four rows' loads in
+//     flight, accumulated in registers; then one float4 atomicAdd per 4 columns into slice
+//     b % nslice of y32 (nslice, D): with one slice every address took G = 132 serialized
+//     additions (3.4 us between the atomics and the fence, traced on the H200); slices
+//     divide that wait.
+//  4. a ticket: the last block writes out = the sum of the slices in x's dtype, zeroes them,
+//     cnt[2] = n.
+// No grid-wide wait, no second launch, and the active list never goes to global memory.
+// ====================================================================================
+__device__ __forceinline__ int nz_bytes(unsigned int w) { return __popc(__vcmpne4(w, 0u)) >> 3; }
+
+__device__ __forceinline__ void add_f4(float* p, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float4*>(p), make_float4(a, b, c, d));   // sm_90: one vector reduction
+#else
+    atomicAdd(p, a); atomicAdd(p + 1, b); atomicAdd(p + 2, c); atomicAdd(p + 3, d);
+#endif
+}
+
+// Every block ranks the active neurons of the whole mask (thread t counts the 16-byte words
+// [t CH, (t + 1) CH), the last thread also the F % 16 tail bytes; a block-wide scan) and
+// writes those of ranks [b n / G, (b + 1) n / G) to kf. Returns n; *r0p = the first rank.
+template <int NW>
+__device__ __forceinline__ int rank_mask_share(const unsigned char* __restrict__ mask, int F, int* kf, int* r0p) {
+    __shared__ int wsum[NW];
+    const int NT = 32 * NW;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, t = threadIdx.x;
+    const int G = gridDim.x, b = blockIdx.x;
+    const int nw16 = F >> 4, CH = (nw16 + NT - 1) / NT;
+    const int w0 = min(nw16, t * CH), w1 = min(nw16, w0 + CH);
+    const uint4* mw = reinterpret_cast<const uint4*>(mask);
+    int c = 0;
+#pragma unroll 4
+    for (int w = w0; w < w1; ++w) {
+        const uint4 m = __ldg(mw + w);
+        c += nz_bytes(m.x) + nz_bytes(m.y) + nz_bytes(m.z) + nz_bytes(m.w);
+    }
+    const bool tail = t == NT - 1;                           // the last thread also counts F % 16 bytes
+    if (tail) for (int f = nw16 << 4; f < F; ++f) c += mask[f] != 0;
+    int incl = c;                                            // block-wide inclusive scan of c
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+    }
+    if (lane == 31) wsum[wid] = incl;
+    __syncthreads();
+    if (wid == 0) {
+        int s = lane < NW ? wsum[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += v;
+        }
+        if (lane < NW) wsum[lane] = s;                       // inclusive over warps
+    }
+    __syncthreads();
+    const int n = wsum[NW - 1];
+    const int before = incl - c + (wid > 0 ? wsum[wid - 1] : 0);    // active neurons before mine
+    const int r0 = (int)((long long)b * n / G), r1 = (int)((long long)(b + 1) * n / G);
+    if (c > 0 && before < r1 && before + c > r0) {           // my neurons with ranks in [r0, r1)
+        int r = before;
+        for (int w = w0; w < w1 && r < r1; ++w) {
+            const uint4 m = __ldg(mw + w);
+            const unsigned int q[4] = {m.x, m.y, m.z, m.w};
+#pragma unroll
+            for (int k = 0; k < 16; ++k) {
+                if ((q[k >> 2] >> (8 * (k & 3))) & 0xffu) {
+                    if (r >= r0 && r < r1) kf[r - r0] = (w << 4) + k;
+                    ++r;
+                }
+            }
+        }
+        if (tail)
+            for (int f = nw16 << 4; f < F; ++f)
+                if (mask[f]) { if (r >= r0 && r < r1) kf[r - r0] = f; ++r; }
+    }
+    __syncthreads();
+    *r0p = r0;
+    return n;
+}
+
+#ifdef GIVEN1_TRACE                                          // bench/probe only: %globaltimer per phase and block
+__device__ long long given1_trace[4096 * 8];                // clock64() of thread 0 (cycles of its SM)
+__device__ unsigned long long given1_gtrace[4096 * 8];     // %globaltimer (ns, coarse)
+#define TRACE(k) do { if (threadIdx.x == 0) { unsigned long long t_; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_)); given1_gtrace[blockIdx.x * 8 + (k)] = t_; given1_trace[blockIdx.x * 8 + (k)] = clock64(); } } while (0)
+#else
+#define TRACE(k) do { } while (0)
+#endif
+
+template <typename W, typename X, int NW, int PV>
+__global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                      const W* __restrict__ wd, const X* __restrict__ x,
+                                                      int ld, int F, const unsigned char* __restrict__ mask,
+                                                      int gate_kind, int up_kind, float thr, int gated,
+                                                      float* __restrict__ y32, int nslice, X* __restrict__ out,
+                                                      int* __restrict__ cnt) {
+    extern __shared__ int kf[];                              // [ks] the block's neurons, then [ks] floats h
+    __shared__ float red[NW][2];
+    __shared__ int last;
+    const int NT = 32 * NW, V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, t = threadIdx.x;
+    const int G = gridDim.x, b = blockIdx.x;
+    TRACE(0);
+    // 1. rank the active neurons, take this block's share
+    int r0;
+    const int n = rank_mask_share<NW>(mask, F, kf, &r0);
+    const int r1 = (int)((long long)(b + 1) * n / G);
+    const int ks = r1 - r0;
+    TRACE(1);
+    float* hs = reinterpret_cast<float*>(kf + (F + G - 1) / G);
+    // 2. h of the block's neurons, four warps per neuron
+    const int qt = wid & 3, NB = NW / 4;
+    const int nvec = ld / V, nq = (nvec + 3) / 4;
+    const int v0 = min(nvec, qt * nq), len = min(nq, nvec - v0);   // this warp's quarter (vectors)
+    for (int m0 = 0; m0 < ks; m0 += NB) {                    // uniform per block
+        const int m = m0 + (wid >> 2);
+        const bool live = m < ks;
+        float g = 0.f, u = 0.f, unused;
+        if (live && len > 0) {
+            const size_t off = (size_t)kf[m] * ld + (size_t)v0 * V;
+            const char* drow = reinterpret_cast<const char*>(wd + off);
+            if (lane * 128 < len * 16)                       // this quarter of the down row, into L2
+                asm volatile("prefetch.global.L2 [%0];" :: "l"(drow + lane * 128));
+            if (gated) warp_dots<W, 2, false, 4, false, X>(wg + off, wu + off, x + (size_t)v0 * V, len * V, lane, &g, &u, &unused);
+            else warp_dots<W, 1, false, 4, false, X>(wg + off, wg, x + (size_t)v0 * V, len * V, lane, &g, &u, &unused);
+        }
+        if (lane == 0) { red[wid][0] = g; red[wid][1] = u; }
+        __syncthreads();
+        if (live && qt == 0 && lane == 0) {
+            float Gs = 0.f, Us = 0.f;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) { Gs += red[wid + w][0]; Us += red[wid + w][1]; }
+            float v = act_fn<float>(Gs, gate_kind, thr);
+            if (gated) v = v * act_fn<float>(Us, up_kind, thr);
+            hs[m] = v;
+        }
+        __syncthreads();
+    }
+    TRACE(2);
+    // 3. y32 += sum_m h[m] wd[kf[m], :]: thread t owns the column vectors t + k NT, k < PV
+    if (ks > 0) {
+        float acc[PV][V];
+#pragma unroll
+        for (int k = 0; k < PV; ++k)
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[k][e] = 0.f;
+#pragma unroll 4
+        for (int m = 0; m < ks; ++m) {
+            const W* row = wd + (size_t)kf[m] * ld;
+            const float hm = hs[m];
+            uint4 raw[PV];
+#pragma unroll
+            for (int k = 0; k < PV; ++k) {
+                const int p = t + k * NT;
+                raw[k] = p < nvec ? ld16raw(row + (size_t)p * V) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int k = 0; k < PV; ++k) {
+                float w[V];
+                cvt16(raw[k], w, W());
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[k][e] = fmaf(hm, w[e], acc[k][e]);
+            }
+        }
+        TRACE(6);
+        float* ys = y32 + (size_t)(b % nslice) * ld;          // this block's slice of the accumulator
+#pragma unroll
+        for (int k = 0; k < PV; ++k) {
+            const int p = t + k * NT;
+            if (p < nvec)
+#pragma unroll
+                for (int e = 0; e < V; e += 4) add_f4(ys + (size_t)p * V + e, acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
+        }
+    }
+    TRACE(3);
+    // 4. the last block writes out and leaves y32 zero
+    __threadfence();
+    __syncthreads();
+    TRACE(4);
+    if (t == 0) last = atomicAdd(reinterpret_cast<unsigned int*>(cnt + 1), 1u) == (unsigned int)G - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int c = 4 * t; c < ld; c += 4 * NT) {                // out = the sum of the slices; slices = 0
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int q = 0; q < nslice; ++q) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(y32 + (size_t)q * ld + c));
+            a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
+        }
+        store_out(out + c, a.x); store_out(out + c + 1, a.y); store_out(out + c + 2, a.z); store_out(out + c + 3, a.w);
+        for (int q = 0; q < nslice; ++q) *reinterpret_cast<float4*>(y32 + (size_t)q * ld + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    if (t == 0) { cnt[2] = n; cnt[0] = 0; cnt[1] = 0; }
+    __syncthreads();
+    TRACE(5);
+}
+

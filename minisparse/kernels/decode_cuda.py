@@ -93,6 +93,8 @@ HEAD_KERNELS = ("fused", "separate")   # head_argmax | gemv_vec16_norm + argmax_
 HEAD_KERNEL = "fused"
 EARLY_LOADS = True              # GEMV kernels issue their first round of weight loads before the PDL wait (decode.cu
                                 # EARLY); H200, ms/token: dense 4.033 -> 3.761, skip 2.489 -> 2.383, given 1.615 -> 1.506
+GIVEN1_WARPS = (16, 32)         # warps per block of ffn_given1 (the CuPy backend's one-launch given path)
+GIVEN1_PV = (1, 2, 4)           # 16-byte column vectors per thread in its down phase (D <= PV * 32 * NW * V)
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
@@ -178,6 +180,11 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
                      ffn_gateup_mask_xf16=f"ffn_gateup_mask<{W}, unsigned short>",
                      ffn_down_rows_out_xf32=f"ffn_down_rows_out<{W}, float>",
                      ffn_down_rows_out_xf16=f"ffn_down_rows_out<{W}, unsigned short>")
+        # ... and in one launch (cupy_._given1): ffn_given1_x{f32,f16}_w{NW}_p{PV}
+        for xs, X in (("xf32", "float"), ("xf16", "unsigned short")):
+            for nw in GIVEN1_WARPS:
+                for pv in GIVEN1_PV:
+                    names[f"ffn_given1_{xs}_w{nw}_p{pv}"] = f"ffn_given1<{W}, {X}, {nw}, {pv}>"
         # C++ names (mangled): every kernel, template or not, is found by its name expression
         mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}", f"-DEARLY={int(bool(early))}"),
                            name_expressions=list(names.values()))

@@ -233,7 +233,7 @@ def test_sparse_ffn_validates_once_but_still_rejects_new_bad_inputs(cp):
 @pytest.mark.parametrize("act", ["drelu", "relu", "reglu", "swiglu"])
 @pytest.mark.parametrize("D, F", [(8, 1), (40, 7), (136, 33), (4096, 1000)])
 def test_one_token_given_mask_path_equals_fused_and_reference(cp, wdt, xdt, act, D, F):
-    """Batch 1 with a mask runs ffn_gateup_mask + ffn_down_rows_out (cupy_._given1): equal
+    """Batch 1 with a mask runs ffn_given1 (cupy_._given1, one launch): equal
     to the reference and to the one-launch fused kernel, through sparse_ffn and ffn_device,
     over calls whose x changes; the workspace is zero again after every call and the
     count of the last call is the mask's."""
@@ -294,3 +294,73 @@ def test_one_token_given_mask_path_is_taken_and_refused_where_it_cannot_run(cp):
     q = make_ffn(7, 5, tokens=1, sparsity=0.5, activation="drelu", dtype=np.float32, seed=0)
     dq = _dev(cp, q)
     assert not cupy_._given1_ok(cp.asarray(q["x"]), dq["w_gate"], dq["w_up"], dq["w_down"], a, 0.0, m)  # 7 % 4
+
+
+@pytest.mark.parametrize("wdt, xdt", [(np.float16, np.float16), (np.float16, np.float32), (np.float32, np.float32)])
+@pytest.mark.parametrize("D, F", [(8, 1), (40, 7), (136, 33), (4104, 1000), (8192, 50)])
+def test_one_launch_given_kernel_equals_two_launches_and_reference(cp, wdt, xdt, D, F):
+    """ffn_given1 (one launch: every block ranks the whole mask, takes an equal share of the
+    active neurons, adds its down rows with float4 atomics) against the two-launch rung and
+    the float64 reference, for every warps / blocks-per-SM setting, on random, clustered,
+    empty, full and non-0/1 uint8 masks, and a mask view at an odd offset (the two-launch
+    path then runs). D = 4104 and 8192 need PV = 2 and 4 column vectors per thread."""
+    from minisparse.kernels import cupy_
+    p = make_ffn(D, F, tokens=1, sparsity=0.5, activation="drelu", dtype=wdt, seed=D + F)
+    d = _dev(cp, p)
+    x = cp.asarray(p["x"].astype(xdt))
+    rng = np.random.default_rng(F)
+    host_masks = {"random": rng.random(F) < 0.3, "clustered": np.arange(F) < max(1, F // 5),
+                  "empty": np.zeros(F, bool), "full": np.ones(F, bool)}
+    f64 = lambda a: np.asarray(a, dtype=np.float64)
+    old = (cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES)
+    try:
+        for name, hm in host_masks.items():
+            ref = ms.sparse_ffn(f64(p["x"].astype(xdt)), f64(p["w_gate"]), f64(p["w_up"]), f64(p["w_down"]),
+                                "drelu", backend="numpy", active=np.flatnonzero(hm))
+            scale = np.abs(ref).max() or 1.0
+            masks = [cp.asarray(hm), cp.asarray(hm.astype(np.uint8) * 7)]
+            big = cp.zeros(F + 16, dtype=cp.uint8)
+            big[3:3 + F] = cp.asarray(hm.astype(np.uint8))
+            masks.append(big[3:3 + F])                       # 3 bytes past an aligned start
+            for kern, nw, bps, sl in [("one", 32, 1, 8), ("one", 16, 1, 8), ("one", 32, 2, 3), ("one", 16, 2, 1),
+                                      ("two", 32, 1, 8)]:
+                cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES = kern, nw, bps, sl
+                for k, m in enumerate(masks):
+                    out = cp.full((1, D), np.nan, dtype=xdt)
+                    cupy_.ffn_device(x, d["w_gate"], d["w_up"], d["w_down"], "drelu", active=m, out=out)
+                    err = np.abs(cp.asnumpy(out).astype(np.float64) - ref).max() / scale
+                    assert err < (5e-3 if xdt == np.float16 else 1e-5), (name, kern, nw, bps, sl, k, err)
+                    ws = cupy_._GIVEN1_WS[(cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, D, F,
+                                           np.dtype(wdt).char)]
+                    assert int(ws["cnt"][2]) == int(hm.sum()) and not ws["cnt"][:2].any() and not ws["y32"].any()
+    finally:
+        cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES = old
+
+
+def test_sparse_ffn_lean_given_path_keeps_the_general_paths_meaning(cp):
+    """sparse_ffn with one token and a device bool mask takes the lean path (validation cached
+    per shapes, no stats): equal to the reference for (D,) and (1, D) x; a strided x, stats,
+    and a uint8 device array (indices, not a mask) still take the general path's meaning."""
+    from minisparse.kernels import cupy_
+    D, F = 264, 70
+    p = make_ffn(D, F, tokens=1, sparsity=0.6, activation="drelu", dtype=np.float32, seed=5)
+    d = _dev(cp, p)
+    hm = np.isin(np.arange(F), p["active"][::2])
+    f64 = lambda a: np.asarray(a, dtype=np.float64)
+    ref = ms.sparse_ffn(f64(p["x"][0]), f64(p["w_gate"]), f64(p["w_up"]), f64(p["w_down"]), "drelu",
+                        backend="numpy", active=np.flatnonzero(hm))
+    for x in (d["x"][0], d["x"], cp.asarray(np.stack([p["x"][0], p["x"][0]], axis=1))[:, 0]):
+        before = len(cupy_._VALIDATED)
+        y = ms.sparse_ffn(x, d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy", active=cp.asarray(hm))
+        assert y.shape == x.shape and y.dtype == x.dtype
+        np.testing.assert_allclose(cp.asnumpy(y).reshape(-1), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert len(cupy_._VALIDATED) >= before
+    st = {}
+    y = ms.sparse_ffn(d["x"][0], d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy",
+                      active=cp.asarray(hm), stats=st)
+    assert st["n_active"] == int(hm.sum()) and st["path"] == "sparse"
+    idx = cp.asarray(np.flatnonzero(hm)[:3].astype(np.uint8))        # indices 0..F-1 as uint8: indices
+    y = ms.sparse_ffn(d["x"][0], d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy", active=idx)
+    ref3 = ms.sparse_ffn(f64(p["x"][0]), f64(p["w_gate"]), f64(p["w_up"]), f64(p["w_down"]), "drelu",
+                         backend="numpy", active=np.flatnonzero(hm)[:3])
+    np.testing.assert_allclose(cp.asnumpy(y), ref3, rtol=1e-5, atol=1e-5 * np.abs(ref3).max())

@@ -49,6 +49,36 @@ for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32
                     if not kw and st["path"] == "sparse":
                         assert st["n_active"] == p["active"].size, (st, p["active"].size)
             n += 1
+# the two-launch rung of the given path (GIVEN1_KERNEL = "two") on the one-token shapes
+cupy_.GIVEN1_KERNEL = "two"
+for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32, np.float32)]:
+    for D, F in [(8, 1), (264, 40), (64, 33)]:
+        p = make_ffn(D, F, tokens=1, sparsity=0.8, activation="drelu", dtype=wdt, seed=D + F)
+        d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+        mask, out = cp.asarray(np.isin(np.arange(F), p["active"][::2])), cp.empty((1, D), dtype=xdt)
+        before = len(cp.CALLS)
+        cupy_.ffn_device(cp.asarray(p["x"].astype(xdt)), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=mask, out=out)
+        assert [c.split("<")[0] for c in cp.CALLS[before:]] == ["ffn_gateup_mask", "ffn_down_rows_out"], cp.CALLS[before:]
+        want = truth(p["x"].astype(xdt), p["w_gate"], p["w_up"], p["w_down"], "drelu", active=p["active"][::2])[0]
+        err = np.abs(np.asarray(out, dtype=np.float64) - want).max() / max(np.abs(want).max(), 1e-30)
+        assert err <= (2e-3 if xdt == np.float16 else 1e-5), (wdt, xdt, D, F, err)
+# a D wider than one block's threads cover at PV = 1 (fp32: 4 columns per vector): PV = 2 is chosen
+p = make_ffn(2052, 20, tokens=1, sparsity=0.5, activation="drelu", dtype=np.float32, seed=3)
+d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+out = cp.empty((1, 2052), dtype=np.float32)
+for kern, nw, want in [("one", 16, "ffn_given1<float, float, 16, 2>"), ("one", 32, "ffn_given1<float, float, 32, 1>")]:
+    cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS = kern, nw
+    before = len(cp.CALLS)
+    cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
+    assert cp.CALLS[before:] == [want], cp.CALLS[before:]
+    check(out, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32, active=p["active"], what=f"NW={nw}")
+try:
+    cupy_.GIVEN1_WARPS = 24
+    cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
+    raise AssertionError("GIVEN1_WARPS = 24 was accepted")
+except ValueError as e:
+    assert "GIVEN1_WARPS" in str(e), e
+cupy_.GIVEN1_WARPS = 32
 # GIVEN1 switched off after a plan exists: ffn_device follows it at the next call (the fused kernel)
 p = make_ffn(264, 40, tokens=1, sparsity=0.8, activation="drelu", dtype=np.float32, seed=1)
 d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
@@ -59,7 +89,7 @@ for on in (True, False, True):
     before = list(cp.CALLS)
     cupy_.ffn_device(*args, active=mask, out=out)
     new = cp.CALLS[len(before):]
-    assert (new[0].startswith("ffn_gateup_mask") if on else new[0].startswith("ffn_fused")), (on, new)
+    assert (new[0].startswith("ffn_given1<") if on else new[0].startswith("ffn_fused")), (on, new)
     check(out, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32, active=p["active"], what=f"GIVEN1={on}")
-print("ok", n, "cases;", sum(c.startswith("ffn_gateup_mask") for c in cp.CALLS), "given-path launches;",
+print("ok", n, "cases;", sum(c.startswith(("ffn_given1", "ffn_gateup_mask")) for c in cp.CALLS), "given-path launches;",
       len(cp.CALLS), "emulated launches; plans", len(cupy_._DEVICE_PLANS), len(cupy_._FUSED_PLANS), len(cupy_._VALIDATED))

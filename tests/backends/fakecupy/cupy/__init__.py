@@ -1,6 +1,6 @@
 """A NumPy-backed stand-in for the parts of CuPy that ``minisparse.kernels.cupy_`` uses,
-with NumPy emulations of the ``ffn_fused`` kernel (and of decode.cu's ``ffn_gateup_mask`` /
-``ffn_down_rows_out``, the one-token given path) that read their arguments in the order
+with NumPy emulations of the ``ffn_fused`` kernel (and of decode.cu's ``ffn_given1``,
+``ffn_gateup_mask`` and ``ffn_down_rows_out``, the one-token given paths) that read their arguments in the order
 ``sparse_ffn.cu`` declares them and checks the launch's invariants (shared-memory size,
 grid covering F, accumulator and counters zero on entry). It tests the backend's host
 logic (plans, caches, tiling, masks, stats) where no GPU is present; the kernel itself is
@@ -71,12 +71,41 @@ def _down_rows_out(name, grid, block, args):
     y32[...] = 0
     cnt[2], cnt[0], cnt[1] = n, 0, 0
 
+def _given1(name, grid, block, args, shared_mem):
+    """decode.cu ffn_given1 (one launch): only the columns its threads cover (PV vectors of
+    32 * NW threads), so a too small PV shows; the accumulator and ticket zero on entry."""
+    wg, wu, wd, x, ld, F, m, gk, uk, thr, gated, y32, nslice, out, cnt = args
+    ld, F, gk, uk, gated, nslice = map(int, (ld, F, gk, uk, gated, nslice))
+    assert 1 <= nslice and y32.shape[0] >= nslice * ld, (nslice, y32.shape, ld)
+    targs = [a.strip() for a in name.split("<")[1].rstrip(">").split(",")]
+    W, X, NW, PV = targs[0], targs[1], int(targs[2]), int(targs[-1])
+    V = 16 // _wtype(name)
+    assert (W == "unsigned short") == (wg.dtype == _np.float16) and (X == "unsigned short") == (x.dtype == _np.float16)
+    smem = 8 * -(-F // grid[0])                           # the block's neuron ids and their h
+    assert block == (32 * NW,) and len(grid) == 1 and shared_mem == smem, (name, grid, block, shared_mem, smem)
+    assert x.shape[-1] == ld and wg.shape == (F, ld) and wd.shape == (F, ld) and m.dtype == _np.uint8 and m.shape == (F,)
+    assert m.ctypes.data % 16 == 0 and isinstance(thr, _np.float32) and int(cnt[1]) == 0, (cnt, thr)
+    assert y32.dtype == _np.float32 and not y32.any()
+    cols = min(ld, PV * 32 * NW * V)
+    xs = _np.asarray(x, dtype=_np.float32).reshape(-1)
+    n = 0
+    for f in _np.flatnonzero(m):
+        v = _act(_np.float32(xs @ _np.asarray(wg[f], _np.float32)), gk, thr)
+        if gated: v = v * _act(_np.float32(xs @ _np.asarray(wu[f], _np.float32)), uk, thr)
+        q = n % min(nslice, grid[0])                       # (the kernel: block b into slice b % nslice)
+        y32[q * ld:q * ld + cols] += _np.float32(v) * _np.asarray(wd[f, :cols], _np.float32)
+        n += 1
+    out[...] = y32[:nslice * ld].reshape(nslice, ld).sum(axis=0).astype(out.dtype).reshape(out.shape)
+    y32[...] = 0
+    cnt[2], cnt[0], cnt[1] = n, 0, 0
+
 class _Kernel:
     def __init__(self, name): self.name = name
     def __call__(self, grid, block, args, shared_mem=0):
         CALLS.append(self.name)
         if self.name.startswith("ffn_gateup_mask"): return _gateup_mask(self.name, grid, block, args)
         if self.name.startswith("ffn_down_rows_out"): return _down_rows_out(self.name, grid, block, args)
+        if self.name.startswith("ffn_given1"): return _given1(self.name, grid, block, args, shared_mem)
         assert self.name.startswith("ffn_fused"), self.name
         tt = int(self.name.rstrip(">").split(",")[-1])
         x, wg, wu, wd, m, T, D, F, P, gk, uk, athr, skip, flags, acc, out, cnt = args
