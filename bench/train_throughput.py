@@ -17,6 +17,7 @@ training reaches, counting FLOPs as 6 * parameters * tokens + attention
     python bench/train_throughput.py            # full: 8 timed steps per implementation
     python bench/train_throughput.py --quick    # 2 timed steps, for a smoke test
     python bench/train_throughput.py --threads 1 --steps 10
+    python bench/train_throughput.py --activations swiglu --fused-ab 30   # the fused SwiGLU pass, on/off
 
 On a shared machine step times vary by 10-20% from one step to the next; the steps of the
 two implementations alternate, and besides the ratio of the medians the script reports the
@@ -162,6 +163,38 @@ def torch_step_fn(act, x, y):
     return step
 
 
+def fused_ab(act, x, y, workers: int, pairs: int) -> dict:
+    """minisparse's step with the fused SwiGLU pass on and off (layers.FUSED_SWIGLU; the same
+    bits either way), interleaved step by step in one process, the order alternating by pair:
+    the paired speed-up (off / on) is the fused pass's effect with the machine's drift
+    taken out, which run-to-run ratios against PyTorch (+-5% here) cannot resolve."""
+    model = ms.Transformer(ms.ModelConfig(activation=act, **REF), seed=0, dtype=np.float32)
+    got = {}
+    for flag in (True, False):                   # validate: the same bits both ways (2 x 128 tokens)
+        ms.layers.FUSED_SWIGLU = flag
+        got[flag] = model.loss_and_grads(x[:2, :128], y[:2, :128])
+    same = got[True][0] == got[False][0] and all(np.array_equal(got[True][1][k], got[False][1][k])
+                                                 for k in got[True][1])
+    if not same:
+        raise SystemExit(f"validation failed for {act}: the fused pass and the NumPy lines differ")
+    _, step = minisparse_step_fn(act, x, y, workers)
+    for flag in (True, False):                   # warm-up (and the kernels' first call)
+        ms.layers.FUSED_SWIGLU = flag
+        step()
+    t = {True: [], False: []}
+    for i in range(pairs):
+        for flag in ((True, False) if i % 2 == 0 else (False, True)):
+            ms.layers.FUSED_SWIGLU = flag
+            t0 = time.perf_counter()
+            step()
+            t[flag].append(time.perf_counter() - t0)
+    ms.layers.FUSED_SWIGLU = True
+    r = np.array(t[False]) / np.array(t[True])
+    return dict(activation=act, pairs=pairs, validated_bit_for_bit=True, fused_s=t[True], numpy_lines_s=t[False],
+                fused_s_median=float(np.median(t[True])), numpy_lines_s_median=float(np.median(t[False])),
+                paired_speedup_median=float(np.median(r)), paired_speedup_range=[float(r.min()), float(r.max())])
+
+
 def cpu_model() -> str:
     """lscpu's model name (issue 14 asks for it with every CPU figure)."""
     import subprocess
@@ -207,6 +240,9 @@ def main(argv=None):
     ap.add_argument("--no-fused", action="store_true",
                     help="SwiGLU's element-wise lines as NumPy passes (minisparse.layers.FUSED_SWIGLU = False) "
                          "instead of the fused Numba pass; the same bits, for a before/after comparison")
+    ap.add_argument("--fused-ab", type=int, default=0, metavar="PAIRS",
+                    help="instead of the PyTorch comparison: PAIRS interleaved minisparse steps with the fused "
+                         "SwiGLU pass on and off, the paired speed-up (writes train_throughput_fused_ab.json)")
     args = ap.parse_args(argv)
     if args.no_fused:
         ms.layers.FUSED_SWIGLU = False
@@ -242,6 +278,20 @@ def main(argv=None):
           f"{load_start[0] if load_start else float('nan'):.1f}; float32 matmul (2048^3, NumPy BLAS): "
           f"{peak:.1f} GFLOP/s; glibc keeps freed memory: {malloc_tuned}; threads: {threads} "
           f"(OpenBLAS set: {blas_set}); minisparse splits the batch over {workers} thread(s); fused SwiGLU pass: {fused}")
+    if args.fused_ab:
+        ab = []
+        for act in acts:
+            ab.append(fused_ab(act, x, y, workers, args.fused_ab))
+            print(f"{act}: fused {ab[-1]['fused_s_median'] * 1e3:.0f} ms/step, NumPy lines "
+                  f"{ab[-1]['numpy_lines_s_median'] * 1e3:.0f} ms/step; paired speed-up "
+                  f"{ab[-1]['paired_speedup_median']:.3f}x [{ab[-1]['paired_speedup_range'][0]:.2f}, "
+                  f"{ab[-1]['paired_speedup_range'][1]:.2f}] over {args.fused_ab} pairs")
+        out = Path(args.out) if args.out else HERE / "results" / "train_throughput_fused_ab.json"
+        out.write_text(json.dumps({"fused_ab": ab, "machine": {
+            "cpu_model": model_name, "cpus": os.cpu_count(), "threads": threads, "minisparse_batch_split_workers": workers,
+            "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}}, indent=2))
+        print(f"\nwrote {out}")
+        return
     rows, checks = [], {}
     for act in acts:
         if torch is not None:
