@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,11 @@ from minisparse import _fused
 from minisparse import layers as L
 from minisparse.activations import get_activation
 
-pytest.importorskip("numba")
+try:
+    import numba  # noqa: F401
+except ImportError:
+    numba = None
+needs_numba = pytest.mark.skipif(numba is None, reason="numba is not installed (pip install 'minisparse[numba]')")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(1, 1), (1, 7), (7, 33), (33, 1), (33, 1000), (1000, 7)]
@@ -74,6 +77,7 @@ def _numpy_backward(dh, b, a, e):                    # layers.ffn_backward's Num
     return dg, du
 
 
+@needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernels_match_numpy_bit_for_bit(shape, dtype):
@@ -133,6 +137,7 @@ def _ffn(act_name, dtype, N=33, D=16, F=40, seed=1):
     return run
 
 
+@needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act_name", ["swiglu", "silu_relu_demo"])
 def test_ffn_fused_and_numpy_lines_give_the_same_bits(monkeypatch, act_name, dtype):
@@ -157,6 +162,7 @@ def test_ffn_fused_and_numpy_lines_give_the_same_bits(monkeypatch, act_name, dty
         _assert_same_bits(got, want, name)
 
 
+@needs_numba
 def test_small_arrays_keep_the_numpy_lines(monkeypatch):
     calls = []
     monkeypatch.setattr(_fused, "swiglu_rest", lambda *a: calls.append(1))
@@ -165,6 +171,7 @@ def test_small_arrays_keep_the_numpy_lines(monkeypatch):
     assert not calls
 
 
+@needs_numba
 def test_two_threads_call_the_kernels_at_once():
     """The training step calls the kernels from two threads (run_parallel): same results."""
     from concurrent.futures import ThreadPoolExecutor
@@ -180,7 +187,8 @@ def test_two_threads_call_the_kernels_at_once():
             _assert_same_bits(h, h_ref, "h")
 
 
-def test_no_writable_cache_compiles_in_memory_without_warnings(tmp_path):
+@needs_numba
+def test_no_writable_cache_compiles_in_memory_without_warnings():
     """A read-only install (no __pycache__ and no user cache that Numba can write): Numba
     raises at decoration with cache=True; the module then compiles in memory, silently.
     Simulated with a cache locator list that finds no place for the file (we run as any
@@ -205,6 +213,7 @@ def test_no_writable_cache_compiles_in_memory_without_warnings(tmp_path):
     assert "Warning" not in r.stderr, r.stderr[-3000:]
 
 
+@needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_host_fused_equals_fake_device_numpy_lines_bit_for_bit(monkeypatch, dtype):
     """tests/test_device.py compares a fake-CuPy run (its arrays are not np.ndarray, so they
@@ -238,3 +247,20 @@ def test_host_fused_equals_fake_device_numpy_lines_bit_for_bit(monkeypatch, dtyp
     assert loss_h == loss_d
     for k in g_h:
         _assert_same_bits(X.to_numpy(g_d[k]), g_h[k], k)
+
+
+def test_without_numba_the_numpy_lines_run(monkeypatch):
+    """No Numba: kernels() is None, ffn_forward/backward take the NumPy lines (no error), and
+    asking the kernels directly names the install command."""
+    monkeypatch.setitem(sys.modules, "numba", None)            # import numba -> ImportError
+    monkeypatch.setattr(_fused, "_KERNELS", None)
+    monkeypatch.setattr(L, "FUSED_SWIGLU_MIN_SIZE", 0)
+    assert _fused.kernels() is None
+    out = _ffn("swiglu", np.float64)()
+    monkeypatch.setattr(L, "FUSED_SWIGLU", False)
+    ref = _ffn("swiglu", np.float64)()
+    for got, want, name in zip(out, ref, ["y", "h", "a", "e", "dx", "dw_gate", "dw_up", "dw_down"]):
+        _assert_same_bits(got, want, name)
+    g = np.ones((2, 3))
+    with pytest.raises(ImportError, match=r"pip install 'minisparse\[numba\]'"):
+        _fused.swiglu_rest(g, g, g.copy())
