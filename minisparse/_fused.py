@@ -27,11 +27,12 @@ cache); where no cache directory is writable the kernels compile in memory, sile
 from __future__ import annotations
 
 import threading
+
 import numpy as np
 
 DTYPES = (np.float32, np.float64)
 
-_KERNELS = None          # (forward, backward) once compiled; False when Numba is missing
+_KERNELS = None          # the (forward, backward) dispatchers once built; False when Numba is missing
 _LOCK = threading.Lock()  # the two training threads may ask at the same time: build them once
 
 
