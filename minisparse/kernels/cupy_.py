@@ -386,7 +386,7 @@ def _given1_grid(D: int, F: int, wbytes: int) -> dict:
     nvec = D // (16 // wbytes)
     need = -(-nvec // NT)
     pv = next((p for p in decode_cuda.GIVEN1_PV if p >= need), 0)
-    smem = 8 * (-(-F // G))                                # the block's neuron ids and their h
+    smem = 40 * (-(-F // G))                               # the block's neuron ids, their h, 8 partial dots
     if smem > 46 * 1024:                                   # beyond the default shared memory: two launches
         pv = 0
     return dict(G=G, pv=pv, smem=smem)

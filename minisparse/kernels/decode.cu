@@ -1186,16 +1186,18 @@ __global__ void __launch_bounds__(NTHREADS) ffn_down_rows_out(int* __restrict__ 
 
 // ====================================================================================
 // ffn_given1: the same FFN given a mask in ONE launch (the next rung after the two above).
-// G blocks (about one per multiprocessor), NT = 32 * NW threads each, ks ints + ks floats
-// of dynamic shared memory (ks >= ceil(F / G)):
+// G blocks (about one per multiprocessor), NT = 32 * NW threads each, 40 kmax bytes of
+// dynamic shared memory (kmax = ceil(F / G) >= the neurons of a block: ids, h, 8 partials):
 //  1. every block reads the whole mask (16-byte words, L2-resident after the first block)
 //     and ranks the active neurons with a block-wide scan; block b takes the ranks
 //     [b n / G, (b + 1) n / G): the same work in every block, whatever the mask's layout
 //     (the two-launch path gave each block 32 mask entries: 0 to 10 neurons at 90%).
-//  2. per round of NW / 4 neurons, four warps per neuron (quarters of the gate and up
-//     rows, as ffn_gateup_list4) -> h in shared memory; each warp also prefetches its
-//     quarter of the neuron's w_down row into L2.
-//  3. the block's down rows, a thread per PV 16-byte column vectors, four rows' loads in
+//  2. four warps per neuron (quarters of the gate and up rows, as ffn_gateup_list4), each
+//     warp on to its next neuron without a block barrier; partial sums in shared memory,
+//     then h. Each warp also prefetches its quarter of the neuron's w_down row into L2
+//     when all the block's down rows fit (at a dense mask they would not, and the lines
+//     would be evicted before use).
+//  3. the block's down rows, a thread per PV 16-byte column vectors, eight rows' loads in
 //     flight, accumulated in registers; then one float4 atomicAdd per 4 columns into slice
 //     b % nslice of y32 (nslice, D): with one slice every address took G = 132 serialized
 //     additions (3.4 us between the atomics and the fence, traced on the H200); slices
@@ -1292,8 +1294,7 @@ __global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, 
                                                       int gate_kind, int up_kind, float thr, int gated,
                                                       float* __restrict__ y32, int nslice, X* __restrict__ out,
                                                       int* __restrict__ cnt) {
-    extern __shared__ int kf[];                              // [ks] the block's neurons, then [ks] floats h
-    __shared__ float red[NW][2];
+    extern __shared__ int kf[];                              // [kmax] the block's neurons, then floats (below)
     __shared__ int last;
     const int NT = 32 * NW, V = VecOf<W>::N;
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, t = threadIdx.x;
@@ -1305,35 +1306,37 @@ __global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, 
     const int r1 = (int)((long long)(b + 1) * n / G);
     const int ks = r1 - r0;
     TRACE(1);
-    float* hs = reinterpret_cast<float*>(kf + (F + G - 1) / G);
-    // 2. h of the block's neurons, four warps per neuron
+    const int kmax = (F + G - 1) / G;
+    float* hs = reinterpret_cast<float*>(kf + kmax);         // [kmax] h
+    float* part = hs + kmax;                                 // [2][4][kmax] the warps' partial gate / up dots
+    // 2. h of the block's neurons, four warps per neuron (quarters of both rows); a warp goes
+    //    on to its next neuron without waiting for the others (no block barrier per round)
     const int qt = wid & 3, NB = NW / 4;
     const int nvec = ld / V, nq = (nvec + 3) / 4;
     const int v0 = min(nvec, qt * nq), len = min(nq, nvec - v0);   // this warp's quarter (vectors)
-    for (int m0 = 0; m0 < ks; m0 += NB) {                    // uniform per block
-        const int m = m0 + (wid >> 2);
-        const bool live = m < ks;
+    const bool pf = (long long)ks * ld * (long long)sizeof(W) * G <= (24ll << 20);   // all down rows fit in L2
+    for (int m = wid >> 2; m < ks; m += NB) {
         float g = 0.f, u = 0.f, unused;
-        if (live && len > 0) {
+        if (len > 0) {
             const size_t off = (size_t)kf[m] * ld + (size_t)v0 * V;
             const char* drow = reinterpret_cast<const char*>(wd + off);
-            if (lane * 128 < len * 16)                       // this quarter of the down row, into L2
+            if (pf && lane * 128 < len * 16)                 // this quarter of the down row, into L2
                 asm volatile("prefetch.global.L2 [%0];" :: "l"(drow + lane * 128));
             if (gated) warp_dots<W, 2, false, 4, false, X>(wg + off, wu + off, x + (size_t)v0 * V, len * V, lane, &g, &u, &unused);
             else warp_dots<W, 1, false, 4, false, X>(wg + off, wg, x + (size_t)v0 * V, len * V, lane, &g, &u, &unused);
         }
-        if (lane == 0) { red[wid][0] = g; red[wid][1] = u; }
-        __syncthreads();
-        if (live && qt == 0 && lane == 0) {
-            float Gs = 0.f, Us = 0.f;
-#pragma unroll
-            for (int w = 0; w < 4; ++w) { Gs += red[wid + w][0]; Us += red[wid + w][1]; }
-            float v = act_fn<float>(Gs, gate_kind, thr);
-            if (gated) v = v * act_fn<float>(Us, up_kind, thr);
-            hs[m] = v;
-        }
-        __syncthreads();
+        if (lane == 0) { part[qt * kmax + m] = g; part[(4 + qt) * kmax + m] = u; }
     }
+    __syncthreads();
+    for (int m = t; m < ks; m += NT) {
+        float Gs = 0.f, Us = 0.f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) { Gs += part[q * kmax + m]; Us += part[(4 + q) * kmax + m]; }
+        float v = act_fn<float>(Gs, gate_kind, thr);
+        if (gated) v = v * act_fn<float>(Us, up_kind, thr);
+        hs[m] = v;
+    }
+    __syncthreads();
     TRACE(2);
     // 3. y32 += sum_m h[m] wd[kf[m], :]: thread t owns the column vectors t + k NT, k < PV
     if (ks > 0) {
@@ -1342,7 +1345,7 @@ __global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, 
         for (int k = 0; k < PV; ++k)
 #pragma unroll
             for (int e = 0; e < V; ++e) acc[k][e] = 0.f;
-#pragma unroll 4
+#pragma unroll 8
         for (int m = 0; m < ks; ++m) {
             const W* row = wd + (size_t)kf[m] * ld;
             const float hm = hs[m];

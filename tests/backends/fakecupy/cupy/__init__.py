@@ -81,7 +81,7 @@ def _given1(name, grid, block, args, shared_mem):
     W, X, NW, PV = targs[0], targs[1], int(targs[2]), int(targs[-1])
     V = 16 // _wtype(name)
     assert (W == "unsigned short") == (wg.dtype == _np.float16) and (X == "unsigned short") == (x.dtype == _np.float16)
-    smem = 8 * -(-F // grid[0])                           # the block's neuron ids and their h
+    smem = 40 * -(-F // grid[0])                          # the block's neuron ids, their h, 8 partial dots
     assert block == (32 * NW,) and len(grid) == 1 and shared_mem == smem, (name, grid, block, shared_mem, smem)
     assert x.shape[-1] == ld and wg.shape == (F, ld) and wd.shape == (F, ld) and m.dtype == _np.uint8 and m.shape == (F,)
     assert m.ctypes.data % 16 == 0 and isinstance(thr, _np.float32) and int(cnt[1]) == 0, (cnt, thr)
