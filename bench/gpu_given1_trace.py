@@ -43,7 +43,7 @@ for wdt, W in ((np.float16, "unsigned short"), (np.float32, "float")):
     flush = cp.empty(256 * 2**20 // 4, cp.float32)
     def launch():
         fn((G,), (1024,), (wg, wu, wd, x, np.int32(D), np.int32(F), mask, np.int32(gk), np.int32(uk), np.float32(thr),
-                           np.int32(1), y32, np.int32(NS), out, cnt), shared_mem=8 * kmax)
+                           np.int32(1), y32, np.int32(NS), out, cnt), shared_mem=40 * kmax)
     for mode, NS in (("cold", 8), ("warm", 8), ("warm1", 1)):
         stats = []
         for rep in range(12):

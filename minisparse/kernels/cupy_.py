@@ -8,11 +8,13 @@ float32 (float64) accumulator; the last block to finish converts the accumulator
 dtype and zeroes it for the next launch. With ``active`` (a predictor's mask) only the
 masked-in rows of all three matrices are read.
 
-**One token given a mask** (``GIVEN1``, the default; :func:`_given1`): the decode kernels
-``ffn_gateup_mask`` (each block compacts 32 mask entries, four warps per active neuron) and
-``ffn_down_rows_out`` (the kept down rows into a float32 accumulator, the last block writes
-y), two launches; 23 us against 38 us for ``ffn_fused`` on the H200 (fp16, Mistral-7B layer,
-90%, in a CUDA graph).
+**One token given a mask** (``GIVEN1``, the default; :func:`_given1`): ``ffn_given1`` from
+the decode kernels, one launch: every block ranks the whole mask and takes an equal share
+of the active neurons (four warps per neuron for the gate/up rows), adds their down rows
+into a float32 accumulator, and the last block writes y. On the H200 (fp16, Mistral-7B
+layer, 90%, in a CUDA graph) 16.4 us, against 24.1 us for the two-launch rung kept as
+``GIVEN1_KERNEL = "two"`` (``ffn_gateup_mask`` + ``ffn_down_rows_out``) and 38 us for
+``ffn_fused``; with every neuron in the mask 96.9 us (torch's cuBLAS dense FFN: 99 us).
 
 The three-launch path (``ffn_gate`` / ``ffn_up`` / ``ffn_down``, :func:`_plan`,
 :func:`_launch`) stays selectable (``SPARSE_KERNEL = "split"``): it is the faster one
