@@ -676,7 +676,7 @@ def sparse_ffn_cached(x, w_gate, w_up, w_down, activation, *, active=None, thres
             and active.dtype == cp.bool_ and active.shape == (F,) and active.flags.c_contiguous
             and (x.data.ptr | w_gate.data.ptr | w_down.data.ptr | (0 if w_up is None else w_up.data.ptr)) % 16 == 0):
         y = cp.empty(x.shape, dtype=x.dtype)                      # one token, a device mask: the lean path
-        _given1(x, w_gate, w_up, w_down, act, active.view(cp.uint8), y, codes)
+        _given1(x, w_gate, w_up, w_down, act, active, y, codes)   # (the kernel reads the bool bytes as uint8)
         return y
     if active is not None:
         from .base import _check_active

@@ -83,7 +83,7 @@ def _given1(name, grid, block, args, shared_mem):
     assert (W == "unsigned short") == (wg.dtype == _np.float16) and (X == "unsigned short") == (x.dtype == _np.float16)
     smem = 40 * -(-F // grid[0])                          # the block's neuron ids, their h, 8 partial dots
     assert block == (32 * NW,) and len(grid) == 1 and shared_mem == smem, (name, grid, block, shared_mem, smem)
-    assert x.shape[-1] == ld and wg.shape == (F, ld) and wd.shape == (F, ld) and m.dtype == _np.uint8 and m.shape == (F,)
+    assert x.shape[-1] == ld and wg.shape == (F, ld) and wd.shape == (F, ld) and m.dtype in (_np.uint8, _np.bool_) and m.shape == (F,)
     assert m.ctypes.data % 16 == 0 and isinstance(thr, _np.float32) and int(cnt[1]) == 0, (cnt, thr)
     assert y32.dtype == _np.float32 and not y32.any()
     cols = min(ld, PV * 32 * NW * V)
