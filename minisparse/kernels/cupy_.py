@@ -280,7 +280,7 @@ _FUSED_WS: Dict[tuple, dict] = {}
 
 
 # ------------------------------------------------------------------------------------
-# one token given a mask: the decode kernels (decode.cu), two launches
+# one token given a mask: the decode kernels (decode.cu), one launch (or the two-launch rung)
 # ------------------------------------------------------------------------------------
 GIVEN1 = True                   # batch 1 + active mask: the decode kernels (see _given1)
 GIVEN1_KERNEL = "one"           # "one": ffn_given1 (one launch); "two": ffn_gateup_mask + ffn_down_rows_out
@@ -321,12 +321,12 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
     ``GIVEN1_KERNEL = "one"`` (default): ``ffn_given1``, one launch (each block ranks the
     whole mask, takes an equal share of the active neurons, four warps per neuron for their
     gate/up rows, then their down rows into ``GIVEN1_SLICES`` float32 accumulators with
-    float4 atomics; the last block writes their sum to ``out`` and leaves them zero). ``"two"`` (or a mask not
-    16-byte aligned, or a shape beyond the one-launch kernel): ``ffn_gateup_mask`` (each
-    block compacts 32 mask entries) then ``ffn_down_rows_out``. No sync, no allocation after the
-    first call for (device, stream, D, F, weight dtype). ``codes``: the activation's kernel
-    codes when the caller has them. Returns the workspace (``cnt[2]``: the neurons of the
-    last call)."""
+    float4 atomics; the last block writes their sum to ``out`` and leaves them zero).
+    ``"two"`` (or a mask not 16-byte aligned, or a shape beyond the one-launch kernel):
+    ``ffn_gateup_mask`` (each block compacts 32 mask entries) then ``ffn_down_rows_out``.
+    ``mask``: (F,) CuPy uint8 or bool. No sync, no allocation after the first call for
+    (device, stream, D, F, weight dtype). ``codes``: the activation's kernel codes when the
+    caller has them. Returns the workspace (``cnt[2]``: the neurons of the last call)."""
     from . import decode_cuda
     D, F = int(xd.shape[-1]), int(wg.shape[0])
     key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, D, F, wg.dtype.char)   # the grid depends on the dtype
@@ -348,7 +348,8 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
         one = ws[setting] = _given1_grid(D, F, wg.dtype.itemsize)
         if one["pv"]:
             xs = "_xf16" if xd.dtype == cp.float16 else "_xf32"
-            one.update(fn=decode_cuda.kernels(wg.dtype)[f"ffn_given1{xs}_w{GIVEN1_WARPS}_p{one['pv']}"], grid=(one["G"],), block=(32 * GIVEN1_WARPS,),
+            one.update(fn=decode_cuda.kernels(wg.dtype)[f"ffn_given1{xs}_w{GIVEN1_WARPS}_p{one['pv']}"],
+                       grid=(one["G"],), block=(32 * GIVEN1_WARPS,),
                        consts=(np.int32(D), np.int32(F), np.int32(codes[0]), np.int32(codes[1]),
                                np.float32(codes[2]), np.int32(bool(act.gated)), np.int32(GIVEN1_SLICES)))
     if one["pv"] and mask.data.ptr % 16 == 0:
@@ -372,8 +373,8 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
 
 def _given1_grid(D: int, F: int, wbytes: int) -> dict:
     """ffn_given1's launch shape: G blocks of 32 * GIVEN1_WARPS threads, PV column vectors per
-    thread (0: D too wide for the instantiated PV, use the two-launch path), dynamic shared
-    memory for ceil(F / G) neuron ids and their h."""
+    thread (0: D too wide for the instantiated PV, or GIVEN1_KERNEL = "two": the two-launch
+    path), dynamic shared memory for ceil(F / G) neuron slots (an id, h, 8 partial dots)."""
     from . import decode_cuda
     if GIVEN1_KERNEL not in ("one", "two"):
         raise ValueError(f"GIVEN1_KERNEL must be 'one' or 'two', got {GIVEN1_KERNEL!r}")
