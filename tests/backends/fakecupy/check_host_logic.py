@@ -79,6 +79,17 @@ try:
 except ValueError as e:
     assert "GIVEN1_WARPS" in str(e), e
 cupy_.GIVEN1_WARPS = 32
+for bad in (0, 9, 2.0):                                     # accumulator slices: an int in [1, 8]
+    try:
+        cupy_.GIVEN1_SLICES = bad
+        cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
+        raise AssertionError(f"GIVEN1_SLICES = {bad!r} was accepted")
+    except ValueError as e:
+        assert "GIVEN1_SLICES" in str(e), e
+cupy_.GIVEN1_SLICES = 3                                    # a valid slice count: the emulated kernel sums the slices
+cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
+check(out, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32, active=p["active"], what="3 slices")
+cupy_.GIVEN1_SLICES = 1
 # GIVEN1 switched off after a plan exists: ffn_device follows it at the next call (the fused kernel)
 p = make_ffn(264, 40, tokens=1, sparsity=0.8, activation="drelu", dtype=np.float32, seed=1)
 d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
