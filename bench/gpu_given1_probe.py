@@ -1,0 +1,154 @@
+"""The CuPy backend's one-token given-mask path, rung against rung, on a GPU.
+
+Mistral-7B layer (4096 x 14336), drelu, batch 1, fp16 and fp32 weights, 90% and 0% of
+the neurons masked out (``make_ffn``'s exact construction). For each rung
+(``cupy_.GIVEN1_KERNEL`` "two" and "one"): the relative error against the dense reference,
+then ``ffn_device`` and ``sparse_ffn`` timed in a CUDA graph of 20 calls and eagerly (50
+plain Python calls), beside torch's cuBLAS dense FFN in a graph (``bench/ffn_sparse.py``'s
+``torch_graph_dense``). ``--host``: the Python time per call of the given path's pieces
+(the GPU work queues behind). Prints a line per rung and writes JSON.
+
+    python bench/gpu_given1_probe.py [--host] [--json given1_probe.json]
+
+(The round-6 logs ``bench/results/given1_probe_r6_*.log`` and ``given1_host_r6.log`` come from
+the same code run from a scratch folder during round 6; this file, gathered from it
+afterwards, has not itself run on a GPU yet.)
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import cupy as cp  # noqa: E402
+
+import minisparse as ms  # noqa: E402
+from minisparse.kernels import cupy_  # noqa: E402
+from minisparse.kernels.testing import dense_ffn, make_ffn  # noqa: E402
+import ffn_sparse as fs  # noqa: E402
+
+D, F = 4096, 14336
+CONFIGS = [("two", 32, 1, 1), ("one", 32, 1, 1)]      # kernel, warps, blocks per SM, slices
+
+
+def graph_time(f, n_inner=20, repeats=15):
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        for _ in range(3):
+            f()
+        s.synchronize()
+        s.begin_capture()
+        for _ in range(n_inner):
+            f()
+        g = s.end_capture()
+        g.launch(s)
+        s.synchronize()
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        ts = []
+        for _ in range(repeats):
+            a.record(s)
+            g.launch(s)
+            b.record(s)
+            b.synchronize()
+            ts.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / n_inner)
+    return float(np.median(ts))
+
+
+def eager_time(f, n_inner=50, repeats=15):
+    for _ in range(5):
+        f()
+    cp.cuda.Device().synchronize()
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    ts = []
+    for _ in range(repeats):
+        a.record()
+        for _ in range(n_inner):
+            f()
+        b.record()
+        b.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(a, b) / 1e3 / n_inner)
+    return float(np.median(ts))
+
+
+def rungs():
+    rows = []
+    for wdt, sp in ((np.float16, 0.9), (np.float32, 0.9), (np.float16, 0.0), (np.float32, 0.0)):
+        p = make_ffn(D, F, tokens=1, sparsity=sp, activation="drelu", dtype=wdt, seed=0)
+        ref = dense_ffn(p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu")
+        x = cp.asarray(p["x"].astype(wdt))                               # (1, D)
+        wg, wu, wd = (cp.asarray(p[k]) for k in ("w_gate", "w_up", "w_down"))
+        mask = cp.asarray(np.isin(np.arange(F), p["active"]))
+        out = cp.empty((1, D), dtype=x.dtype)
+        tg = fs.torch_graph_dense(p, wdt, ref, 15)
+        row = dict(dtype=np.dtype(wdt).name, sparsity=sp, torch_graph_us=tg * 1e6, configs=[])
+        print(f"\n{np.dtype(wdt).name} sparsity {sp}: torch dense graph {tg * 1e6:.1f} us")
+        for kern, nw, bps, sl in CONFIGS:
+            cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES = kern, nw, bps, sl
+            f = lambda: cupy_.ffn_device(x, wg, wu, wd, "drelu", active=mask, out=out)           # noqa: E731
+            g = lambda: ms.sparse_ffn(x[0], wg, wu, wd, "drelu", backend="cupy", active=mask)  # noqa: E731
+            err = float(np.abs(f().get().astype(np.float64) - ref).max() / np.abs(ref).max())
+            t_g, t_e, t_s, t_sg = graph_time(f), eager_time(f), eager_time(g), graph_time(g)
+            row["configs"].append(dict(kernel=kern, warps=nw, blocks_per_sm=bps, slices=sl, rel_err=err,
+                                       graph_us=t_g * 1e6, eager_us=t_e * 1e6, sparse_ffn_eager_us=t_s * 1e6,
+                                       sparse_ffn_graph_us=t_sg * 1e6, x_torch_graph=tg / t_g))
+            print(f"  {kern} NW={nw} slices={sl} bps={bps}: err {err:.1e}  graph {t_g * 1e6:6.1f} us "
+                  f"({tg / t_g:4.2f}x torch)  ffn_device eager {t_e * 1e6:6.1f} ({t_g / t_e * 100:3.0f}% of graph)  "
+                  f"sparse_ffn eager {t_s * 1e6:6.1f} graph {t_sg * 1e6:6.1f} ({t_sg / t_s * 100:3.0f}%)")
+        rows.append(row)
+        del wg, wu, wd
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def host_breakdown():
+    """Python time per call of the given path's pieces (medians of 7 x 200 calls)."""
+    p = make_ffn(D, F, tokens=1, sparsity=0.9, activation="drelu", dtype=np.float16, seed=0)
+    x = cp.asarray(p["x"][0].astype(np.float16))
+    wg, wu, wd = (cp.asarray(p[k]) for k in ("w_gate", "w_up", "w_down"))
+    mask = cp.asarray(np.isin(np.arange(F), p["active"]))
+    x2, out = x.reshape(1, -1), cp.empty((1, D), cp.float16)
+    cases = {
+        "sparse_ffn given (lean path)": lambda: ms.sparse_ffn(x, wg, wu, wd, "drelu", backend="cupy", active=mask),
+        "ffn_device given": lambda: cupy_.ffn_device(x2, wg, wu, wd, "drelu", active=mask, out=out),
+        "cupy.empty(4096 fp16)": lambda: cp.empty((D,), cp.float16),
+        "Device().id + get_current_stream().ptr": lambda: (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr),
+    }
+    res = {}
+    for name, f in cases.items():
+        for _ in range(200):
+            f()
+        cp.cuda.Device().synchronize()
+        ts = []
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(200):
+                f()
+            ts.append((time.perf_counter() - t) / 200)
+            cp.cuda.Device().synchronize()
+        res[name] = float(np.median(ts) * 1e6)
+        print(f"{name:45s} {res[name]:7.2f} us host per call")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--host", action="store_true", help="also the host time per call of the pieces")
+    ap.add_argument("--json", default="given1_probe.json")
+    args = ap.parse_args(argv)
+    res = dict(cpu=fs.cpu_model(), gpu=cp.cuda.runtime.getDeviceProperties(0)["name"].decode())
+    print("CPU:", res["cpu"], " GPU:", res["gpu"])
+    if args.host:
+        res["host_us"] = host_breakdown()
+    res["rows"] = rungs()
+    with open(args.json, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print("wrote", args.json)
+
+
+if __name__ == "__main__":
+    main()
