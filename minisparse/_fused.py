@@ -1,4 +1,6 @@
-"""Fused element-wise passes of the SwiGLU forward and backward (Numba, CPU, optional).
+"""Fused element-wise passes of the training step (Numba, CPU, optional): SwiGLU's
+forward and backward lines here first; RMSNorm, AdamW and attention's causal mask at the end
+(round 7, their own section).
 
 :func:`minisparse.layers.ffn_forward` and :func:`~minisparse.layers.ffn_backward` compute
 SiLU-gated activations in NumPy as a chain of whole-array passes (``e += 1; a = g / e;
@@ -129,3 +131,188 @@ def swiglu_backward(dh, b, a, e) -> np.ndarray:
     dg = np.empty_like(dh)                                         # (N, F)
     k[1](dh.reshape(-1), b.reshape(-1), a.reshape(-1), e.reshape(-1), dg.reshape(-1), dh.dtype.type(1))
     return dg
+
+
+# ======================================================================================
+# round 7: RMSNorm, AdamW and attention's causal mask (issue 14, the training step)
+# ======================================================================================
+# Built on first use like the SwiGLU pair, in their own table so that `kernels()` keeps its
+# meaning (the SwiGLU pair). AdamW's pass is the NumPy lines' arithmetic, element by element
+# in the same order and dtype: the same bits. RMSNorm's row sums of squares and dot products
+# are summed in a different order than NumPy's einsum (which no loop can reproduce), so its
+# results differ from the NumPy lines by rounding (tests/test_train_fast_paths.py bounds it).
+# The mask loop writes the -inf entries np.copyto(where=...) writes: the same bits.
+
+_MORE = None             # {name: dispatcher} once built; False when Numba is missing
+
+
+def _py_adamw(p, g, m, v, b1, c1, b2, c2, sqrt_bc2, eps, step_size, decay, decays):
+    """One AdamW update of one parameter, in place; arrays 1-D, scalars in p's dtype.
+
+    The NumPy lines of :meth:`minisparse.train.AdamW._update` per element, in their order:
+    m = m*b1 + g*c1; v = v*b2 + (g*g)*c2; u = (m / ((sqrt(v) / sqrt_bc2) + eps)) * step_size;
+    p = p*decay - u, where ``decays`` (p is decayed), else p = p - u."""
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i] * b1 + gi * c1
+        m[i] = mi
+        vi = v[i] * b2 + (gi * gi) * c2
+        v[i] = vi
+        u = (mi / ((np.sqrt(vi) / sqrt_bc2) + eps)) * step_size
+        pi = p[i] * decay if decays else p[i]
+        p[i] = pi - u
+
+
+def _py_rms_forward(x, scale, eps, dd, xhat, y, rstd):
+    """x (N, D), scale (D,) -> xhat (N, D) = x * rstd, y (N, D) = xhat * scale, rstd (N,)
+    = 1 / sqrt(sum(x^2) / D + eps) per row; ``eps`` and ``dd`` (= D) in the dtype.
+
+    Each row's sum of squares runs over 8 interleaved partial sums (independent chains the
+    CPU overlaps; a different order than NumPy's einsum, so it rounds differently)."""
+    N, D = x.shape
+    one = dd / dd
+    for n in range(N):
+        xr = x[n]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = dd * 0
+        d = 0
+        while d + 8 <= D:
+            s0 += xr[d] * xr[d]
+            s1 += xr[d + 1] * xr[d + 1]
+            s2 += xr[d + 2] * xr[d + 2]
+            s3 += xr[d + 3] * xr[d + 3]
+            s4 += xr[d + 4] * xr[d + 4]
+            s5 += xr[d + 5] * xr[d + 5]
+            s6 += xr[d + 6] * xr[d + 6]
+            s7 += xr[d + 7] * xr[d + 7]
+            d += 8
+        while d < D:
+            s0 += xr[d] * xr[d]
+            d += 1
+        ss = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+        r = one / np.sqrt(ss / dd + eps)
+        rstd[n] = r
+        for j in range(D):
+            xh = xr[j] * r
+            xhat[n, j] = xh
+            y[n, j] = xh * scale[j]
+
+
+def _py_rms_backward(dy, xhat, rstd, scale, dd, dx, dw):
+    """dy, xhat (N, D), rstd (N,), scale (D,) -> dx (N, D) = rstd * (dxhat - xhat *
+    mean(dxhat * xhat)) with dxhat = dy * scale (not stored), and dw (D,) float64 += the
+    column sums of dy * xhat. Row dot products over 8 interleaved partial sums."""
+    N, D = dy.shape
+    for n in range(N):
+        dr, xr = dy[n], xhat[n]
+        z = rstd[n] * 0
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = z
+        d = 0
+        while d + 8 <= D:
+            s0 += (dr[d] * scale[d]) * xr[d]
+            s1 += (dr[d + 1] * scale[d + 1]) * xr[d + 1]
+            s2 += (dr[d + 2] * scale[d + 2]) * xr[d + 2]
+            s3 += (dr[d + 3] * scale[d + 3]) * xr[d + 3]
+            s4 += (dr[d + 4] * scale[d + 4]) * xr[d + 4]
+            s5 += (dr[d + 5] * scale[d + 5]) * xr[d + 5]
+            s6 += (dr[d + 6] * scale[d + 6]) * xr[d + 6]
+            s7 += (dr[d + 7] * scale[d + 7]) * xr[d + 7]
+            d += 8
+        while d < D:
+            s0 += (dr[d] * scale[d]) * xr[d]
+            d += 1
+        mean = (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) / dd
+        r = rstd[n]
+        for j in range(D):
+            dx[n, j] = (dr[j] * scale[j] - xr[j] * mean) * r
+            dw[j] += dr[j] * xr[j]
+
+
+def _py_mask_after(scores, tb, first, neg_inf):
+    """scores (A, B, R, S): row r is query r % tb at position first + r % tb; every key
+    j > that position gets ``neg_inf`` (the causal mask; the other entries untouched)."""
+    A, B, R, S = scores.shape
+    for a in range(A):
+        for b in range(B):
+            for r in range(R):
+                for j in range(first + r % tb + 1, S):
+                    scores[a, b, r, j] = neg_inf
+
+
+_MORE_FNS = {"adamw": _py_adamw, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
+             "mask_after": _py_mask_after}
+
+
+def more_kernels():
+    """The compiled round-7 kernels by name (``adamw``, ``rms_forward``, ``rms_backward``, ``mask_after``),
+    or None when Numba is not importable."""
+    global _MORE
+    if _MORE is None:
+        with _LOCK:
+            if _MORE is None:
+                try:
+                    import numba  # noqa: F401
+                except ImportError:
+                    _MORE = False
+                else:
+                    _MORE = {name: _jit(fn) for name, fn in _MORE_FNS.items()}
+    return _MORE or None
+
+
+def _require_more():
+    k = more_kernels()
+    if k is None:
+        raise ImportError("the fused training kernels need Numba: pip install 'minisparse[numba]'")
+    return k
+
+
+def adamw_update(p, g, m, v, b1, b2, sqrt_bc2, eps, step_size, decay) -> None:
+    """AdamW's update of one parameter in one pass, in place (p, m, v), bit for bit the NumPy
+    lines of :meth:`minisparse.train.AdamW._update` (m, v: this parameter's moments).
+
+    Parameters
+    ----------
+    p : (...) parameter, C-contiguous, float32/float64, updated in place.
+    g : (...) its gradient, same shape and dtype (read only).
+    m, v : (P,) first and second moments, same size and dtype, updated in place.
+    b1, b2, sqrt_bc2, eps, step_size : Python floats (cast to p's dtype, as NumPy does).
+    decay : float or None; p is multiplied by it first (1 - lr * weight_decay), None: not.
+    """
+    k = _require_more()["adamw"]
+    t = p.dtype.type
+    k(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), t(b1), t(1.0 - b1), t(b2), t(1.0 - b2),
+      t(sqrt_bc2), t(eps), t(step_size), t(1.0 if decay is None else decay), decay is not None)
+
+
+def rms_norm_forward(x, scale, eps: float):
+    """RMSNorm forward in one pass: x (N, D), scale (D,) -> y (N, D), xhat (N, D), rstd (N, 1).
+
+    Host arrays, x and scale C-contiguous of one float dtype (:func:`usable` for x)."""
+    k = _require_more()["rms_forward"]
+    N = x.shape[0]
+    xhat, y = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty((N, 1), dtype=x.dtype)
+    k(x, scale, x.dtype.type(eps), x.dtype.type(x.shape[1]), xhat, y, rstd.reshape(-1))
+    return y, xhat, rstd
+
+
+def rms_norm_backward(dy, xhat, rstd, scale):
+    """RMSNorm backward in one pass: dy, xhat (N, D), rstd (N, 1), scale (D,) -> dx (N, D),
+    dw (D,) (summed in float64, returned in the dtype)."""
+    k = _require_more()["rms_backward"]
+    dx = np.empty_like(dy)
+    dw = np.zeros(dy.shape[1], dtype=np.float64)
+    k(dy, xhat, rstd.reshape(-1), scale, dy.dtype.type(dy.shape[1]), dx, dw)
+    return dx, dw.astype(dy.dtype)
+
+
+def host_float(*arrays) -> bool:
+    """True when every array is a host ``np.ndarray`` of one dtype in float32/float64 (any
+    strides: :func:`mask_after` indexes them as they are)."""
+    first = arrays[0]
+    return all(type(x) is np.ndarray and x.dtype == first.dtype for x in arrays) and first.dtype in DTYPES
+
+
+def mask_after(scores, tb: int, first: int) -> None:
+    """The causal mask of a block of scores (A, B, rep*tb, S), in place: row r holds query
+    r % tb at absolute position first + r % tb, and keys after it get -inf."""
+    _require_more()["mask_after"](scores, tb, first, scores.dtype.type(-np.inf))

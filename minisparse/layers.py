@@ -75,12 +75,30 @@ def embedding_backward(dout: Array, tokens: Array, vocab_size: int) -> Array:
 # ======================================================================================
 # RMSNorm:  y = x / sqrt(mean(x^2) + eps) * w      (Gemma: * (1 + w))
 # ======================================================================================
+# RMSNorm on host arrays runs its forward and backward as one Numba pass each
+# (minisparse._fused; equal to the NumPy lines below up to rounding: the row sums are taken
+# in another order). False: always the NumPy lines. Arrays smaller than FUSED_NORM_MIN_SIZE
+# elements, and runs without Numba, keep the NumPy lines.
+FUSED_NORM = True
+FUSED_NORM_MIN_SIZE = 1 << 16
+
+
+def _fused_norm(x: Array, scale: Array) -> bool:
+    """Whether the fused RMSNorm pass applies to x (..., D) with this scale (D,)."""
+    return (FUSED_NORM and x.size >= FUSED_NORM_MIN_SIZE and x.ndim >= 2 and _fused.usable(x)
+            and _fused.usable(scale) and scale.dtype == x.dtype and _fused.more_kernels() is not None)
+
+
 def rms_norm_forward(x: Array, w: Array, eps: float, offset: bool = False):
     """x (..., D), w (D,) -> y (..., D)."""
+    scale = (1.0 + w) if offset else w                               # (D,)
+    if _fused_norm(x, scale):                                        # the lines below in one pass
+        D = x.shape[-1]
+        y, xhat, rstd = _fused.rms_norm_forward(x.reshape(-1, D), scale, eps)
+        return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(*x.shape[:-1], 1), scale)
     mean_sq = np.einsum("...d,...d->...", x, x)[..., None] / x.shape[-1]  # (..., 1) mean(x^2), no x*x array
     rstd = 1.0 / np.sqrt(mean_sq + eps)                              # (..., 1)
     xhat = x * rstd                                                  # (..., D)
-    scale = (1.0 + w) if offset else w                               # (D,)
     return xhat * scale, (xhat, rstd, scale)
 
 
@@ -88,6 +106,9 @@ def rms_norm_backward(dy: Array, cache):
     """dy (..., D) -> dx (..., D), dw (D,)."""
     xhat, rstd, scale = cache
     D = xhat.shape[-1]
+    if _fused_norm(dy, scale) and _fused.usable(dy, xhat) and _fused.usable(rstd):
+        dx, dw = _fused.rms_norm_backward(dy.reshape(-1, D), xhat.reshape(-1, D), rstd.reshape(-1, 1), scale)
+        return dx.reshape(dy.shape), dw
     dw = np.einsum("nd,nd->d", dy.reshape(-1, D), xhat.reshape(-1, D))  # (D,) sum over tokens of dy * xhat
     dxhat = dy * scale                                               # (..., D)
     # d/dx of x*rstd: rstd * (dxhat - xhat * mean(dxhat * xhat)), the row means as dot products
@@ -146,6 +167,19 @@ def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
     return xp.arange(S)[None, :] > q_start + xp.arange(T)[:, None]
 
 
+# On host arrays the causal mask of each block of scores is set by a small Numba loop
+# (minisparse._fused.mask_after; the same -inf entries as np.copyto(where=...), which walks
+# a 5-D broadcast view). False, fewer than FUSED_ATTENTION_MIN_SIZE query elements, or no
+# Numba: the NumPy line.
+FUSED_ATTENTION = True
+FUSED_ATTENTION_MIN_SIZE = 1 << 16
+
+
+def _fused_attention(*arrays) -> bool:
+    return (FUSED_ATTENTION and arrays[0].size >= FUSED_ATTENTION_MIN_SIZE and _fused.host_float(*arrays)
+            and _fused.more_kernels() is not None)
+
+
 QUERY_BLOCK = 64  # queries per block in attention: later blocks need more keys, early ones fewer
 GPU_QUERY_BLOCK = 256  # on a GPU: a block is ~15 kernel launches, which cost more than the masked scores they skip
 
@@ -201,6 +235,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     out = np.empty_like(q)                                            # (B, H, T, Dh)
     l_all = xp.empty((B, H, T, 1), dtype=q.dtype)                     # (B, H, T, 1) softmax denominators
     kt = k.transpose(0, 1, 3, 2).copy()                               # (B, K, Dh, S): q @ kt is a plain matmul
+    fast = _fused_attention(q)                                        # the mask as a Numba loop
     blocks = []
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
@@ -209,8 +244,11 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
         qb = qs[:, :, t0:t1].reshape(B, K, rep * Tb, Dh)              # (B, K, rep*Tb, Dh)
         scores = qb @ kt[:, :, :, :s1]                                # (B, K, rep*Tb, s1), a new C array,
         # so the reshape below is a view and the hidden scores set to -inf land in `scores`
-        np.copyto(scores.reshape(B, K, rep, Tb, s1)[..., c0:], -np.inf,
-                  where=causal_hidden(Tb, s1 - c0, q_start + t0 - c0, xp))
+        if fast:                                                      # the line below as a Numba loop
+            _fused.mask_after(scores, Tb, q_start + t0)
+        else:
+            np.copyto(scores.reshape(B, K, rep, Tb, s1)[..., c0:], -np.inf,
+                      where=causal_hidden(Tb, s1 - c0, q_start + t0 - c0, xp))
         if xp is np:
             if shift:
                 scores -= scores.max(axis=-1, keepdims=True)          # exp never overflows

@@ -211,6 +211,13 @@ class AdamW:
     def _update(self, params, grads, names, bounds, m, v, coef) -> None:
         """The update of the parameters ``names``, which fill ``m[bounds[0][0]:bounds[-1][1]]``."""
         b1, b2, step_size, sqrt_bc2, lr = coef
+        if _fused_adamw(params, grads, names, m):   # the lines below in one pass per parameter, same bits
+            from . import _fused
+            for name, (a, b) in zip(names, bounds):
+                p = params[name]
+                decay = 1.0 - lr * self.weight_decay if self.weight_decay and decays(p.shape) else None
+                _fused.adamw_update(p, grads[name], m[a:b], v[a:b], b1, b2, sqrt_bc2, self.eps, step_size, decay)
+            return
         o = bounds[0][0]
         m, v = m[o:bounds[-1][1]], v[o:bounds[-1][1]]    # (P,) this run's moments (views)
         g = array_module(m).concatenate([grads[k].ravel() for k in names])  # (P,) its gradients
@@ -258,6 +265,25 @@ class AdamW:
         self.betas = tuple(state.get("betas", self.betas))
         self.eps = float(state.get("eps", self.eps))
         self.weight_decay = float(state.get("weight_decay", self.weight_decay))
+
+
+# AdamW on host float32/float64 parameters runs its update as one Numba pass per parameter
+# (minisparse._fused.adamw_update: the NumPy lines of AdamW._update element by element, in
+# their order and dtype, so the same bits; ~13 passes over the parameters become one). False,
+# fewer than FUSED_ADAMW_MIN_SIZE elements in a run, or no Numba: the NumPy lines.
+FUSED_ADAMW = True
+FUSED_ADAMW_MIN_SIZE = 1 << 16
+
+
+def _fused_adamw(params, grads, names, m) -> bool:
+    if not FUSED_ADAMW or type(m) is not np.ndarray or m.size < FUSED_ADAMW_MIN_SIZE:
+        return False
+    from . import _fused
+    for k in names:
+        p, g = params[k], grads[k]
+        if not (_fused.usable(p) and type(g) is np.ndarray and g.dtype == p.dtype and g.shape == p.shape):
+            return False
+    return _fused.more_kernels() is not None
 
 
 def global_norm(grads: Dict[str, Array], workers: int = 1) -> float:
