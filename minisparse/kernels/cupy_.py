@@ -287,8 +287,10 @@ GIVEN1_KERNEL = "one"           # "one": ffn_given1 (one launch); "two": ffn_gat
 GIVEN1_WARPS = 32               # warps per block of ffn_given1 (16 or 32; 32 measured faster on the H200)
 GIVEN1_BLOCKS_PER_SM = 1        # its grid: this many blocks per multiprocessor
 GIVEN1_SLICES = 1               # its float32 accumulators: block b adds into slice b % this (1..8; 1 measured fastest)
+GIVEN1_DRIVER_LAUNCH = True    # launch ffn_given1 through cuLaunchKernel on argument slots built once (host time)
 _GIVEN1_MAX_SLICES = 8
 _GIVEN1_WS: Dict[tuple, dict] = {}
+_GIVEN1_PTR_ARGS = (0, 1, 2, 3, 6, 13)   # ffn_given1's arguments that change per call: wg, wu, wd, x, mask, out
 
 
 def _given1_codes(xd, wg, act: Activation, skip: float):
@@ -329,7 +331,8 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
     caller has them. Returns the workspace (``cnt[2]``: the neurons of the last call)."""
     from . import decode_cuda
     D, F = int(xd.shape[-1]), int(wg.shape[0])
-    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, D, F, wg.dtype.char)   # the grid depends on the dtype
+    stream = cp.cuda.get_current_stream().ptr
+    key = (cp.cuda.runtime.getDevice(), stream, D, F, wg.dtype.char)   # the grid depends on the dtype
     ws = _GIVEN1_WS.get(key)
     if ws is None:
         V16 = 16 // wg.dtype.itemsize
@@ -353,6 +356,21 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
                        consts=(np.int32(D), np.int32(F), np.int32(codes[0]), np.int32(codes[1]),
                                np.float32(codes[2]), np.int32(bool(act.gated)), np.int32(GIVEN1_SLICES)))
     if one["pv"] and mask.data.ptr % 16 == 0:
+        raw = one.get("raw")
+        if raw is None and GIVEN1_DRIVER_LAUNCH:
+            raw = one["raw"] = _given1_slots(one, ws, stream)
+        if raw and GIVEN1_DRIVER_LAUNCH:                  # the driver's launch on slots filled once
+            slots = raw["slots"]
+            with raw["lock"]:
+                slots[0] = wg.data.ptr
+                slots[1] = (wg if wu is None else wu).data.ptr
+                slots[2] = wd.data.ptr
+                slots[3] = xd.data.ptr
+                slots[6] = mask.data.ptr
+                slots[13] = out.data.ptr
+                cp.cuda.driver.launchKernel(raw["f"], one["G"], 1, 1, one["block"][0], 1, 1, one["smem"], stream,
+                                            raw["params"], 0)
+            return ws
         d, f, gk, uk, thr, gated, nslice = one["consts"]
         one["fn"](one["grid"], one["block"],
                   (wg, wg if wu is None else wu, wd, xd, d, f, mask, gk, uk, thr, gated, ws["y32"], nslice, out,
@@ -369,6 +387,28 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
     k["ffn_down_rows_out" + xs]((ws["ncol"], ws["G"]), (32 * _WARPS,),
                                 (ws["cnt"], ws["idx"], ws["hv"], wd, i32(D), ws["y32"], out, i32(D)))
     return ws
+
+
+def _given1_slots(one: dict, ws: dict, stream: int):
+    """ffn_given1's 15 kernel arguments as 8-byte slots for ``cuLaunchKernel``, with the
+    constants and the workspace pointers filled in once: a call then writes the six pointers
+    of :data:`_GIVEN1_PTR_ARGS` and launches (a CuPy ``RawKernel`` call converts all 15
+    arguments every time: ~10 us of Python on a slow host). False where the driver's launch
+    is not exposed (the fake CuPy of the CPU tests)."""
+    import threading
+    drv = getattr(cp.cuda, "driver", None)
+    if drv is None or not hasattr(drv, "launchKernel"):
+        return False
+    slots = np.zeros(15, dtype=np.uint64)
+    as_i32, as_f32 = slots.view(np.int32), slots.view(np.float32)   # a 4-byte argument: the slot's low half
+    d, f, gk, uk, thr, gated, nslice = one["consts"]
+    for i, v in ((4, d), (5, f), (7, gk), (8, uk), (10, gated), (12, nslice)):
+        as_i32[2 * i] = v
+    as_f32[2 * 9] = thr
+    slots[11], slots[14] = ws["y32"].data.ptr, ws["cnt"].data.ptr
+    params = np.array([slots.ctypes.data + 8 * i for i in range(15)], dtype=np.uint64)   # void *args[15]
+    return dict(slots=slots, params=int(params.ctypes.data), keep=params, f=one["fn"].kernel.ptr,
+                stream=stream, lock=threading.Lock())
 
 
 def _given1_grid(D: int, F: int, wbytes: int) -> dict:

@@ -349,12 +349,25 @@ def test_sparse_ffn_lean_given_path_keeps_the_general_paths_meaning(cp):
     f64 = lambda a: np.asarray(a, dtype=np.float64)
     ref = ms.sparse_ffn(f64(p["x"][0]), f64(p["w_gate"]), f64(p["w_up"]), f64(p["w_down"]), "drelu",
                         backend="numpy", active=np.flatnonzero(hm))
-    for x in (d["x"][0], d["x"], cp.asarray(np.stack([p["x"][0], p["x"][0]], axis=1))[:, 0]):
-        before = len(cupy_._VALIDATED)
-        y = ms.sparse_ffn(x, d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy", active=cp.asarray(hm))
-        assert y.shape == x.shape and y.dtype == x.dtype
-        np.testing.assert_allclose(cp.asnumpy(y).reshape(-1), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-        assert len(cupy_._VALIDATED) >= before
+    old = cupy_.GIVEN1_DRIVER_LAUNCH
+    try:
+        for driver, stream in ((True, None), (False, None), (True, cp.cuda.Stream(non_blocking=True))):
+            cupy_.GIVEN1_DRIVER_LAUNCH = driver          # the driver's launch on cached slots, or a RawKernel call
+            with (stream if stream is not None else cp.cuda.get_current_stream()):
+                for x in (d["x"][0], d["x"], cp.asarray(np.stack([p["x"][0], p["x"][0]], axis=1))[:, 0]):
+                    before = len(cupy_._VALIDATED)
+                    for rep in range(2):                   # the second call reuses the slots with new pointers
+                        xx = x.copy() if rep else x
+                        y = ms.sparse_ffn(xx, d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy",
+                                          active=cp.asarray(hm))
+                        assert y.shape == x.shape and y.dtype == x.dtype
+                        np.testing.assert_allclose(cp.asnumpy(y).reshape(-1), ref, rtol=1e-5,
+                                                   atol=1e-5 * np.abs(ref).max(), err_msg=f"driver={driver}")
+                    assert len(cupy_._VALIDATED) >= before
+                if stream is not None:
+                    stream.synchronize()
+    finally:
+        cupy_.GIVEN1_DRIVER_LAUNCH = old
     st = {}
     y = ms.sparse_ffn(d["x"][0], d["w_gate"], d["w_up"], d["w_down"], "drelu", backend="cupy",
                       active=cp.asarray(hm), stats=st)

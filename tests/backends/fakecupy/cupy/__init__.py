@@ -47,7 +47,7 @@ def _gateup_mask(name, grid, block, args):
     wg, wu, x, ld, F, m, gk, uk, thr, gated, cnt, idx, hv = args
     ld, F, gk, uk, gated = map(int, (ld, F, gk, uk, gated))
     assert block == (256,) and grid == ((F + 31) // 32,), (grid, F)
-    assert x.shape[-1] == ld and wg.shape == (F, ld) and m.dtype == _np.uint8 and m.shape == (F,)
+    assert x.shape[-1] == ld and wg.shape == (F, ld) and m.dtype in (_np.uint8, _np.bool_) and m.shape == (F,)
     assert isinstance(thr, _np.float32) and int(cnt[0]) == 0 and int(cnt[1]) == 0, (cnt, thr)
     xs = _np.asarray(x, dtype=_np.float32).reshape(-1)
     for f in range(F):
@@ -142,6 +142,8 @@ class _Dev:
 class _Runtime:
     @staticmethod
     def getDeviceCount(): return 1
+    @staticmethod
+    def getDevice(): return 0
     @staticmethod
     def getDeviceProperties(i): return {"multiProcessorCount": 3}
 class cuda:
