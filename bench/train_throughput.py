@@ -18,6 +18,8 @@ training reaches, counting FLOPs as 6 * parameters * tokens + attention
     python bench/train_throughput.py --quick    # 2 timed steps, for a smoke test
     python bench/train_throughput.py --threads 1 --steps 10
     python bench/train_throughput.py --activations swiglu --fused-ab 30   # the fused SwiGLU pass, on/off
+    python bench/train_throughput.py --fast-ab 20          # round 7's fast paths (norm, AdamW, mask), on/off
+    python bench/train_throughput.py --steps 6 --no-fast   # the step before round 7, against PyTorch
 
 On a shared machine step times vary by 10-20% from one step to the next; the steps of the
 two implementations alternate, and besides the ratio of the medians the script reports the
@@ -195,6 +197,40 @@ def fused_ab(act, x, y, workers: int, pairs: int) -> dict:
                 paired_speedup_median=float(np.median(r)), paired_speedup_range=[float(r.min()), float(r.max())])
 
 
+def set_fast(on: bool) -> None:
+    """Round 7's fast paths of the step (issue 14): RMSNorm and AdamW as one Numba pass each,
+    attention's causal mask as a Numba loop; off: the NumPy lines (see minisparse._fused)."""
+    import importlib
+    train_mod = importlib.import_module("minisparse.train")     # the module (ms.train is the function)
+    ms.layers.FUSED_NORM = ms.layers.FUSED_ATTENTION = train_mod.FUSED_ADAMW = on
+
+
+def fast_ab(act, x, y, workers: int, pairs: int) -> dict:
+    """minisparse's whole step (accumulate_grads + clip + AdamW) with round 7's fast paths on
+    and off (:func:`set_fast`), interleaved step by step in one process, the order
+    alternating by pair; each variant has its own model and optimizer, started from the
+    same weights (the fast RMSNorm rounds differently, so the two runs drift apart by
+    rounding). Paired speed-up = off / on."""
+    steps = {}
+    for flag in (True, False):
+        set_fast(flag)
+        steps[flag] = minisparse_step_fn(act, x, y, workers)[1]
+        steps[flag]()                            # warm-up (and the kernels' first call)
+        steps[flag]()
+    t = {True: [], False: []}
+    for i in range(pairs):
+        for flag in ((True, False) if i % 2 == 0 else (False, True)):
+            set_fast(flag)
+            t0 = time.perf_counter()
+            steps[flag]()
+            t[flag].append(time.perf_counter() - t0)
+    set_fast(True)
+    r = np.array(t[False]) / np.array(t[True])
+    return dict(activation=act, pairs=pairs, fast_s=t[True], numpy_lines_s=t[False],
+                fast_s_median=float(np.median(t[True])), numpy_lines_s_median=float(np.median(t[False])),
+                paired_speedup_median=float(np.median(r)), paired_speedup_range=[float(r.min()), float(r.max())])
+
+
 def cpu_model() -> str:
     """lscpu's model name (issue 14 asks for it with every CPU figure)."""
     import subprocess
@@ -243,9 +279,17 @@ def main(argv=None):
     ap.add_argument("--fused-ab", type=int, default=0, metavar="PAIRS",
                     help="instead of the PyTorch comparison: PAIRS interleaved minisparse steps with the fused "
                          "SwiGLU pass on and off, the paired speed-up (writes train_throughput_fused_ab.json)")
+    ap.add_argument("--no-fast", action="store_true",
+                    help="round 7's fast paths off (RMSNorm, AdamW, attention's mask as NumPy lines: "
+                         "minisparse.layers.FUSED_NORM / FUSED_ATTENTION, minisparse.train.FUSED_ADAMW = False)")
+    ap.add_argument("--fast-ab", type=int, default=0, metavar="PAIRS",
+                    help="instead of the PyTorch comparison: PAIRS interleaved minisparse steps with round 7's "
+                         "fast paths on and off, the paired speed-up (writes train_throughput_fast_ab.json)")
     args = ap.parse_args(argv)
     if args.no_fused:
         ms.layers.FUSED_SWIGLU = False
+    set_fast(not args.no_fast)
+    fast = not args.no_fast and ms._fused.more_kernels() is not None
     fused = ms.layers.FUSED_SWIGLU and ms._fused.kernels() is not None      # imports Numba here, not in a step
     # what minisparse.train.train() does for its runs; process-wide, so PyTorch gets it too
     malloc_tuned = False if args.default_malloc else keep_freed_memory()
@@ -277,7 +321,23 @@ def main(argv=None):
     print(f"machine: {model_name}, {os.cpu_count()} CPUs, load average "
           f"{load_start[0] if load_start else float('nan'):.1f}; float32 matmul (2048^3, NumPy BLAS): "
           f"{peak:.1f} GFLOP/s; glibc keeps freed memory: {malloc_tuned}; threads: {threads} "
-          f"(OpenBLAS set: {blas_set}); minisparse splits the batch over {workers} thread(s); fused SwiGLU pass: {fused}")
+          f"(OpenBLAS set: {blas_set}); minisparse splits the batch over {workers} thread(s); fused SwiGLU pass: {fused}; "
+          f"round-7 fast paths: {fast}")
+    if args.fast_ab:
+        ab = []
+        for act in acts:
+            ab.append(fast_ab(act, x, y, workers, args.fast_ab))
+            print(f"{act}: fast paths {ab[-1]['fast_s_median'] * 1e3:.0f} ms/step, NumPy lines "
+                  f"{ab[-1]['numpy_lines_s_median'] * 1e3:.0f} ms/step; paired speed-up "
+                  f"{ab[-1]['paired_speedup_median']:.3f}x [{ab[-1]['paired_speedup_range'][0]:.2f}, "
+                  f"{ab[-1]['paired_speedup_range'][1]:.2f}] over {args.fast_ab} pairs")
+        out = Path(args.out) if args.out else HERE / "results" / "train_throughput_fast_ab.json"
+        out.write_text(json.dumps({"fast_ab": ab, "machine": {
+            "cpu_model": model_name, "cpus": os.cpu_count(), "threads": threads, "minisparse_batch_split_workers": workers,
+            "fused_swiglu": fused, "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}},
+            indent=2))
+        print(f"\nwrote {out}")
+        return
     if args.fused_ab:
         ab = []
         for act in acts:
@@ -355,7 +415,7 @@ def main(argv=None):
                     "load_average_at_start": load_start, "load_average_at_end": load,
                     "malloc_keeps_freed_memory": malloc_tuned, "threads": threads,
                     "openblas_threads_set": blas_set, "minisparse_batch_split_workers": workers,
-                    "fused_swiglu": fused},
+                    "fused_swiglu": fused, "round7_fast_paths": fast},
         "timed_steps": n_steps,
     }, indent=2))
     print(f"\nwrote {out}")

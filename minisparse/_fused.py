@@ -238,8 +238,41 @@ def _py_mask_after(scores, tb, first, neg_inf):
                     scores[a, b, r, j] = neg_inf
 
 
+def _py_relu_glu_forward(g, u, h, up_relu, zero):
+    """g, u (n,) -> h = relu(g) * relu(u) (dReLU, ``up_relu``) or relu(g) * u (ReGLU); all
+    1-D, one dtype. relu is np.maximum(x, 0): +0 for x <= 0 (-0 included), x for x > 0,
+    a NaN passed on as it is."""
+    for i in range(g.size):
+        gi = g[i]
+        ai = gi if (gi > zero or gi != gi) else zero
+        ui = u[i]
+        if up_relu:
+            ui = ui if (ui > zero or ui != ui) else zero
+        h[i] = ai * ui
+
+
+def _py_relu_glu_backward(dh, g, u, dg, up_relu, one, zero):
+    """dh, g, u (n,) -> dg = (dh * b) * (g > 0), and dh overwritten with du = (dh * a)
+    [* (u > 0) when ``up_relu``], with a = relu(g), b = relu(u) or u recomputed; the masks
+    as 1 or 0 in the dtype, as NumPy multiplies by a bool array."""
+    for i in range(dh.size):
+        d = dh[i]
+        gi = g[i]
+        ui = u[i]
+        ai = gi if (gi > zero or gi != gi) else zero
+        bi = ui
+        if up_relu:
+            bi = ui if (ui > zero or ui != ui) else zero
+        dg[i] = (d * bi) * (one if gi > zero else zero)
+        du = d * ai
+        if up_relu:
+            du = du * (one if ui > zero else zero)
+        dh[i] = du
+
+
 _MORE_FNS = {"adamw": _py_adamw, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
-             "mask_after": _py_mask_after}
+             "mask_after": _py_mask_after, "relu_glu_forward": _py_relu_glu_forward,
+             "relu_glu_backward": _py_relu_glu_backward}
 
 
 def more_kernels():
@@ -316,3 +349,35 @@ def mask_after(scores, tb: int, first: int) -> None:
     """The causal mask of a block of scores (A, B, rep*tb, S), in place: row r holds query
     r % tb at absolute position first + r % tb, and keys after it get -inf."""
     _require_more()["mask_after"](scores, tb, first, scores.dtype.type(-np.inf))
+
+
+def relu_glu_forward(g, u, up_relu: bool):
+    """ReLU-gated FFN forward in one pass: h (N, F) = relu(g) * relu(u) (dReLU, ``up_relu``)
+    or relu(g) * u (ReGLU), the bits of ``np.maximum(g, 0) * np.maximum(u, 0)``; relu(g)
+    and relu(u) are not kept (:func:`relu_glu_backward` recomputes them).
+
+    Parameters
+    ----------
+    g, u : (N, F) gate and up pre-activations; host arrays, C-contiguous, one float dtype.
+    """
+    k = _require_more()["relu_glu_forward"]
+    h = np.empty_like(g)
+    k(g.reshape(-1), u.reshape(-1), h.reshape(-1), up_relu, g.dtype.type(0))
+    return h
+
+
+def relu_glu_backward(dh, g, u, up_relu: bool):
+    """ReLU-gated FFN backward in one pass: returns dg (N, F) = dh * b * (g > 0) and
+    overwrites dh with du = dh * a [* (u > 0) for dReLU], a = relu(g) and b = relu(u) (or u)
+    recomputed from g, u; the bits of ffn_backward's NumPy lines.
+
+    Parameters
+    ----------
+    dh : (N, F) gradient of h, overwritten; g, u : (N, F) pre-activations. Host arrays,
+    C-contiguous, one float dtype.
+    """
+    k = _require_more()["relu_glu_backward"]
+    dg = np.empty_like(dh)
+    t = dh.dtype.type
+    k(dh.reshape(-1), g.reshape(-1), u.reshape(-1), dg.reshape(-1), up_relu, t(1), t(0))
+    return dg

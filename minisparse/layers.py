@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _fused
-from .activations import Activation, relu_grad, silu
+from .activations import Activation, relu, relu_grad, silu
 from .xp import add_at, array_module
 
 Array = np.ndarray
@@ -468,6 +468,19 @@ FUSED_SWIGLU = True
 FUSED_SWIGLU_MIN_SIZE = 1 << 16
 
 
+# ReLU-gated FFNs (dReLU: relu(g) * relu(u); ReGLU: relu(g) * u) on host arrays likewise:
+# one Numba pass forward (a, b, h) and one backward (dg, du), the NumPy lines' bits.
+FUSED_RELU_GLU = True
+
+
+def _fused_relu_glu(act: Activation, *arrays) -> bool:
+    """Whether the fused ReLU-gate passes apply (plain relu gate; up relu or identity)."""
+    return (FUSED_RELU_GLU and act.gate_fn is relu and act.gate_grad is relu_grad
+            and (act.up_kind == "identity" or (act.up_fn is relu and act.up_grad is relu_grad))
+            and arrays[0].size >= FUSED_SWIGLU_MIN_SIZE and _fused.usable(*arrays)
+            and _fused.more_kernels() is not None)
+
+
 def _fused_swiglu(*arrays) -> bool:
     """Whether the fused SiLU-gate pass applies to these (N, F) arrays (see FUSED_SWIGLU)."""
     return (FUSED_SWIGLU and arrays[0].size >= FUSED_SWIGLU_MIN_SIZE and _fused.usable(*arrays)
@@ -502,7 +515,8 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
     a = b = e = None
     if act.gated:                                                    # = act.forward(g, u), keeping its factors
         u = x @ w_up.T                                               # (N, F) up pre-activation
-        b = u if act.up_kind == "identity" else act.up_fn(u)         # (N, F) up(u)
+        fused_relu = _fused_relu_glu(act, g, u)                      # ReLU gates in 1 pass (below)
+        b = None if fused_relu else u if act.up_kind == "identity" else act.up_fn(u)  # (N, F) up(u)
         if act.gate_fn is silu:                                      # SwiGLU: silu(g) = g / (1 + exp(-g)),
             e = np.negative(g)                                       # keeping 1 + exp(-g) for the derivative
             with np.errstate(over="ignore"):                         # (exp(-g) = inf for g < -88 in float32:
@@ -513,6 +527,8 @@ def ffn_forward(x: Array, w_gate: Array, w_up: Optional[Array], w_down: Array,
                 e += 1                                               # (N, F) 1 + exp(-g)
                 a = g / e                                            # (N, F) silu(g)
                 h = a * b                                            # (N, F)
+        elif fused_relu:                                             # h = relu(g) * up(u); a, b not kept
+            h = _fused.relu_glu_forward(g, u, act.up_kind != "identity")  # (the backward recomputes them)
         else:
             a = act.gate_fn(g)                                       # (N, F) gate(g)
             h = a * b                                                # (N, F)
@@ -550,12 +566,17 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
     if l1:
         dh += dh.dtype.type(l1 / (l1_tokens or h.shape[0])) * np.sign(h)
     # = act.backward(dh, g, u), with the forward's gate(g), up(u) (and sigmoid(g)) reused
+    up_done = False
     if act.gated:
-        if a is None:                                                # a cache built elsewhere
+        fused_relu = e is None and _fused_relu_glu(act, dh, g, u)    # ReLU gates in 1 pass (below)
+        if a is None and not fused_relu:                             # a cache built elsewhere (or fused)
             a, b = act.gate_fn(g), (u if act.up_kind == "identity" else act.up_fn(u))
         if e is not None and _fused_swiglu(dh, b, a, e):             # the SiLU lines below in 1 pass:
             dg = _fused.swiglu_backward(dh, b, a, e)                 # (N, F); dh becomes du = dh * a
             du = dh                                                  # (N, F)
+        elif fused_relu:                                             # relu(g), up(u) again and the lines
+            dg = _fused.relu_glu_backward(dh, g, u, act.up_kind != "identity")  # below in 1 pass:
+            du, up_done = dh, True                                   # dh became du, its up mask applied
         else:
             dg = dh * b                                              # (N, F)
             if e is not None:                                        # silu'(g) = s + g s (1 - s), s = 1 / e,
@@ -568,7 +589,7 @@ def ffn_backward(dy: Array, cache, w_gate: Array, w_up: Optional[Array], w_down:
                 d_gate = act.gate_grad(g)
             dg *= d_gate                                             # dL/dg = dh * up(u) * gate'(g)
             du = np.multiply(dh, a, out=dh)                          # (N, F), in place of dh
-        if act.up_kind != "identity":                                # dL/du = dh * gate(g) * up'(u)
+        if act.up_kind != "identity" and not up_done:                # dL/du = dh * gate(g) * up'(u)
             du *= (u > 0) if act.up_grad is relu_grad else act.up_grad(u)
     else:
         dg = np.multiply(dh, act.gate_grad(g), out=dh)               # (N, F) dL/dg = dh * f'(g)

@@ -37,7 +37,7 @@ DTYPES = [np.float32, np.float64]
 @pytest.fixture(autouse=True)
 def _switches_restored(monkeypatch):
     """Tests here flip the module switches; monkeypatch puts them back afterwards."""
-    for mod, name in ((L, "FUSED_NORM"), (L, "FUSED_ATTENTION"), (T, "FUSED_ADAMW")):
+    for mod, name in ((L, "FUSED_NORM"), (L, "FUSED_ATTENTION"), (L, "FUSED_RELU_GLU"), (T, "FUSED_ADAMW")):
         monkeypatch.setattr(mod, name, getattr(mod, name))
 
 
@@ -280,15 +280,130 @@ def test_rms_norm_comparison_can_fail(monkeypatch):
 
 
 # ======================================================================================
+# ReLU-gated FFNs (dReLU, ReGLU)
+# ======================================================================================
+@needs_numba
+@pytest.mark.parametrize("up_relu", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 8), (7, 33), (33, 1000)])
+def test_relu_glu_kernels_equal_numpy_lines_bit_for_bit_special_values(up_relu, dtype, shape):
+    rng = np.random.default_rng(2)
+    g, u, dh = (rng.standard_normal(shape).astype(dtype) * 3 for _ in range(3))
+    if g.size >= 8:                                  # -0, 0, NaN (both signs), infinities at the kinks
+        g.reshape(-1)[:8] = [-0.0, 0.0, np.nan, -np.inf, np.inf, -1.0, 2.0, -np.nan]
+        u.reshape(-1)[:8] = [1.0, -0.0, 3.0, 0.0, -np.inf, np.nan, -0.0, 1.0]
+    with np.errstate(invalid="ignore"):
+        a, b = np.maximum(g, 0), (np.maximum(u, 0) if up_relu else u)     # ffn_forward's NumPy lines
+        _same_bits(_fused.relu_glu_forward(g, u, up_relu), a * b, "h")
+        dg = dh * b                                                        # ffn_backward's NumPy lines
+        dg *= g > 0
+        du = dh * a
+        if up_relu:
+            du *= u > 0
+        dh2 = dh.copy()
+        _same_bits(_fused.relu_glu_backward(dh2, g, u, up_relu), dg, "dg")
+    _same_bits(dh2, du, "du")
+
+
+def _ffn_run(act_name, dtype, N, D, F, seed=0, special=True, hook=None):
+    from minisparse.activations import get_activation
+    act = get_activation(act_name)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D)).astype(dtype)
+    wg, wu, wd = (rng.standard_normal((F, D)).astype(dtype) for _ in range(3))
+    dy = rng.standard_normal((N, D)).astype(dtype)
+    if special and N * F >= 2:                       # pre-activations exactly 0 (the kinks)
+        wg[0] = 0.0
+        wu[1 % F] = 0.0
+    y, cache = L.ffn_forward(x, wg, wu, wd, act, hook=hook)
+    grads = L.ffn_backward(dy, cache, wg, wu, wd, act)
+    return (y, cache.h) + tuple(grads)
+
+
+@needs_numba
+@pytest.mark.parametrize("act_name", ["drelu", "reglu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, D, F", [(1, 1, 7), (7, 5, 33), (33, 8, 1), (33, 3, 1000)])
+def test_relu_glu_fused_equals_numpy_lines_bit_for_bit(monkeypatch, act_name, dtype, N, D, F):
+    monkeypatch.setattr(L, "FUSED_SWIGLU_MIN_SIZE", 0)
+    calls = []
+    _spy(monkeypatch, _fused, "relu_glu_forward", calls)
+    _spy(monkeypatch, _fused, "relu_glu_backward", calls)
+    monkeypatch.setattr(L, "FUSED_RELU_GLU", True)
+    fast = _ffn_run(act_name, dtype, N, D, F)
+    assert calls == ["relu_glu_forward", "relu_glu_backward"], calls
+    monkeypatch.setattr(L, "FUSED_RELU_GLU", False)
+    ref = _ffn_run(act_name, dtype, N, D, F)
+    assert len(calls) == 2
+    for got, want, name in zip(fast, ref, ["y", "h", "dx", "dw_gate", "dw_up", "dw_down"]):
+        _same_bits(got, want, name)
+
+
+@needs_numba
+def test_relu_glu_forward_fused_backward_numpy_and_a_hook(monkeypatch):
+    """A forward on the fused pass keeps no relu(g), relu(u); a backward on the NumPy lines
+    (switch turned off in between) recomputes them: the same bits. A hook's h is used."""
+    monkeypatch.setattr(L, "FUSED_SWIGLU_MIN_SIZE", 0)
+    from minisparse.activations import get_activation
+    act = get_activation("drelu")
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((7, 5)), rng.standard_normal((7, 5))
+    wg, wu, wd = (rng.standard_normal((33, 5)) for _ in range(3))
+    out = {}
+    for fwd, bwd in ((True, False), (False, False)):
+        monkeypatch.setattr(L, "FUSED_RELU_GLU", fwd)
+        y, cache = L.ffn_forward(x, wg, wu, wd, act, hook=lambda h: h * 2)
+        monkeypatch.setattr(L, "FUSED_RELU_GLU", bwd)
+        out[fwd] = (y,) + L.ffn_backward(dy, cache, wg, wu, wd, act)
+    for got, want in zip(out[True], out[False]):
+        _same_bits(got, want, "ffn")
+
+
+@needs_numba
+@pytest.mark.parametrize("act_name", ["drelu", "reglu"])
+def test_relu_glu_fused_gradients_by_finite_differences(monkeypatch, act_name):
+    from minisparse.activations import get_activation
+    monkeypatch.setattr(L, "FUSED_SWIGLU_MIN_SIZE", 0)
+    monkeypatch.setattr(L, "FUSED_RELU_GLU", True)
+    act = get_activation(act_name)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 5))
+    wg, wu, wd = (rng.standard_normal((33, 5)) for _ in range(3))
+    R = rng.standard_normal((7, 5))
+    g, u = x @ wg.T, x @ wu.T
+    assert np.min(np.abs(g)) > 1e-4 and (act_name == "reglu" or np.min(np.abs(u)) > 1e-4)  # off the kinks
+
+    def f():
+        return float(np.sum(L.ffn_forward(x, wg, wu, wd, act)[0] * R))
+
+    calls = []
+    _spy(monkeypatch, _fused, "relu_glu_backward", calls)
+    dx, dwg, dwu, dwd = L.ffn_backward(R, L.ffn_forward(x, wg, wu, wd, act)[1], wg, wu, wd, act)
+    assert calls
+    for name, p, gr in (("x", x, dx), ("w_gate", wg, dwg), ("w_up", wu, dwu), ("w_down", wd, dwd)):
+        check(f, p, gr, rng, f"{act_name} d{name} (fused)")
+
+
+def test_relu_glu_fused_not_taken_for_shifted_or_other_gates(monkeypatch):
+    monkeypatch.setattr(L, "FUSED_SWIGLU_MIN_SIZE", 0)
+    calls = []
+    _spy(monkeypatch, _fused, "relu_glu_forward", calls)
+    for name in ("drelu:0.05", "geglu", "relu2glu"):           # shifted ReLUs, other gates: NumPy lines
+        _ffn_run(name, np.float32, 7, 5, 33, special=False)
+    assert not calls
+
+
+# ======================================================================================
 # the whole model; devices; no Numba
 # ======================================================================================
 def _floors(monkeypatch, value):
-    for mod, name in ((L, "FUSED_NORM_MIN_SIZE"), (L, "FUSED_ATTENTION_MIN_SIZE"), (T, "FUSED_ADAMW_MIN_SIZE")):
+    for mod, name in ((L, "FUSED_NORM_MIN_SIZE"), (L, "FUSED_ATTENTION_MIN_SIZE"), (L, "FUSED_SWIGLU_MIN_SIZE"),
+                      (T, "FUSED_ADAMW_MIN_SIZE")):
         monkeypatch.setattr(mod, name, value)
 
 
 def _switch(monkeypatch, on):
-    for mod, name in ((L, "FUSED_NORM"), (L, "FUSED_ATTENTION"), (T, "FUSED_ADAMW")):
+    for mod, name in ((L, "FUSED_NORM"), (L, "FUSED_ATTENTION"), (L, "FUSED_RELU_GLU"), (T, "FUSED_ADAMW")):
         monkeypatch.setattr(mod, name, on)
 
 
@@ -305,8 +420,10 @@ def test_model_loss_and_grads_fast_paths_close_to_numpy_lines(monkeypatch, act):
     calls = []
     _spy(monkeypatch, _fused, "rms_norm_forward", calls)
     _spy(monkeypatch, _fused, "mask_after", calls)
+    _spy(monkeypatch, _fused, "relu_glu_backward", calls)
     loss_f, g_f = model.loss_and_grads(toks)
     assert {"rms_norm_forward", "mask_after"} <= set(calls)
+    assert ("relu_glu_backward" in calls) == (act == "drelu")
     _switch(monkeypatch, False)
     loss_r, g_r = model.loss_and_grads(toks)
     assert abs(loss_f - loss_r) <= 1e-13 * abs(loss_r)
@@ -316,7 +433,8 @@ def test_model_loss_and_grads_fast_paths_close_to_numpy_lines(monkeypatch, act):
 
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fake_device_takes_no_fast_path(monkeypatch, dtype):
+@pytest.mark.parametrize("act", ["swiglu", "drelu"])
+def test_fake_device_takes_no_fast_path(monkeypatch, dtype, act):
     """CuPy arrays (here the fake CuPy of tests/fake_cupy.py) run the NumPy lines even with
     the floors at 0: the device model equals the host model with the fast paths off, bit
     for bit, and no kernel is called for it."""
@@ -324,7 +442,8 @@ def test_fake_device_takes_no_fast_path(monkeypatch, dtype):
     from minisparse import xp as X
     install(monkeypatch)
     _floors(monkeypatch, 0)
-    cfg = ms.ModelConfig(activation="swiglu", **CFG)
+    monkeypatch.setattr(L, "FUSED_SWIGLU", False)
+    cfg = ms.ModelConfig(activation=act, **CFG)
     host = ms.Transformer(cfg, seed=0, dtype=dtype)
     dev = ms.Transformer(cfg, seed=0, dtype=dtype).to("cupy")
     toks = np.random.default_rng(1).integers(0, 37, size=(2, 9))
@@ -332,7 +451,8 @@ def test_fake_device_takes_no_fast_path(monkeypatch, dtype):
     loss_h, g_h = host.loss_and_grads(toks)
     _switch(monkeypatch, True)
     calls = []
-    for name in ("rms_norm_forward", "rms_norm_backward", "mask_after", "adamw_update"):
+    for name in ("rms_norm_forward", "rms_norm_backward", "mask_after", "adamw_update", "relu_glu_forward",
+                 "relu_glu_backward", "swiglu_rest", "swiglu_backward"):
         _spy(monkeypatch, _fused, name, calls)
     loss_d, g_d = dev.loss_and_grads(toks)
     opt = T.AdamW(dev.params, 1e-3)
@@ -351,7 +471,7 @@ def test_without_numba_the_numpy_lines_run(monkeypatch):
     monkeypatch.setattr(_fused, "_MORE", None)
     _floors(monkeypatch, 0)
     assert _fused.more_kernels() is None
-    model = ms.Transformer(ms.ModelConfig(activation="swiglu", **CFG), seed=0, dtype=np.float32)
+    model = ms.Transformer(ms.ModelConfig(activation="drelu", **CFG), seed=0, dtype=np.float32)
     toks = np.random.default_rng(1).integers(0, 37, size=(2, 9))
     _switch(monkeypatch, True)
     loss_a, g_a = model.loss_and_grads(toks)
