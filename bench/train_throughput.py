@@ -18,7 +18,7 @@ training reaches, counting FLOPs as 6 * parameters * tokens + attention
     python bench/train_throughput.py --quick    # 2 timed steps, for a smoke test
     python bench/train_throughput.py --threads 1 --steps 10
     python bench/train_throughput.py --activations swiglu --fused-ab 30   # the fused SwiGLU pass, on/off
-    python bench/train_throughput.py --fast-ab 20          # round 7's fast paths (norm, AdamW, mask), on/off
+    python bench/train_throughput.py --fast-ab 20          # round 7's fast paths (norm, AdamW, dReLU, mask), on/off
     python bench/train_throughput.py --steps 6 --no-fast   # the step before round 7, against PyTorch
 
 On a shared machine step times vary by 10-20% from one step to the next; the steps of the
@@ -198,11 +198,12 @@ def fused_ab(act, x, y, workers: int, pairs: int) -> dict:
 
 
 def set_fast(on: bool) -> None:
-    """Round 7's fast paths of the step (issue 14): RMSNorm and AdamW as one Numba pass each,
-    attention's causal mask as a Numba loop; off: the NumPy lines (see minisparse._fused)."""
+    """Round 7's fast paths of the step (issue 14): RMSNorm, AdamW and the ReLU-gated FFN lines
+    as one Numba pass each, attention's causal mask as a Numba loop; off: the NumPy lines (see
+    minisparse._fused; SwiGLU's fused pass of round 6 is --no-fused)."""
     import importlib
     train_mod = importlib.import_module("minisparse.train")     # the module (ms.train is the function)
-    ms.layers.FUSED_NORM = ms.layers.FUSED_ATTENTION = train_mod.FUSED_ADAMW = on
+    ms.layers.FUSED_NORM = ms.layers.FUSED_ATTENTION = ms.layers.FUSED_RELU_GLU = train_mod.FUSED_ADAMW = on
 
 
 def fast_ab(act, x, y, workers: int, pairs: int) -> dict:
@@ -280,8 +281,9 @@ def main(argv=None):
                     help="instead of the PyTorch comparison: PAIRS interleaved minisparse steps with the fused "
                          "SwiGLU pass on and off, the paired speed-up (writes train_throughput_fused_ab.json)")
     ap.add_argument("--no-fast", action="store_true",
-                    help="round 7's fast paths off (RMSNorm, AdamW, attention's mask as NumPy lines: "
-                         "minisparse.layers.FUSED_NORM / FUSED_ATTENTION, minisparse.train.FUSED_ADAMW = False)")
+                    help="round 7's fast paths off (RMSNorm, AdamW, dReLU/ReGLU lines, attention's mask as NumPy "
+                         "lines: minisparse.layers.FUSED_NORM / FUSED_ATTENTION / FUSED_RELU_GLU, "
+                         "minisparse.train.FUSED_ADAMW = False)")
     ap.add_argument("--fast-ab", type=int, default=0, metavar="PAIRS",
                     help="instead of the PyTorch comparison: PAIRS interleaved minisparse steps with round 7's "
                          "fast paths on and off, the paired speed-up (writes train_throughput_fast_ab.json)")
