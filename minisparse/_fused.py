@@ -141,7 +141,8 @@ def swiglu_backward(dh, b, a, e) -> np.ndarray:
 # in the same order and dtype: the same bits. RMSNorm's row sums of squares and dot products
 # are summed in a different order than NumPy's einsum (which no loop can reproduce), so its
 # results differ from the NumPy lines by rounding (tests/test_train_fast_paths.py bounds it).
-# The mask loop writes the -inf entries np.copyto(where=...) writes: the same bits.
+# The mask loop writes the -inf entries np.copyto(where=...) writes: the same bits; attention
+# backward's row constants D' = do' . out are summed in float64 (equal to einsum to rounding).
 
 _MORE = None             # {name: dispatcher} once built; False when Numba is missing
 
@@ -270,7 +271,24 @@ def _py_relu_glu_backward(dh, g, u, dg, up_relu, one, zero):
         dh[i] = du
 
 
-_MORE_FNS = {"adamw": _py_adamw, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
+def _py_attention_do1(dout_t, l, out_t, do1):
+    """dout_t, out_t (A, T, B, D) (dout, out with axes 1 and 2 swapped: training's layout
+    makes them C-contiguous), l (A, B, T, 1) -> do1 (A, B, T, D+1) = [dout / l,
+    -(dout / l) . out]; the dot product accumulated in float64, then rounded to the dtype."""
+    A, T, B, D = dout_t.shape
+    for a in range(A):
+        for t in range(T):
+            for b in range(B):
+                r = l[a, b, t, 0]
+                acc = 0.0
+                for d in range(D):
+                    x = dout_t[a, t, b, d] / r
+                    do1[a, b, t, d] = x
+                    acc += float(x) * float(out_t[a, t, b, d])
+                do1[a, b, t, D] = -acc
+
+
+_MORE_FNS = {"adamw": _py_adamw, "attention_do1": _py_attention_do1, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
              "mask_after": _py_mask_after, "relu_glu_forward": _py_relu_glu_forward,
              "relu_glu_backward": _py_relu_glu_backward}
 
@@ -343,6 +361,14 @@ def host_float(*arrays) -> bool:
     strides: :func:`mask_after` indexes them as they are)."""
     first = arrays[0]
     return all(type(x) is np.ndarray and x.dtype == first.dtype for x in arrays) and first.dtype in DTYPES
+
+
+def attention_do1(dout, l, out, do1) -> None:
+    """Attention backward's [do', -D'] in one pass: do1 (A, B, T, D+1) gets do' = dout / l in
+    its first D columns (NumPy's division, the same bits) and -D' = -do' . out in the last
+    (summed in float64: equal to NumPy's einsum to rounding). dout, out (A, B, T, D), l
+    (A, B, T, 1), any strides, one float dtype (:func:`host_float`)."""
+    _require_more()["attention_do1"](dout.transpose(0, 2, 1, 3), l, out.transpose(0, 2, 1, 3), do1)
 
 
 def mask_after(scores, tb: int, first: int) -> None:

@@ -167,10 +167,12 @@ def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
     return xp.arange(S)[None, :] > q_start + xp.arange(T)[:, None]
 
 
-# On host arrays the causal mask of each block of scores is set by a small Numba loop
-# (minisparse._fused.mask_after; the same -inf entries as np.copyto(where=...), which walks
-# a 5-D broadcast view). False, fewer than FUSED_ATTENTION_MIN_SIZE query elements, or no
-# Numba: the NumPy line.
+# On host arrays two of attention's non-matmul steps run as small Numba loops
+# (minisparse._fused): the causal mask of each block of scores (the same -inf entries as
+# np.copyto(where=...), which walks a 5-D broadcast view) and the backward's [do', -D'] in
+# one pass (do' the same bits; D' = do' . out summed in float64, equal to einsum's to
+# rounding). False, fewer than FUSED_ATTENTION_MIN_SIZE query elements, or no Numba: the
+# NumPy lines.
 FUSED_ATTENTION = True
 FUSED_ATTENTION_MIN_SIZE = 1 << 16
 
@@ -290,8 +292,11 @@ def attention_core_backward(dout: Array, cache):
     v1t[:, :, :Dh] = v.transpose(0, 1, 3, 2)
     v1t[:, :, Dh] = 1
     do1 = xp.empty((B, H, T, Dh + 1), dtype=dout.dtype)               # (B, H, T, Dh+1) = [do', -D']
-    do = np.divide(dout, l, out=do1[..., :Dh])                        # do' = dout / l
-    do1[..., Dh] = -np.einsum("...d,...d->...", do, out)              # -D' = -do' . out
+    if _fused_attention(dout, l, out, do1):                           # the two lines below in 1 pass
+        _fused.attention_do1(dout, l, out, do1)                       # (D' to rounding: summed in float64)
+    else:
+        do = np.divide(dout, l, out=do1[..., :Dh])                    # do' = dout / l
+        do1[..., Dh] = -np.einsum("...d,...d->...", do, out)          # -D' = -do' . out
     # on the CPU a few batch rows at a time, so that a block's scores (~1 MB) stay in cache
     # between the matmuls and the product that use them; on a GPU all rows at once (every
     # operation below is a kernel launch, and launches, not cache misses, are what cost there)

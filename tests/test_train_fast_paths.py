@@ -2,8 +2,12 @@
 
 * AdamW's update as one Numba pass per parameter (``minisparse.train.FUSED_ADAMW``): the
   NumPy lines' arithmetic element by element, so compared **bit for bit**;
-* the causal mask of attention's score blocks as a Numba loop (``layers.FUSED_ATTENTION``):
-  the same -inf entries, so attention's outputs and gradients are compared **bit for bit**;
+* attention (``layers.FUSED_ATTENTION``): the causal mask of the score blocks as a Numba
+  loop (the same -inf entries: the output compared **bit for bit**) and the backward's
+  [do', -D'] in one pass (D' summed in float64: the gradients compared **within rounding**,
+  and by central finite differences in float64);
+* the dReLU / ReGLU element-wise lines as one Numba pass each way (``layers.FUSED_RELU_GLU``):
+  compared **bit for bit**, special values included;
 * RMSNorm forward and backward as one Numba pass each (``layers.FUSED_NORM``): its row sums
   run in another order than NumPy's einsum, so it is compared **within rounding** (a few
   units in the last place), and its gradient by central finite differences in float64.
@@ -158,19 +162,26 @@ ATT_SHAPES = [(1, 1, 1, 1, 4, 0, 64), (2, 3, 1, 7, 5, 0, 3), (1, 1, 3, 33, 8, 0,
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, K, rep, Tq, Dh, q_start, block", ATT_SHAPES)
-def test_attention_fast_mask_equals_numpy_lines_bit_for_bit(monkeypatch, dtype, B, K, rep, Tq, Dh, q_start, block):
+def test_attention_fast_paths_equal_numpy_lines(monkeypatch, dtype, B, K, rep, Tq, Dh, q_start, block):
+    """The forward (the mask) bit for bit; the gradients to rounding (D' = do' . out is summed
+    in float64 by the fast path, by einsum in the dtype by the NumPy line; ds = e (do' v - D')
+    cancels, so the bound is relative to the largest gradient, not to each element)."""
     monkeypatch.setattr(L, "FUSED_ATTENTION_MIN_SIZE", 0)
     calls = []
     _spy(monkeypatch, _fused, "mask_after", calls)
+    _spy(monkeypatch, _fused, "attention_do1", calls)
     args = _attention(dtype, B, K, rep, Tq, Dh, q_start, block)
     monkeypatch.setattr(L, "FUSED_ATTENTION", True)
     fast = _core(*args, q_start, block)
-    assert len(calls) == -(-Tq // block), "the fast mask did not run once per query block"
+    n_blocks = -(-Tq // block)
+    assert calls == ["mask_after"] * n_blocks + ["attention_do1"], calls
     monkeypatch.setattr(L, "FUSED_ATTENTION", False)
     ref = _core(*args, q_start, block)
-    assert len(calls) == -(-Tq // block)
-    for got, want, name in zip(fast, ref, ["out", "dq", "dk", "dv"]):
-        _same_bits(got, want, name)
+    assert len(calls) == n_blocks + 1
+    _same_bits(fast[0], ref[0], "out")
+    for got, want, name in zip(fast[1:], ref[1:], ["dq", "dk", "dv"]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=64 * np.finfo(dtype).eps * np.abs(want).max(),
+                                   err_msg=name)
     if dtype == np.float64:
         np.testing.assert_allclose(fast[0], naive_attention(args[0] * 1.0, args[1], args[2], q_start),
                                    rtol=1e-10, atol=1e-12)
@@ -178,7 +189,7 @@ def test_attention_fast_mask_equals_numpy_lines_bit_for_bit(monkeypatch, dtype, 
 
 @needs_numba
 @pytest.mark.parametrize("B, K, rep, Tq, Dh, q_start, block", [(1, 1, 3, 7, 3, 0, 3), (2, 3, 1, 33, 2, 4, 8)])
-def test_attention_fast_mask_gradients_by_finite_differences(monkeypatch, B, K, rep, Tq, Dh, q_start, block):
+def test_attention_fast_paths_gradients_by_finite_differences(monkeypatch, B, K, rep, Tq, Dh, q_start, block):
     monkeypatch.setattr(L, "FUSED_ATTENTION_MIN_SIZE", 0)
     monkeypatch.setattr(L, "FUSED_ATTENTION", True)
     rng = np.random.default_rng(3)
@@ -189,7 +200,24 @@ def test_attention_fast_mask_gradients_by_finite_differences(monkeypatch, B, K, 
 
     _, dq, dk, dv = _core(q, k, v, R, q_start, block)
     for name, x, g in (("dq", q, dq), ("dk", k, dk), ("dv", v, dv)):
-        check(f, x, g, rng, f"attention core {name} (fast mask)")
+        check(f, x, g, rng, f"attention core {name} (fast paths)")
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_do1_kernel_against_numpy_lines(dtype):
+    """[do', -D']: do' = dout / l bit for bit, D' to rounding; any strides (training's views)."""
+    rng = np.random.default_rng(4)
+    B, H, Tq, Dh = 2, 3, 33, 7
+    dout = rng.standard_normal((B, Tq, H, Dh)).astype(dtype).transpose(0, 2, 1, 3)
+    out = rng.standard_normal((B, H, Tq, Dh)).astype(dtype)                  # another layout
+    l = (rng.random((B, H, Tq, 1)) + 0.5).astype(dtype)
+    got = np.full((B, H, Tq, Dh + 1), np.nan, dtype)
+    _fused.attention_do1(dout, l, out, got)
+    do = dout / l
+    _same_bits(got[..., :Dh], do, "do'")
+    d = -np.einsum("...d,...d->...", do.astype(np.float64), out.astype(np.float64))
+    np.testing.assert_allclose(got[..., Dh], d, rtol=0, atol=4 * np.finfo(dtype).eps * np.abs(d).max())
 
 
 @needs_numba
