@@ -288,7 +288,26 @@ def _py_attention_do1(dout_t, l, out_t, do1):
                 do1[a, b, t, D] = -acc
 
 
-_MORE_FNS = {"adamw": _py_adamw, "attention_do1": _py_attention_do1, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
+def _py_pairs(w, heads, out, inverse):
+    """w (R, heads*Dh) -> out (R, heads*Dh), each head's columns reordered from the
+    rotate-half layout [x_0 .. x_{h-1}, x_h .. x_{Dh-1}] (h = Dh/2) to adjacent pairs
+    [x_0, x_h, x_1, x_{h+1}, ...]; ``inverse``: back. A copy, value for value."""
+    R, n = w.shape
+    dh = n // heads
+    half = dh // 2
+    for r in range(R):
+        for hd in range(heads):
+            o = hd * dh
+            for i in range(half):
+                if inverse:
+                    out[r, o + i] = w[r, o + 2 * i]
+                    out[r, o + half + i] = w[r, o + 2 * i + 1]
+                else:
+                    out[r, o + 2 * i] = w[r, o + i]
+                    out[r, o + 2 * i + 1] = w[r, o + half + i]
+
+
+_MORE_FNS = {"adamw": _py_adamw, "pairs": _py_pairs, "attention_do1": _py_attention_do1, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
              "mask_after": _py_mask_after, "relu_glu_forward": _py_relu_glu_forward,
              "relu_glu_backward": _py_relu_glu_backward}
 
@@ -369,6 +388,16 @@ def attention_do1(dout, l, out, do1) -> None:
     (summed in float64: equal to NumPy's einsum to rounding). dout, out (A, B, T, D), l
     (A, B, T, 1), any strides, one float dtype (:func:`host_float`)."""
     _require_more()["attention_do1"](dout.transpose(0, 2, 1, 3), l, out.transpose(0, 2, 1, 3), do1)
+
+
+def pairs(w, heads: int, inverse: bool = False):
+    """:func:`minisparse.layers._to_pairs` (``inverse``: ``_from_pairs``) of a 2-D host array
+    (R, heads*Dh) as one Numba loop: returns the reordered copy (the same values). (The
+    layers use it one way only: NumPy's copy back is the faster, 0.06 against 0.10 ms for
+    256 x 256 float32, where the forward's is 0.29 against 0.10.)"""
+    out = np.empty(w.shape, dtype=w.dtype)
+    _require_more()["pairs"](w, heads, out, inverse)
+    return out
 
 
 def mask_after(scores, tb: int, first: int) -> None:

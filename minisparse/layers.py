@@ -167,8 +167,9 @@ def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
     return xp.arange(S)[None, :] > q_start + xp.arange(T)[:, None]
 
 
-# On host arrays two of attention's non-matmul steps run as small Numba loops
-# (minisparse._fused): the causal mask of each block of scores (the same -inf entries as
+# On host arrays three of attention's non-matmul steps run as small Numba loops
+# (minisparse._fused): the pair layout's column reorder (:func:`_to_pairs`, a copy), the
+# causal mask of each block of scores (the same -inf entries as
 # np.copyto(where=...), which walks a 5-D broadcast view) and the backward's [do', -D'] in
 # one pass (do' the same bits; D' = do' . out summed in float64, equal to einsum's to
 # rounding). False, fewer than FUSED_ATTENTION_MIN_SIZE query elements, or no Numba: the
@@ -328,6 +329,8 @@ def _to_pairs(w: Array, heads: int) -> Array:
     """Columns (or entries) of a (..., heads*Dh) projection reordered per head from the
     rotate-half layout [x_0 .. x_{h-1}, x_h .. x_{Dh-1}] (h = Dh/2) to adjacent rotation
     pairs [x_0, x_h, x_1, x_{h+1}, ...] (a copy)."""
+    if w.ndim == 2 and _fused_attention(w):                          # the line below as a Numba loop
+        return _fused.pairs(w, heads)
     *lead, n = w.shape
     return w.reshape(*lead, heads, 2, n // heads // 2).swapaxes(-1, -2).reshape(*lead, n)
 

@@ -221,6 +221,25 @@ def test_do1_kernel_against_numpy_lines(dtype):
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, heads", [((1, 2), 1), ((7, 6), 3), ((33, 24), 4), ((5, 64), 8)])
+def test_pairs_kernel_equals_numpy_reorder(monkeypatch, dtype, shape, heads):
+    monkeypatch.setattr(L, "FUSED_ATTENTION_MIN_SIZE", 0)
+    w = np.random.default_rng(6).standard_normal(shape).astype(dtype)
+    calls = []
+    _spy(monkeypatch, _fused, "pairs", calls)
+    monkeypatch.setattr(L, "FUSED_ATTENTION", True)
+    fast = L._to_pairs(w, heads)
+    assert calls == ["pairs"]
+    monkeypatch.setattr(L, "FUSED_ATTENTION", False)
+    _same_bits(fast, L._to_pairs(w, heads), "pairs")
+    _same_bits(L._from_pairs(fast, heads), w, "round trip")
+    _same_bits(_fused.pairs(fast, heads, inverse=True), w, "kernel's inverse")
+    b = np.arange(shape[1], dtype=dtype)                      # 1-D (a bias): the NumPy line
+    _same_bits(L._to_pairs(b, heads), L._to_pairs(b[None], heads)[0], "bias")
+
+
+@needs_numba
 def test_mask_kernel_masks_exactly_the_hidden_keys():
     """Row r of a block holds query r % tb at position first + r % tb; keys after it: -inf."""
     s = np.zeros((2, 1, 6, 9), np.float32)                  # rep 2 x tb 3 rows, 9 keys
