@@ -61,9 +61,9 @@ def _py_swiglu_backward(dh, b, a, e, dg, one):
         dh[i] = d * ai                                   # dL/d up(u) = dh * silu(g), in place
 
 
-def _jit(fn):
+def _jit(fn, fastmath=False):
     from numba import njit
-    opts = dict(nogil=True, error_model="numpy", fastmath=False, boundscheck=False)
+    opts = dict(nogil=True, error_model="numpy", fastmath=fastmath, boundscheck=False)
     try:
         return njit(cache=True, **opts)(fn)
     except RuntimeError:     # no writable cache directory (a read-only install): compile in memory
@@ -139,8 +139,9 @@ def swiglu_backward(dh, b, a, e) -> np.ndarray:
 # Built on first use like the SwiGLU pair, in their own table so that `kernels()` keeps its
 # meaning (the SwiGLU pair). AdamW's pass is the NumPy lines' arithmetic, element by element
 # in the same order and dtype: the same bits. RMSNorm's row sums of squares and dot products
-# are summed in a different order than NumPy's einsum (which no loop can reproduce), so its
-# results differ from the NumPy lines by rounding (tests/test_train_fast_paths.py bounds it).
+# are summed in a different order than NumPy's einsum (which no loop can reproduce; its
+# kernels may reassociate them into SIMD partial sums), so its results differ from the NumPy
+# lines by rounding (tests/test_train_fast_paths.py bounds it).
 # The mask loop writes the -inf entries np.copyto(where=...) writes: the same bits; attention
 # backward's row constants D' = do' . out are summed in float64 (equal to einsum to rounding).
 
@@ -168,32 +169,19 @@ def _py_rms_forward(x, scale, eps, dd, xhat, y, rstd):
     """x (N, D), scale (D,) -> xhat (N, D) = x * rstd, y (N, D) = xhat * scale, rstd (N,)
     = 1 / sqrt(sum(x^2) / D + eps) per row; ``eps`` and ``dd`` (= D) in the dtype.
 
-    Each row's sum of squares runs over 8 interleaved partial sums (independent chains the
-    CPU overlaps; a different order than NumPy's einsum, so it rounds differently)."""
+    Compiled with ``fastmath={"reassoc"}`` (:data:`_REASSOC`): LLVM may reorder the row
+    sums into SIMD partial sums (3x faster than one chain; another order than NumPy's
+    einsum, so the results differ by rounding)."""
     N, D = x.shape
     one = dd / dd
     for n in range(N):
-        xr = x[n]
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = dd * 0
-        d = 0
-        while d + 8 <= D:
-            s0 += xr[d] * xr[d]
-            s1 += xr[d + 1] * xr[d + 1]
-            s2 += xr[d + 2] * xr[d + 2]
-            s3 += xr[d + 3] * xr[d + 3]
-            s4 += xr[d + 4] * xr[d + 4]
-            s5 += xr[d + 5] * xr[d + 5]
-            s6 += xr[d + 6] * xr[d + 6]
-            s7 += xr[d + 7] * xr[d + 7]
-            d += 8
-        while d < D:
-            s0 += xr[d] * xr[d]
-            d += 1
-        ss = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+        ss = dd * 0
+        for d in range(D):
+            ss += x[n, d] * x[n, d]
         r = one / np.sqrt(ss / dd + eps)
         rstd[n] = r
         for j in range(D):
-            xh = xr[j] * r
+            xh = x[n, j] * r
             xhat[n, j] = xh
             y[n, j] = xh * scale[j]
 
@@ -201,31 +189,17 @@ def _py_rms_forward(x, scale, eps, dd, xhat, y, rstd):
 def _py_rms_backward(dy, xhat, rstd, scale, dd, dx, dw):
     """dy, xhat (N, D), rstd (N,), scale (D,) -> dx (N, D) = rstd * (dxhat - xhat *
     mean(dxhat * xhat)) with dxhat = dy * scale (not stored), and dw (D,) float64 += the
-    column sums of dy * xhat. Row dot products over 8 interleaved partial sums."""
+    column sums of dy * xhat. ``fastmath={"reassoc"}`` as :func:`_py_rms_forward`."""
     N, D = dy.shape
     for n in range(N):
-        dr, xr = dy[n], xhat[n]
-        z = rstd[n] * 0
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = z
-        d = 0
-        while d + 8 <= D:
-            s0 += (dr[d] * scale[d]) * xr[d]
-            s1 += (dr[d + 1] * scale[d + 1]) * xr[d + 1]
-            s2 += (dr[d + 2] * scale[d + 2]) * xr[d + 2]
-            s3 += (dr[d + 3] * scale[d + 3]) * xr[d + 3]
-            s4 += (dr[d + 4] * scale[d + 4]) * xr[d + 4]
-            s5 += (dr[d + 5] * scale[d + 5]) * xr[d + 5]
-            s6 += (dr[d + 6] * scale[d + 6]) * xr[d + 6]
-            s7 += (dr[d + 7] * scale[d + 7]) * xr[d + 7]
-            d += 8
-        while d < D:
-            s0 += (dr[d] * scale[d]) * xr[d]
-            d += 1
-        mean = (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) / dd
+        s = dd * 0
+        for d in range(D):
+            s += (dy[n, d] * scale[d]) * xhat[n, d]
+        mean = s / dd
         r = rstd[n]
         for j in range(D):
-            dx[n, j] = (dr[j] * scale[j] - xr[j] * mean) * r
-            dw[j] += dr[j] * xr[j]
+            dx[n, j] = (dy[n, j] * scale[j] - xhat[n, j] * mean) * r
+            dw[j] += dy[n, j] * xhat[n, j]
 
 
 def _py_mask_after(scores, tb, first, neg_inf):
@@ -307,6 +281,8 @@ def _py_pairs(w, heads, out, inverse):
                     out[r, o + 2 * i + 1] = w[r, o + half + i]
 
 
+_REASSOC = {"reassoc"}                       # the only fast-math flag, for the row sums of RMSNorm
+_REASSOC_FNS = ("rms_forward", "rms_backward")
 _MORE_FNS = {"adamw": _py_adamw, "pairs": _py_pairs, "attention_do1": _py_attention_do1, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
              "mask_after": _py_mask_after, "relu_glu_forward": _py_relu_glu_forward,
              "relu_glu_backward": _py_relu_glu_backward}
@@ -324,7 +300,8 @@ def more_kernels():
                 except ImportError:
                     _MORE = False
                 else:
-                    _MORE = {name: _jit(fn) for name, fn in _MORE_FNS.items()}
+                    _MORE = {name: _jit(fn, fastmath=_REASSOC if name in _REASSOC_FNS else False)
+                             for name, fn in _MORE_FNS.items()}
     return _MORE or None
 
 
