@@ -173,7 +173,8 @@ def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
 # np.copyto(where=...), which walks a 5-D broadcast view) and the backward's [do', -D'] in
 # one pass (do' the same bits; D' = do' . out summed in float64, equal to einsum's to
 # rounding). False, fewer than FUSED_ATTENTION_MIN_SIZE query elements, or no Numba: the
-# NumPy lines.
+# NumPy lines. (False also drops two host-only layout copies that need no Numba: the keys in
+# C order, v in C order before its transpose; the same values either way.)
 FUSED_ATTENTION = True
 FUSED_ATTENTION_MIN_SIZE = 1 << 16
 
@@ -241,9 +242,10 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     xp = array_module(q)                                              # numpy or cupy (minisparse.xp)
     block = block or (QUERY_BLOCK if xp is np else GPU_QUERY_BLOCK)
     qs = q * q.dtype.type(scale) if scale != 1.0 else q               # (B, H, T, Dh) scaled queries
-    if xp is np:                                                      # keys in C order (training's are a
+    host = xp is np and FUSED_ATTENTION                               # host layouts (the same values):
+    if host:                                                          # keys in C order (training's are a
         k = np.ascontiguousarray(k)                                   # transposed view): kt below and the
-    shift = _exp_needs_shift(_rows(qs) if xp is np else qs, k)        # backward's ds @ k read them faster
+    shift = _exp_needs_shift(_rows(qs) if host else qs, k)            # backward's ds @ k read them faster
     out = np.empty_like(q)                                            # (B, H, T, Dh)
     l_all = xp.empty((B, H, T, 1), dtype=q.dtype)                     # (B, H, T, 1) softmax denominators
     kt = k.transpose(0, 1, 3, 2).copy()                               # (B, K, Dh, S): q @ kt is a plain matmul
@@ -301,7 +303,7 @@ def attention_core_backward(dout: Array, cache):
     v1t = xp.empty((B, K, Dh + 1, S), dtype=v.dtype)                  # (B, K, Dh+1, S) = [v, 1]^T
     # on the host through a C-order copy of v (training's v is a transposed view): two copies
     # cost less than one strided transpose (0.6 against 0.9 ms per layer, 8 rows, float32)
-    v1t[:, :, :Dh] = (np.ascontiguousarray(v) if xp is np else v).transpose(0, 1, 3, 2)
+    v1t[:, :, :Dh] = (np.ascontiguousarray(v) if xp is np and FUSED_ATTENTION else v).transpose(0, 1, 3, 2)
     v1t[:, :, Dh] = 1
     do1 = xp.empty((B, H, T, Dh + 1), dtype=dout.dtype)               # (B, H, T, Dh+1) = [do', -D']
     if _fused_attention(dout, l, out, do1):                           # the two lines below in 1 pass
