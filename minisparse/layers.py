@@ -173,8 +173,9 @@ def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
 # np.copyto(where=...), which walks a 5-D broadcast view) and the backward's [do', -D'] in
 # one pass (do' the same bits; D' = do' . out summed in float64, equal to einsum's to
 # rounding). False, fewer than FUSED_ATTENTION_MIN_SIZE query elements, or no Numba: the
-# NumPy lines. (False also drops two host-only layout copies that need no Numba: the keys in
-# C order, v in C order before its transpose; the same values either way.)
+# NumPy lines. (False also drops host-only layout changes that need no Numba, the same values
+# either way: the keys in C order, v in C order before its transpose, and with one query head
+# per KV head the blocks' e @ v and ds @ k written straight into out and dq, no copy.)
 FUSED_ATTENTION = True
 FUSED_ATTENTION_MIN_SIZE = 1 << 16
 
@@ -270,9 +271,13 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
             scores -= xp.where(shift, scores.max(axis=-1, keepdims=True), scores.dtype.type(0))
         e = np.exp(scores, out=scores)                                # (B, K, rep*Tb, s1) softmax numerators
         l = np.einsum("...s->...", e)[..., None]                      # (B, K, rep*Tb, 1) denominators
-        ob = e @ v[:, :, :s1]                                         # (B, K, rep*Tb, Dh)
+        if host and rep == 1:                                         # straight into out (a strided view),
+            ob = np.matmul(e, v[:, :, :s1], out=out[:, :, t0:t1])     # no copy (the same values)
+        else:
+            ob = e @ v[:, :, :s1]                                     # (B, K, rep*Tb, Dh)
         ob /= l                                                       # = p @ v with p = e / l
-        out[:, :, t0:t1] = ob.reshape(B, H, Tb, Dh)
+        if not (host and rep == 1):
+            out[:, :, t0:t1] = ob.reshape(B, H, Tb, Dh)
         l_all[:, :, t0:t1] = l.reshape(B, H, Tb, 1)
         blocks.append((t0, t1, s1, qb, e))
     return out, (k, v, scale, out, l_all, blocks)
@@ -303,7 +308,8 @@ def attention_core_backward(dout: Array, cache):
     v1t = xp.empty((B, K, Dh + 1, S), dtype=v.dtype)                  # (B, K, Dh+1, S) = [v, 1]^T
     # on the host through a C-order copy of v (training's v is a transposed view): two copies
     # cost less than one strided transpose (0.6 against 0.9 ms per layer, 8 rows, float32)
-    v1t[:, :, :Dh] = (np.ascontiguousarray(v) if xp is np and FUSED_ATTENTION else v).transpose(0, 1, 3, 2)
+    host = xp is np and FUSED_ATTENTION                               # host layouts (the same values)
+    v1t[:, :, :Dh] = (np.ascontiguousarray(v) if host else v).transpose(0, 1, 3, 2)
     v1t[:, :, Dh] = 1
     do1 = xp.empty((B, H, T, Dh + 1), dtype=dout.dtype)               # (B, H, T, Dh+1) = [do', -D']
     if _fused_attention(dout, l, out, do1):                           # the two lines below in 1 pass
@@ -327,10 +333,14 @@ def attention_core_backward(dout: Array, cache):
                 dv[n, :, :s1] += e.transpose(0, 1, 3, 2) @ do1b[..., :Dh]
             ds = do1b @ v1t[n, :, :, :s1]                             # (nb, K, rep*Tb, s1) = do' v^T - D'
             ds *= e                                                   # ds = e (do' v^T - D') = p (dp - D)
-            dqb = ds @ k[n, :, :s1]                                   # (nb, K, rep*Tb, Dh)
+            if host and rep == 1:                                     # straight into dq (a strided view)
+                dqb = np.matmul(ds, k[n, :, :s1], out=dq[n, :, t0:t1])
+            else:
+                dqb = ds @ k[n, :, :s1]                               # (nb, K, rep*Tb, Dh)
             if scale != 1.0:
                 dqb *= k.dtype.type(scale)
-            dq[n, :, t0:t1] = dqb.reshape(nb, H, Tb, Dh)
+            if not (host and rep == 1):
+                dq[n, :, t0:t1] = dqb.reshape(nb, H, Tb, Dh)
             if j == 0 and sets:                                       # (nb, K, s1, Dh)
                 np.matmul(ds.transpose(0, 1, 3, 2), qb, out=dk[n])
             else:

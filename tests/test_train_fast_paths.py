@@ -187,6 +187,22 @@ def test_attention_fast_paths_equal_numpy_lines(monkeypatch, dtype, B, K, rep, T
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, K, rep, Tq, Dh, q_start, block", ATT_SHAPES)
+def test_attention_host_layouts_same_bits(monkeypatch, dtype, B, K, rep, Tq, Dh, q_start, block):
+    """The host layout changes under FUSED_ATTENTION that need no Numba (keys and v copied to
+    C order, e @ v and ds @ k written straight into out and dq when rep == 1) give the NumPy
+    lines' bits: compared with the Numba loops kept off (size floor out of reach)."""
+    monkeypatch.setattr(L, "FUSED_ATTENTION_MIN_SIZE", 1 << 60)
+    args = _attention(dtype, B, K, rep, Tq, Dh, q_start, block)
+    monkeypatch.setattr(L, "FUSED_ATTENTION", True)
+    fast = _core(*args, q_start, block)
+    monkeypatch.setattr(L, "FUSED_ATTENTION", False)
+    ref = _core(*args, q_start, block)
+    for got, want, name in zip(fast, ref, ["out", "dq", "dk", "dv"]):
+        _same_bits(got, want, name)
+
+
 @needs_numba
 @pytest.mark.parametrize("B, K, rep, Tq, Dh, q_start, block", [(1, 1, 3, 7, 3, 0, 3), (2, 3, 1, 33, 2, 4, 8)])
 def test_attention_fast_paths_gradients_by_finite_differences(monkeypatch, B, K, rep, Tq, Dh, q_start, block):
