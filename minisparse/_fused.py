@@ -254,11 +254,11 @@ def _py_attention_do1(dout_t, l, out_t, do1):
         for t in range(T):
             for b in range(B):
                 r = l[a, b, t, 0]
-                acc = 0.0
+                acc = np.float64(0.0)
                 for d in range(D):
                     x = dout_t[a, t, b, d] / r
                     do1[a, b, t, d] = x
-                    acc += float(x) * float(out_t[a, t, b, d])
+                    acc += np.float64(x) * np.float64(out_t[a, t, b, d])
                 do1[a, b, t, D] = -acc
 
 
