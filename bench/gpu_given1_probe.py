@@ -8,7 +8,12 @@ plain Python calls), beside torch's cuBLAS dense FFN in a graph (``bench/ffn_spa
 ``torch_graph_dense``). ``--host``: the Python time per call of the given path's pieces
 (the GPU work queues behind). Prints a line per rung and writes JSON.
 
-    python bench/gpu_given1_probe.py [--host] [--json given1_probe.json]
+    python bench/gpu_given1_probe.py [--host] [--rounds N] [--no-4sets] [--json given1_probe.json]
+
+Each rung also runs with ``cupy_.GIVEN1_DRIVER_LAUNCH`` off (a CuPy RawKernel call) and on
+(cuLaunchKernel on argument slots filled once), in thread-block clusters of 2 and 4
+(``cupy_.GIVEN1_CLUSTER``), and at 90% cycling over 4 copies of the weights (L2 cold, as a
+model's layers would be).
 
 (The round-6 logs ``bench/results/given1_probe_r6_*.log`` and ``given1_host_r6.log`` come from
 the same code run from a scratch folder during round 6; this file, gathered from it
@@ -33,7 +38,11 @@ from minisparse.kernels.testing import dense_ffn, make_ffn  # noqa: E402
 import ffn_sparse as fs  # noqa: E402
 
 D, F = 4096, 14336
-CONFIGS = [("two", 32, 1, 1), ("one", 32, 1, 1)]      # kernel, warps, blocks per SM, slices
+CONFIGS = [("two", 32, 1, 1, True, 1), ("one", 32, 1, 1, False, 1), ("one", 32, 1, 1, True, 1),
+           ("one", 32, 1, 1, True, 2)]
+# (clusters of 4 measured slower on the H200 in round 7: 26.8 against 15.6 us fp16, given1_probe_r7_call2.log)
+# kernel, warps, blocks per SM, slices, driver launch (cupy_.GIVEN1_DRIVER_LAUNCH: cuLaunchKernel on cached
+# argument slots, or a RawKernel call), blocks per thread-block cluster (cupy_.GIVEN1_CLUSTER)
 
 
 def graph_time(f, n_inner=20, repeats=15):
@@ -75,7 +84,7 @@ def eager_time(f, n_inner=50, repeats=15):
     return float(np.median(ts))
 
 
-def rungs():
+def rungs(sets4=True):
     rows = []
     for wdt, sp in ((np.float16, 0.9), (np.float32, 0.9), (np.float16, 0.0), (np.float32, 0.0)):
         p = make_ffn(D, F, tokens=1, sparsity=sp, activation="drelu", dtype=wdt, seed=0)
@@ -87,20 +96,37 @@ def rungs():
         tg = fs.torch_graph_dense(p, wdt, ref, 15)
         row = dict(dtype=np.dtype(wdt).name, sparsity=sp, torch_graph_us=tg * 1e6, configs=[])
         print(f"\n{np.dtype(wdt).name} sparsity {sp}: torch dense graph {tg * 1e6:.1f} us")
-        for kern, nw, bps, sl in CONFIGS:
+        copies = None
+        if sets4 and sp > 0:                   # 4 copies of the weights, cycled: L2 cold, as a model's layers
+            copies = [(wg, wu, wd)] + [tuple(a.copy() for a in (wg, wu, wd)) for _ in range(3)]
+        for kern, nw, bps, sl, drv, cl in CONFIGS:
             cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES = kern, nw, bps, sl
+            cupy_.GIVEN1_DRIVER_LAUNCH, cupy_.GIVEN1_CLUSTER = drv, cl
             f = lambda: cupy_.ffn_device(x, wg, wu, wd, "drelu", active=mask, out=out)           # noqa: E731
             g = lambda: ms.sparse_ffn(x[0], wg, wu, wd, "drelu", backend="cupy", active=mask)  # noqa: E731
             err = float(np.abs(f().get().astype(np.float64) - ref).max() / np.abs(ref).max())
             t_g, t_e, t_s, t_sg = graph_time(f), eager_time(f), eager_time(g), graph_time(g)
-            row["configs"].append(dict(kernel=kern, warps=nw, blocks_per_sm=bps, slices=sl, rel_err=err,
-                                       graph_us=t_g * 1e6, eager_us=t_e * 1e6, sparse_ffn_eager_us=t_s * 1e6,
-                                       sparse_ffn_graph_us=t_sg * 1e6, x_torch_graph=tg / t_g))
-            print(f"  {kern} NW={nw} slices={sl} bps={bps}: err {err:.1e}  graph {t_g * 1e6:6.1f} us "
-                  f"({tg / t_g:4.2f}x torch)  ffn_device eager {t_e * 1e6:6.1f} ({t_g / t_e * 100:3.0f}% of graph)  "
-                  f"sparse_ffn eager {t_s * 1e6:6.1f} graph {t_sg * 1e6:6.1f} ({t_sg / t_s * 100:3.0f}%)")
+            c = dict(kernel=kern, warps=nw, blocks_per_sm=bps, slices=sl, driver_launch=drv, cluster=cl, rel_err=err,
+                     graph_us=t_g * 1e6, eager_us=t_e * 1e6, sparse_ffn_eager_us=t_s * 1e6,
+                     sparse_ffn_graph_us=t_sg * 1e6, x_torch_graph=tg / t_g)
+            line = (f"  {kern} NW={nw} slices={sl} bps={bps} cl={cl} {'driver' if drv else 'RawKernel'}: err {err:.1e}  "
+                    f"graph {t_g * 1e6:6.1f} us ({tg / t_g:4.2f}x torch)  ffn_device eager {t_e * 1e6:6.1f} "
+                    f"({t_g / t_e * 100:3.0f}% of graph)  sparse_ffn eager {t_s * 1e6:6.1f} graph {t_sg * 1e6:6.1f} "
+                    f"({t_sg / t_s * 100:3.0f}%)")
+            if copies is not None:
+                it = iter(range(10 ** 9))
+
+                def cyc(it=it):
+                    a, b, w = copies[next(it) % len(copies)]
+                    return cupy_.ffn_device(x, a, b, w, "drelu", active=mask, out=out)
+                t4 = graph_time(cyc)
+                c.update(graph_4sets_us=t4 * 1e6, x_torch_graph_4sets=tg / t4)
+                line += f"  4 weight sets: graph {t4 * 1e6:6.1f} us ({tg / t4:4.2f}x torch)"
+            row["configs"].append(c)
+            print(line)
         rows.append(row)
-        del wg, wu, wd
+        cupy_.GIVEN1_CLUSTER = "auto"
+        del wg, wu, wd, copies
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 
@@ -112,14 +138,32 @@ def host_breakdown():
     wg, wu, wd = (cp.asarray(p[k]) for k in ("w_gate", "w_up", "w_down"))
     mask = cp.asarray(np.isin(np.arange(F), p["active"]))
     x2, out = x.reshape(1, -1), cp.empty((1, D), cp.float16)
+    def drv(on, f):
+        def g():
+            cupy_.GIVEN1_DRIVER_LAUNCH = on
+            f()
+        return g
+    act = ms.get_activation("drelu")
+    codes, out1 = cupy_._given1_codes(x, wg, act, 0.0), cp.empty((D,), cp.float16)
+    lean = lambda: ms.sparse_ffn(x, wg, wu, wd, "drelu", backend="cupy", active=mask)   # noqa: E731
+    dev = lambda: cupy_.ffn_device(x2, wg, wu, wd, "drelu", active=mask, out=out)       # noqa: E731
     cases = {
-        "sparse_ffn given (lean path)": lambda: ms.sparse_ffn(x, wg, wu, wd, "drelu", backend="cupy", active=mask),
-        "ffn_device given": lambda: cupy_.ffn_device(x2, wg, wu, wd, "drelu", active=mask, out=out),
+        "sparse_ffn given (lean path), driver launch": lean,
+        "sparse_ffn given (lean path), RawKernel call": lean,
+        "ffn_device given, driver launch": dev,
+        "ffn_device given, RawKernel call": dev,
+        "  cupy_.sparse_ffn_cached (no front door)": lambda: cupy_.sparse_ffn_cached(x, wg, wu, wd, "drelu",
+                                                                                   active=mask),
+        "  cupy_._given1 alone (out given), driver launch": lambda: cupy_._given1(x, wg, wu, wd, act, mask, out1,
+                                                                                 codes),
         "cupy.empty(4096 fp16)": lambda: cp.empty((D,), cp.float16),
         "Device().id + get_current_stream().ptr": lambda: (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr),
+        "runtime.getDevice() + get_current_stream().ptr": lambda: (cp.cuda.runtime.getDevice(),
+                                                                   cp.cuda.get_current_stream().ptr),
     }
     res = {}
     for name, f in cases.items():
+        cupy_.GIVEN1_DRIVER_LAUNCH = "RawKernel" not in name
         for _ in range(200):
             f()
         cp.cuda.Device().synchronize()
@@ -131,20 +175,27 @@ def host_breakdown():
             ts.append((time.perf_counter() - t) / 200)
             cp.cuda.Device().synchronize()
         res[name] = float(np.median(ts) * 1e6)
-        print(f"{name:45s} {res[name]:7.2f} us host per call")
+        print(f"{name:50s} {res[name]:7.2f} us host per call")
+    cupy_.GIVEN1_DRIVER_LAUNCH = True
     return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--host", action="store_true", help="also the host time per call of the pieces")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the rungs this many times (a spread)")
+    ap.add_argument("--no-4sets", action="store_true", help="skip the rows cycling over 4 weight copies")
     ap.add_argument("--json", default="given1_probe.json")
     args = ap.parse_args(argv)
     res = dict(cpu=fs.cpu_model(), gpu=cp.cuda.runtime.getDeviceProperties(0)["name"].decode())
     print("CPU:", res["cpu"], " GPU:", res["gpu"])
     if args.host:
         res["host_us"] = host_breakdown()
-    res["rows"] = rungs()
+    res["rounds"] = []
+    for r in range(args.rounds):
+        print(f"\n=== round {r + 1} of {args.rounds}")
+        res["rounds"].append(rungs(sets4=not args.no_4sets))
+    res["rows"] = res["rounds"][-1]
     with open(args.json, "w") as fh:
         json.dump(res, fh, indent=1)
     print("wrote", args.json)

@@ -287,6 +287,9 @@ GIVEN1_KERNEL = "one"           # "one": ffn_given1 (one launch); "two": ffn_gat
 GIVEN1_WARPS = 32               # warps per block of ffn_given1 (16 or 32; 32 measured faster on the H200)
 GIVEN1_BLOCKS_PER_SM = 1        # its grid: this many blocks per multiprocessor
 GIVEN1_SLICES = 1               # its float32 accumulators: block b adds into slice b % this (1..8; 1 measured fastest)
+GIVEN1_CLUSTER = "auto"         # blocks per thread-block cluster: 1, 2 or 4 (sm_90+: the cluster sums its partial y in
+                                # distributed shared memory first); "auto": 2 on sm_90+ (H200 fp16: 15.5-15.6 against
+                                # 16.7-19.4 us, 3 rounds), else 1
 GIVEN1_DRIVER_LAUNCH = True    # launch ffn_given1 through cuLaunchKernel on argument slots built once (host time)
 _GIVEN1_MAX_SLICES = 8
 _GIVEN1_WS: Dict[tuple, dict] = {}
@@ -329,12 +332,12 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
     ``mask``: (F,) CuPy uint8 or bool. No sync, no allocation after the first call for
     (device, stream, D, F, weight dtype). ``codes``: the activation's kernel codes when the
     caller has them. Returns the workspace (``cnt[2]``: the neurons of the last call)."""
-    from . import decode_cuda
     D, F = int(xd.shape[-1]), int(wg.shape[0])
     stream = cp.cuda.get_current_stream().ptr
     key = (cp.cuda.runtime.getDevice(), stream, D, F, wg.dtype.char)   # the grid depends on the dtype
     ws = _GIVEN1_WS.get(key)
     if ws is None:
+        from . import decode_cuda
         V16 = 16 // wg.dtype.itemsize
         ncol = -(-D // (32 * V16 * decode_cuda.NV))
         ws = dict(y32=cp.zeros(_GIVEN1_MAX_SLICES * D, dtype=cp.float32), cnt=cp.zeros(3, dtype=cp.int32),
@@ -345,13 +348,16 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
         _GIVEN1_WS[key] = ws
     if codes is None:
         codes = activation_codes(act, NAME)
-    setting = (GIVEN1_KERNEL, GIVEN1_WARPS, GIVEN1_BLOCKS_PER_SM, GIVEN1_SLICES, xd.dtype.char, codes, act.gated)
+    setting = (GIVEN1_KERNEL, GIVEN1_WARPS, GIVEN1_BLOCKS_PER_SM, GIVEN1_SLICES, GIVEN1_CLUSTER, xd.dtype.char, codes,
+               act.gated)
     one = ws.get(setting)
     if one is None:                                       # the launch, less its buffers (cached: host time)
+        from . import decode_cuda
         one = ws[setting] = _given1_grid(D, F, wg.dtype.itemsize)
         if one["pv"]:
             xs = "_xf16" if xd.dtype == cp.float16 else "_xf32"
-            one.update(fn=decode_cuda.kernels(wg.dtype)[f"ffn_given1{xs}_w{GIVEN1_WARPS}_p{one['pv']}"],
+            cl = f"_c{one['cl']}" if one["cl"] > 1 else ""
+            one.update(fn=decode_cuda.kernels(wg.dtype)[f"ffn_given1{cl}{xs}_w{GIVEN1_WARPS}_p{one['pv']}"],
                        grid=(one["G"],), block=(32 * GIVEN1_WARPS,),
                        consts=(np.int32(D), np.int32(F), np.int32(codes[0]), np.int32(codes[1]),
                                np.float32(codes[2]), np.int32(bool(act.gated)), np.int32(GIVEN1_SLICES)))
@@ -377,6 +383,7 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
                    ws["cnt"]),
                   shared_mem=one["smem"])
         return ws
+    from . import decode_cuda
     k = decode_cuda.kernels(wg.dtype)
     xs = "_xf16" if xd.dtype == cp.float16 else "_xf32"
     gk, uk, thr = codes
@@ -424,15 +431,33 @@ def _given1_grid(D: int, F: int, wbytes: int) -> dict:
         raise ValueError(f"GIVEN1_SLICES must be an int in [1, {_GIVEN1_MAX_SLICES}], got {GIVEN1_SLICES!r}")
     if GIVEN1_WARPS not in decode_cuda.GIVEN1_WARPS:
         raise ValueError(f"GIVEN1_WARPS must be one of {decode_cuda.GIVEN1_WARPS}, got {GIVEN1_WARPS!r}")
+    CL, auto = GIVEN1_CLUSTER, GIVEN1_CLUSTER == "auto"
+    if auto:
+        CL = 2 if (GIVEN1_WARPS == decode_cuda.GIVEN1_CLUSTER_WARPS
+                   and int(cp.cuda.Device().compute_capability) >= 90) else 1
+    if (type(CL) is not int or CL not in (1,) + decode_cuda.GIVEN1_CLUSTERS
+            or (CL > 1 and GIVEN1_WARPS != decode_cuda.GIVEN1_CLUSTER_WARPS)):
+        raise ValueError(f"GIVEN1_CLUSTER must be 'auto', 1 or one of {decode_cuda.GIVEN1_CLUSTERS} (with GIVEN1_WARPS = "
+                         f"{decode_cuda.GIVEN1_CLUSTER_WARPS}), got {CL!r} with GIVEN1_WARPS = {GIVEN1_WARPS}")
+    if CL > 1 and int(cp.cuda.Device().compute_capability) < 90:
+        raise ValueError(f"GIVEN1_CLUSTER = {CL} needs thread-block clusters (compute capability 9.0+); set it to 1")
     G = max(1, GIVEN1_BLOCKS_PER_SM * _sm_count())
+    G = max(CL, G // CL * CL)                              # whole clusters
     NT = 32 * GIVEN1_WARPS
     nvec = D // (16 // wbytes)
     need = -(-nvec // NT)
     pv = next((p for p in decode_cuda.GIVEN1_PV if p >= need), 0)
-    smem = 40 * (-(-F // G))                               # the block's neuron ids, their h, 8 partial dots
+    kmax = -(-F // G)
+    smem = 40 * kmax                                       # the block's neuron ids, their h, 8 partial dots
+    if CL > 1:                                             # + its partial y (D floats, 16-byte aligned)
+        smem = 4 * ((10 * kmax + 3) // 4 * 4 + D)
+        if auto and smem > 46 * 1024:                      # too wide for a cluster's exchange: no cluster
+            CL, G = 1, max(1, GIVEN1_BLOCKS_PER_SM * _sm_count())
+            kmax = -(-F // G)
+            smem = 40 * kmax
     if smem > 46 * 1024:                                   # beyond the default shared memory: two launches
         pv = 0
-    return dict(G=G, pv=pv, smem=smem)
+    return dict(G=G, pv=pv, smem=smem, cl=CL)
 
 
 def _fused_workspace(D: int, acc: np.dtype) -> dict:
@@ -714,7 +739,7 @@ def sparse_ffn_cached(x, w_gate, w_up, w_down, activation, *, active=None, thres
         hit = _VALIDATED[key] = (act, info["threshold"], info["T"], info["D"], info["F"], codes)
     act, thr, T, D, F, codes = hit
     if (codes is not None and GIVEN1 and stats is None and isinstance(active, cp.ndarray)
-            and active.dtype == cp.bool_ and active.shape == (F,) and active.flags.c_contiguous
+            and active.dtype.char == "?" and active.shape == (F,) and active.strides == (1,)
             and (x.data.ptr | w_gate.data.ptr | w_down.data.ptr | (0 if w_up is None else w_up.data.ptr)) % 16 == 0):
         y = cp.empty(x.shape, dtype=x.dtype)                      # one token, a device mask: the lean path
         _given1(x, w_gate, w_up, w_down, act, active, y, codes)   # (the kernel reads the bool bytes as uint8)

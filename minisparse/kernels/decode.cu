@@ -1287,13 +1287,45 @@ __device__ unsigned long long given1_gtrace[4096 * 8];     // %globaltimer (ns, 
 #define TRACE(k) do { } while (0)
 #endif
 
-template <typename W, typename X, int NW, int PV>
-__global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, const W* __restrict__ wu,
-                                                      const W* __restrict__ wd, const X* __restrict__ x,
-                                                      int ld, int F, const unsigned char* __restrict__ mask,
-                                                      int gate_kind, int up_kind, float thr, int gated,
-                                                      float* __restrict__ y32, int nslice, X* __restrict__ out,
-                                                      int* __restrict__ cnt) {
+// thread-block clusters (sm_90): the blocks of a cluster read each other's shared memory
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ unsigned int cluster_rank() {
+    unsigned int r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+    return r;
+}
+// the float4 at shared-memory address `a` (of this block's window) in block `rank` of the cluster
+__device__ __forceinline__ float4 ld_cluster_f4(unsigned int a, unsigned int rank) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int ra;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(ra) : "memory");
+#endif
+    return v;
+}
+
+// The body of ffn_given1 (CL = 1) and of ffn_given1_cl (CL blocks per cluster: step 3's partial
+// y goes to shared memory, block r of a cluster sums column slice r over the CL blocks through
+// distributed shared memory and adds only that: each address takes G / CL atomic additions).
+template <typename W, typename X, int NW, int PV, int CL>
+__device__ __forceinline__ void given1_body(const W* __restrict__ wg, const W* __restrict__ wu,
+                                            const W* __restrict__ wd, const X* __restrict__ x,
+                                            int ld, int F, const unsigned char* __restrict__ mask,
+                                            int gate_kind, int up_kind, float thr, int gated,
+                                            float* __restrict__ y32, int nslice, X* __restrict__ out,
+                                            int* __restrict__ cnt) {
     extern __shared__ int kf[];                              // [kmax] the block's neurons, then floats (below)
     __shared__ int last;
     const int NT = 32 * NW, V = VecOf<W>::N;
@@ -1339,12 +1371,12 @@ __global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, 
     __syncthreads();
     TRACE(2);
     // 3. y32 += sum_m h[m] wd[kf[m], :]: thread t owns the column vectors t + k NT, k < PV
+    float acc[PV][V];
+#pragma unroll
+    for (int k = 0; k < PV; ++k)
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[k][e] = 0.f;
     if (ks > 0) {
-        float acc[PV][V];
-#pragma unroll
-        for (int k = 0; k < PV; ++k)
-#pragma unroll
-            for (int e = 0; e < V; ++e) acc[k][e] = 0.f;
 #pragma unroll 8
         for (int m = 0; m < ks; ++m) {
             const W* row = wd + (size_t)kf[m] * ld;
@@ -1363,15 +1395,45 @@ __global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, 
                 for (int e = 0; e < V; ++e) acc[k][e] = fmaf(hm, w[e], acc[k][e]);
             }
         }
-        TRACE(6);
+    }
+    TRACE(6);
+    if (CL == 1) {
         float* ys = y32 + (size_t)(b % nslice) * ld;          // this block's slice of the accumulator
+        if (ks > 0)
+#pragma unroll
+            for (int k = 0; k < PV; ++k) {
+                const int p = t + k * NT;
+                if (p < nvec)
+#pragma unroll
+                    for (int e = 0; e < V; e += 4) add_f4(ys + (size_t)p * V + e, acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
+            }
+    } else {                                                 // through the cluster's shared memory
+        float* red = reinterpret_cast<float*>(kf) + ((10 * kmax + 3) & ~3);   // [ld] this block's partial y (16-byte aligned)
 #pragma unroll
         for (int k = 0; k < PV; ++k) {
             const int p = t + k * NT;
             if (p < nvec)
 #pragma unroll
-                for (int e = 0; e < V; e += 4) add_f4(ys + (size_t)p * V + e, acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
+                for (int e = 0; e < V; e += 4)
+                    *reinterpret_cast<float4*>(red + (size_t)p * V + e) = make_float4(acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
         }
+        cluster_arrive();                                    // every block of the cluster has written red
+        cluster_wait();
+        const unsigned int r = cluster_rank();
+        const int n4 = ld >> 2, lo = (int)(r * n4 / CL), hi = (int)((r + 1) * n4 / CL);
+        float* ys = y32 + (size_t)((b / CL) % nslice) * ld;
+        const unsigned int base = (unsigned int)__cvta_generic_to_shared(red);
+        for (int c = lo + t; c < hi; c += NT) {              // column slice r, summed over the cluster
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < CL; ++q) {
+                const float4 v = ld_cluster_f4(base + 16u * (unsigned int)c, (unsigned int)q);
+                a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
+            }
+            if (a.x != 0.f || a.y != 0.f || a.z != 0.f || a.w != 0.f || a.x != a.x || a.y != a.y || a.z != a.z || a.w != a.w)
+                add_f4(ys + 4 * c, a.x, a.y, a.z, a.w);
+        }
+        cluster_arrive();                                    // done reading the others' red (waited below)
     }
     TRACE(3);
     // 4. the last block writes out and leaves y32 zero
@@ -1380,7 +1442,10 @@ __global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, 
     TRACE(4);
     if (t == 0) last = atomicAdd(reinterpret_cast<unsigned int*>(cnt + 1), 1u) == (unsigned int)G - 1;
     __syncthreads();
-    if (!last) return;
+    if (!last) {
+        if (CL > 1) cluster_wait();                          // no block leaves while a peer reads its red
+        return;
+    }
     __threadfence();
     for (int c = 4 * t; c < ld; c += 4 * NT) {                // out = the sum of the slices; slices = 0
         float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1393,7 +1458,29 @@ __global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, 
         for (int q = 0; q < nslice; ++q) *reinterpret_cast<float4*>(y32 + (size_t)q * ld + c) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     if (t == 0) { cnt[2] = n; cnt[0] = 0; cnt[1] = 0; }
+    if (CL > 1) cluster_wait();
     __syncthreads();
     TRACE(5);
 }
+
+template <typename W, typename X, int NW, int PV>
+__global__ void __launch_bounds__(32 * NW) ffn_given1(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                      const W* __restrict__ wd, const X* __restrict__ x,
+                                                      int ld, int F, const unsigned char* __restrict__ mask,
+                                                      int gate_kind, int up_kind, float thr, int gated,
+                                                      float* __restrict__ y32, int nslice, X* __restrict__ out,
+                                                      int* __restrict__ cnt) {
+    given1_body<W, X, NW, PV, 1>(wg, wu, wd, x, ld, F, mask, gate_kind, up_kind, thr, gated, y32, nslice, out, cnt);
+}
+
+// the same in clusters of CL blocks (G a multiple of CL; dynamic shared memory + 4 ld bytes)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+template <typename W, typename X, int NW, int PV, int CL>
+__global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(32 * NW)
+ffn_given1_cl(const W* __restrict__ wg, const W* __restrict__ wu, const W* __restrict__ wd, const X* __restrict__ x,
+              int ld, int F, const unsigned char* __restrict__ mask, int gate_kind, int up_kind, float thr,
+              int gated, float* __restrict__ y32, int nslice, X* __restrict__ out, int* __restrict__ cnt) {
+    given1_body<W, X, NW, PV, CL>(wg, wu, wd, x, ld, F, mask, gate_kind, up_kind, thr, gated, y32, nslice, out, cnt);
+}
+#endif
 

@@ -95,6 +95,8 @@ EARLY_LOADS = True              # GEMV kernels issue their first round of weight
                                 # EARLY); H200, ms/token: dense 4.033 -> 3.761, skip 2.489 -> 2.383, given 1.615 -> 1.506
 GIVEN1_WARPS = (16, 32)         # warps per block of ffn_given1 (the CuPy backend's one-launch given path)
 GIVEN1_PV = (1, 2, 4)           # 16-byte column vectors per thread in its down phase (D <= PV * 32 * NW * V)
+GIVEN1_CLUSTERS = (2, 4)        # ffn_given1_cl: blocks per thread-block cluster (compiled for compute capability 9.0+)
+GIVEN1_CLUSTER_WARPS = 32       # ... and its warps per block
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
@@ -154,9 +156,10 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     pf = int(prefetch_bytes)
     if not 0 <= pf <= 4096 or pf % 128:
         raise ValueError(f"prefetch_bytes must be a multiple of 128 in [0, 4096], got {prefetch_bytes!r}")
-    key = (wdt, pf, bool(early))
+    cp = _cupy()
+    cc = int(cp.cuda.Device().compute_capability)
+    key = (wdt, pf, bool(early), cc >= 90)
     if key not in _MODULES:
-        cp = _cupy()
         W = _CTYPE[wdt]
         names = dict(gemv_naive=f"gemv_naive<{W}>", gemv_warp=f"gemv_warp<{W}>",
                      gemv_vec16=f"gemv_warp_vec16<{W}, 0, 4>", gemv_vec16_add=f"gemv_warp_vec16<{W}, 1, 4>",
@@ -185,6 +188,10 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
             for nw in GIVEN1_WARPS:
                 for pv in GIVEN1_PV:
                     names[f"ffn_given1_{xs}_w{nw}_p{pv}"] = f"ffn_given1<{W}, {X}, {nw}, {pv}>"
+            for cl in GIVEN1_CLUSTERS if cc >= 90 else ():       # in thread-block clusters: ffn_given1_c{CL}_...
+                for pv in GIVEN1_PV:
+                    names[f"ffn_given1_c{cl}_{xs}_w{GIVEN1_CLUSTER_WARPS}_p{pv}"] = \
+                        f"ffn_given1_cl<{W}, {X}, {GIVEN1_CLUSTER_WARPS}, {pv}, {cl}>"
         # C++ names (mangled): every kernel, template or not, is found by its name expression
         mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}", f"-DEARLY={int(bool(early))}"),
                            name_expressions=list(names.values()))

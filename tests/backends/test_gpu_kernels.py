@@ -312,7 +312,8 @@ def test_one_launch_given_kernel_equals_two_launches_and_reference(cp, wdt, xdt,
     host_masks = {"random": rng.random(F) < 0.3, "clustered": np.arange(F) < max(1, F // 5),
                   "empty": np.zeros(F, bool), "full": np.ones(F, bool)}
     f64 = lambda a: np.asarray(a, dtype=np.float64)
-    old = (cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES)
+    old = (cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES, cupy_.GIVEN1_CLUSTER)
+    clusters = int(cp.cuda.Device().compute_capability) >= 90
     try:
         for name, hm in host_masks.items():
             ref = ms.sparse_ffn(f64(p["x"].astype(xdt)), f64(p["w_gate"]), f64(p["w_up"]), f64(p["w_down"]),
@@ -322,19 +323,24 @@ def test_one_launch_given_kernel_equals_two_launches_and_reference(cp, wdt, xdt,
             big = cp.zeros(F + 16, dtype=cp.uint8)
             big[3:3 + F] = cp.asarray(hm.astype(np.uint8))
             masks.append(big[3:3 + F])                       # 3 bytes past an aligned start
-            for kern, nw, bps, sl in [("one", 32, 1, 8), ("one", 16, 1, 8), ("one", 32, 2, 3), ("one", 16, 2, 1),
-                                      ("two", 32, 1, 8)]:
-                cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES = kern, nw, bps, sl
+            settings = [("one", 32, 1, 8, 1), ("one", 16, 1, 8, 1), ("one", 32, 2, 3, 1), ("one", 16, 2, 1, 1),
+                        ("two", 32, 1, 8, 1)]
+            if clusters:                                     # thread-block clusters of 2 and 4 (sm_90)
+                settings += [("one", 32, 1, 1, 2), ("one", 32, 1, 3, 4), ("one", 32, 2, 1, 4)]
+            for kern, nw, bps, sl, cl in settings:
+                (cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES,
+                 cupy_.GIVEN1_CLUSTER) = kern, nw, bps, sl, cl
                 for k, m in enumerate(masks):
                     out = cp.full((1, D), np.nan, dtype=xdt)
                     cupy_.ffn_device(x, d["w_gate"], d["w_up"], d["w_down"], "drelu", active=m, out=out)
                     err = np.abs(cp.asnumpy(out).astype(np.float64) - ref).max() / scale
-                    assert err < (5e-3 if xdt == np.float16 else 1e-5), (name, kern, nw, bps, sl, k, err)
+                    assert err < (5e-3 if xdt == np.float16 else 1e-5), (name, kern, nw, bps, sl, cl, k, err)
                     ws = cupy_._GIVEN1_WS[(cp.cuda.Device().id, cp.cuda.get_current_stream().ptr, D, F,
                                            np.dtype(wdt).char)]
                     assert int(ws["cnt"][2]) == int(hm.sum()) and not ws["cnt"][:2].any() and not ws["y32"].any()
     finally:
-        cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES = old
+        (cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES,
+         cupy_.GIVEN1_CLUSTER) = old
 
 
 def test_sparse_ffn_lean_given_path_keeps_the_general_paths_meaning(cp):

@@ -66,12 +66,16 @@ for wdt, xdt in [(np.float16, np.float16), (np.float16, np.float32), (np.float32
 p = make_ffn(2052, 20, tokens=1, sparsity=0.5, activation="drelu", dtype=np.float32, seed=3)
 d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
 out = cp.empty((1, 2052), dtype=np.float32)
-for kern, nw, want in [("one", 16, "ffn_given1<float, float, 16, 2>"), ("one", 32, "ffn_given1<float, float, 32, 1>")]:
-    cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS = kern, nw
+for kern, nw, cc, want in [("one", 16, "90", "ffn_given1<float, float, 16, 2>"),        # "auto": no 16-warp cluster
+                           ("one", 32, "80", "ffn_given1<float, float, 32, 1>"),        # "auto": none before sm_90
+                           ("one", 32, "90", "ffn_given1_cl<float, float, 32, 1, 2>")]: # "auto": clusters of 2
+    cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cp.cuda.Device().__class__.compute_capability = kern, nw, cc
+    cupy_._GIVEN1_WS.clear()                               # (a real device's capability never changes)
     before = len(cp.CALLS)
     cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
     assert cp.CALLS[before:] == [want], cp.CALLS[before:]
     check(out, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32, active=p["active"], what=f"NW={nw}")
+cp.cuda.Device().__class__.compute_capability = "90"
 try:
     cupy_.GIVEN1_WARPS = 24
     cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
@@ -90,6 +94,20 @@ cupy_.GIVEN1_SLICES = 3                                    # a valid slice count
 cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
 check(out, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32, active=p["active"], what="3 slices")
 cupy_.GIVEN1_SLICES = 1
+for cl, want in [(2, "ffn_given1_cl<float, float, 32, 1, 2>"), (4, "ffn_given1_cl<float, float, 32, 1, 4>")]:
+    cupy_.GIVEN1_CLUSTER = cl                              # thread-block clusters: whole clusters, + D floats of smem
+    before = len(cp.CALLS)
+    cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
+    assert cp.CALLS[before:] == [want], cp.CALLS[before:]
+    check(out, p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu", np.float32, active=p["active"], what=f"cluster {cl}")
+for cl, nw in [(3, 32), (2, 16), (0, 32)]:                 # no such cluster size / no such instantiation
+    cupy_.GIVEN1_CLUSTER, cupy_.GIVEN1_WARPS = cl, nw
+    try:
+        cupy_.ffn_device(cp.asarray(p["x"]), d["w_gate"], d["w_up"], d["w_down"], "drelu", active=cp.asarray(np.isin(np.arange(20), p["active"])), out=out)
+        raise AssertionError(f"GIVEN1_CLUSTER = {cl!r} with {nw} warps was accepted")
+    except ValueError as e:
+        assert "GIVEN1_CLUSTER" in str(e), e
+cupy_.GIVEN1_CLUSTER, cupy_.GIVEN1_WARPS = 1, 32
 # GIVEN1 switched off after a plan exists: ffn_device follows it at the next call (the fused kernel)
 p = make_ffn(264, 40, tokens=1, sparsity=0.8, activation="drelu", dtype=np.float32, seed=1)
 d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}

@@ -78,10 +78,15 @@ def _given1(name, grid, block, args, shared_mem):
     ld, F, gk, uk, gated, nslice = map(int, (ld, F, gk, uk, gated, nslice))
     assert 1 <= nslice and y32.shape[0] >= nslice * ld, (nslice, y32.shape, ld)
     targs = [a.strip() for a in name.split("<")[1].rstrip(">").split(",")]
-    W, X, NW, PV = targs[0], targs[1], int(targs[2]), int(targs[-1])
+    W, X, NW, PV = targs[0], targs[1], int(targs[2]), int(targs[3])
+    CL = int(targs[4]) if name.startswith("ffn_given1_cl<") else 1    # blocks per cluster
     V = 16 // _wtype(name)
     assert (W == "unsigned short") == (wg.dtype == _np.float16) and (X == "unsigned short") == (x.dtype == _np.float16)
-    smem = 40 * -(-F // grid[0])                          # the block's neuron ids, their h, 8 partial dots
+    kmax = -(-F // grid[0])
+    smem = 40 * kmax                                      # the block's neuron ids, their h, 8 partial dots
+    if CL > 1:                                            # + the block's partial y, 16-byte aligned
+        assert grid[0] % CL == 0, (grid, CL)
+        smem = 4 * ((10 * kmax + 3) // 4 * 4 + ld)
     assert block == (32 * NW,) and len(grid) == 1 and shared_mem == smem, (name, grid, block, shared_mem, smem)
     assert x.shape[-1] == ld and wg.shape == (F, ld) and wd.shape == (F, ld) and m.dtype in (_np.uint8, _np.bool_) and m.shape == (F,)
     assert m.ctypes.data % 16 == 0 and isinstance(thr, _np.float32) and int(cnt[1]) == 0, (cnt, thr)
@@ -139,6 +144,7 @@ class _Stream:
     ptr = 0
 class _Dev:
     id = 0
+    compute_capability = "90"
 class _Runtime:
     @staticmethod
     def getDeviceCount(): return 1
