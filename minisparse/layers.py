@@ -174,8 +174,9 @@ def causal_hidden(T: int, S: int, q_start: int = 0, xp=np) -> Array:
 # one pass (do' the same bits; D' = do' . out summed in float64, equal to einsum's to
 # rounding). False, fewer than FUSED_ATTENTION_MIN_SIZE query elements, or no Numba: the
 # NumPy lines. (False also drops host-only layout changes that need no Numba, the same values
-# either way: the keys in C order, v in C order before its transpose, and with one query head
-# per KV head the blocks' e @ v and ds @ k written straight into out and dq, no copy.)
+# either way: the keys in C order (without a KV cache: a decoding step would copy its cache),
+# v in C order before its transpose, and with one query head per KV head the blocks' e @ v
+# and ds @ k written straight into out and dq, no copy.)
 FUSED_ATTENTION = True
 FUSED_ATTENTION_MIN_SIZE = 1 << 16
 
@@ -244,7 +245,7 @@ def attention_core_forward(q: Array, k: Array, v: Array, q_start: int = 0, block
     block = block or (QUERY_BLOCK if xp is np else GPU_QUERY_BLOCK)
     qs = q * q.dtype.type(scale) if scale != 1.0 else q               # (B, H, T, Dh) scaled queries
     host = xp is np and FUSED_ATTENTION                               # host layouts (the same values):
-    if host:                                                          # keys in C order (training's are a
+    if host and q_start == 0:                                         # keys in C order (training's are a
         k = np.ascontiguousarray(k)                                   # transposed view): kt below and the
     shift = _exp_needs_shift(_rows(qs) if host else qs, k)            # backward's ds @ k read them faster
     out = np.empty_like(q)                                            # (B, H, T, Dh)
