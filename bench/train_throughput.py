@@ -325,33 +325,22 @@ def main(argv=None):
           f"{peak:.1f} GFLOP/s; glibc keeps freed memory: {malloc_tuned}; threads: {threads} "
           f"(OpenBLAS set: {blas_set}); minisparse splits the batch over {workers} thread(s); fused SwiGLU pass: {fused}; "
           f"round-7 fast paths: {fast}")
-    if args.fast_ab:
+    # the in-process A/Bs: round 7's fast paths (--fast-ab) or round 6's fused SwiGLU pass (--fused-ab)
+    for pairs, run_ab, on, label in ((args.fast_ab, fast_ab, "fast", "fast paths"), (args.fused_ab, fused_ab, "fused", "fused")):
+        if not pairs:
+            continue
         ab = []
         for act in acts:
-            ab.append(fast_ab(act, x, y, workers, args.fast_ab))
-            print(f"{act}: fast paths {ab[-1]['fast_s_median'] * 1e3:.0f} ms/step, NumPy lines "
+            ab.append(run_ab(act, x, y, workers, pairs))
+            print(f"{act}: {label} {ab[-1][on + '_s_median'] * 1e3:.0f} ms/step, NumPy lines "
                   f"{ab[-1]['numpy_lines_s_median'] * 1e3:.0f} ms/step; paired speed-up "
                   f"{ab[-1]['paired_speedup_median']:.3f}x [{ab[-1]['paired_speedup_range'][0]:.2f}, "
-                  f"{ab[-1]['paired_speedup_range'][1]:.2f}] over {args.fast_ab} pairs")
-        out = Path(args.out) if args.out else HERE / "results" / "train_throughput_fast_ab.json"
-        out.write_text(json.dumps({"fast_ab": ab, "machine": {
+                  f"{ab[-1]['paired_speedup_range'][1]:.2f}] over {pairs} pairs")
+        out = Path(args.out) if args.out else HERE / "results" / f"train_throughput_{on}_ab.json"
+        out.write_text(json.dumps({f"{on}_ab": ab, "machine": {
             "cpu_model": model_name, "cpus": os.cpu_count(), "threads": threads, "minisparse_batch_split_workers": workers,
             "fused_swiglu": fused, "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}},
             indent=2))
-        print(f"\nwrote {out}")
-        return
-    if args.fused_ab:
-        ab = []
-        for act in acts:
-            ab.append(fused_ab(act, x, y, workers, args.fused_ab))
-            print(f"{act}: fused {ab[-1]['fused_s_median'] * 1e3:.0f} ms/step, NumPy lines "
-                  f"{ab[-1]['numpy_lines_s_median'] * 1e3:.0f} ms/step; paired speed-up "
-                  f"{ab[-1]['paired_speedup_median']:.3f}x [{ab[-1]['paired_speedup_range'][0]:.2f}, "
-                  f"{ab[-1]['paired_speedup_range'][1]:.2f}] over {args.fused_ab} pairs")
-        out = Path(args.out) if args.out else HERE / "results" / "train_throughput_fused_ab.json"
-        out.write_text(json.dumps({"fused_ab": ab, "machine": {
-            "cpu_model": model_name, "cpus": os.cpu_count(), "threads": threads, "minisparse_batch_split_workers": workers,
-            "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}}, indent=2))
         print(f"\nwrote {out}")
         return
     rows, checks = [], {}
