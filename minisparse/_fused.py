@@ -34,7 +34,7 @@ import numpy as np
 
 DTYPES = (np.float32, np.float64)
 
-_KERNELS = None          # the (forward, backward) dispatchers once built; False when Numba is missing
+_KERNELS = None          # {name: dispatcher} once built (_compiled); False when Numba is missing
 _LOCK = threading.Lock()  # the two training threads may ask at the same time: build them once
 
 
@@ -70,8 +70,9 @@ def _jit(fn, fastmath=False):
         return njit(cache=False, **opts)(fn)
 
 
-def kernels():
-    """The compiled ``(forward, backward)`` pair, or None when Numba is not importable."""
+def _compiled():
+    """Every kernel of this module by name (:data:`_FNS`), wrapped by Numba once (each compiles
+    or loads from the cache at its first call), or None when Numba is not importable."""
     global _KERNELS
     if _KERNELS is None:
         with _LOCK:
@@ -81,14 +82,28 @@ def kernels():
                 except ImportError:
                     _KERNELS = False
                 else:
-                    _KERNELS = (_jit(_py_swiglu_rest), _jit(_py_swiglu_backward))
+                    _KERNELS = {name: _jit(fn, fastmath=_REASSOC if name in _REASSOC_FNS else False)
+                                for name, fn in _FNS.items()}
     return _KERNELS or None
 
 
+def kernels():
+    """The compiled SwiGLU ``(forward, backward)`` pair, or None when Numba is not importable."""
+    k = _compiled()
+    return None if k is None else (k["swiglu_rest"], k["swiglu_backward"])
+
+
+def more_kernels():
+    """The compiled round-7 kernels by name (``adamw``, ``rms_forward``, ``rms_backward``,
+    ``mask_after``, ``attention_do1``, ``pairs``, ``relu_glu_forward``, ``relu_glu_backward``;
+    with the SwiGLU pair), or None when Numba is not importable."""
+    return _compiled()
+
+
 def _require():
-    k = kernels()
+    k = _compiled()
     if k is None:
-        raise ImportError("the fused SwiGLU kernels need Numba: pip install 'minisparse[numba]'")
+        raise ImportError("the fused kernels need Numba: pip install 'minisparse[numba]'")
     return k
 
 
@@ -114,7 +129,7 @@ def swiglu_rest(g, b, e) -> tuple:
     """
     k = _require()
     a, h = np.empty_like(g), np.empty_like(g)                      # (N, F) each
-    k[0](g.reshape(-1), b.reshape(-1), e.reshape(-1), a.reshape(-1), h.reshape(-1), g.dtype.type(1))
+    k["swiglu_rest"](g.reshape(-1), b.reshape(-1), e.reshape(-1), a.reshape(-1), h.reshape(-1), g.dtype.type(1))
     return a, h
 
 
@@ -129,15 +144,15 @@ def swiglu_backward(dh, b, a, e) -> np.ndarray:
     """
     k = _require()
     dg = np.empty_like(dh)                                         # (N, F)
-    k[1](dh.reshape(-1), b.reshape(-1), a.reshape(-1), e.reshape(-1), dg.reshape(-1), dh.dtype.type(1))
+    k["swiglu_backward"](dh.reshape(-1), b.reshape(-1), a.reshape(-1), e.reshape(-1), dg.reshape(-1), dh.dtype.type(1))
     return dg
 
 
 # ======================================================================================
 # round 7: RMSNorm, AdamW and attention's causal mask (issue 14, the training step)
 # ======================================================================================
-# Built on first use like the SwiGLU pair, in their own table so that `kernels()` keeps its
-# meaning (the SwiGLU pair). AdamW's pass is the NumPy lines' arithmetic, element by element
+# Built on first use with the SwiGLU pair, in one table (_compiled; `kernels()` still gives
+# the SwiGLU pair, `more_kernels()` the table). AdamW's pass is the NumPy lines' arithmetic, element by element
 # in the same order and dtype: the same bits. RMSNorm's row sums of squares and dot products
 # are summed in a different order than NumPy's einsum (which no loop can reproduce; its
 # kernels may reassociate them into SIMD partial sums), so its results differ from the NumPy
@@ -145,7 +160,6 @@ def swiglu_backward(dh, b, a, e) -> np.ndarray:
 # The mask loop writes the -inf entries np.copyto(where=...) writes: the same bits; attention
 # backward's row constants D' = do' . out are summed in float64 (equal to einsum to rounding).
 
-_MORE = None             # {name: dispatcher} once built; False when Numba is missing
 
 
 def _py_adamw(p, g, m, v, b1, c1, b2, c2, sqrt_bc2, eps, step_size, decay, decays):
@@ -283,33 +297,10 @@ def _py_pairs(w, heads, out, inverse):
 
 _REASSOC = {"reassoc"}                       # the only fast-math flag, for the row sums of RMSNorm
 _REASSOC_FNS = ("rms_forward", "rms_backward")
-_MORE_FNS = {"adamw": _py_adamw, "pairs": _py_pairs, "attention_do1": _py_attention_do1, "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward,
-             "mask_after": _py_mask_after, "relu_glu_forward": _py_relu_glu_forward,
-             "relu_glu_backward": _py_relu_glu_backward}
-
-
-def more_kernels():
-    """The compiled round-7 kernels by name (``adamw``, ``rms_forward``, ``rms_backward``, ``mask_after``),
-    or None when Numba is not importable."""
-    global _MORE
-    if _MORE is None:
-        with _LOCK:
-            if _MORE is None:
-                try:
-                    import numba  # noqa: F401
-                except ImportError:
-                    _MORE = False
-                else:
-                    _MORE = {name: _jit(fn, fastmath=_REASSOC if name in _REASSOC_FNS else False)
-                             for name, fn in _MORE_FNS.items()}
-    return _MORE or None
-
-
-def _require_more():
-    k = more_kernels()
-    if k is None:
-        raise ImportError("the fused training kernels need Numba: pip install 'minisparse[numba]'")
-    return k
+_FNS = {"swiglu_rest": _py_swiglu_rest, "swiglu_backward": _py_swiglu_backward,
+        "adamw": _py_adamw, "pairs": _py_pairs, "attention_do1": _py_attention_do1,
+        "rms_forward": _py_rms_forward, "rms_backward": _py_rms_backward, "mask_after": _py_mask_after,
+        "relu_glu_forward": _py_relu_glu_forward, "relu_glu_backward": _py_relu_glu_backward}
 
 
 def adamw_update(p, g, m, v, b1, b2, sqrt_bc2, eps, step_size, decay) -> None:
@@ -324,7 +315,7 @@ def adamw_update(p, g, m, v, b1, b2, sqrt_bc2, eps, step_size, decay) -> None:
     b1, b2, sqrt_bc2, eps, step_size : Python floats (cast to p's dtype, as NumPy does).
     decay : float or None; p is multiplied by it first (1 - lr * weight_decay), None: not.
     """
-    k = _require_more()["adamw"]
+    k = _require()["adamw"]
     t = p.dtype.type
     k(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), t(b1), t(1.0 - b1), t(b2), t(1.0 - b2),
       t(sqrt_bc2), t(eps), t(step_size), t(1.0 if decay is None else decay), decay is not None)
@@ -334,7 +325,7 @@ def rms_norm_forward(x, scale, eps: float):
     """RMSNorm forward in one pass: x (N, D), scale (D,) -> y (N, D), xhat (N, D), rstd (N, 1).
 
     Host arrays, x and scale C-contiguous of one float dtype (:func:`usable` for x)."""
-    k = _require_more()["rms_forward"]
+    k = _require()["rms_forward"]
     N = x.shape[0]
     xhat, y = np.empty_like(x), np.empty_like(x)
     rstd = np.empty((N, 1), dtype=x.dtype)
@@ -345,7 +336,7 @@ def rms_norm_forward(x, scale, eps: float):
 def rms_norm_backward(dy, xhat, rstd, scale):
     """RMSNorm backward in one pass: dy, xhat (N, D), rstd (N, 1), scale (D,) -> dx (N, D),
     dw (D,) (summed in float64, returned in the dtype)."""
-    k = _require_more()["rms_backward"]
+    k = _require()["rms_backward"]
     dx = np.empty_like(dy)
     dw = np.zeros(dy.shape[1], dtype=np.float64)
     k(dy, xhat, rstd.reshape(-1), scale, dy.dtype.type(dy.shape[1]), dx, dw)
@@ -364,7 +355,7 @@ def attention_do1(dout, l, out, do1) -> None:
     its first D columns (NumPy's division, the same bits) and -D' = -do' . out in the last
     (summed in float64: equal to NumPy's einsum to rounding). dout, out (A, B, T, D), l
     (A, B, T, 1), any strides, one float dtype (:func:`host_float`)."""
-    _require_more()["attention_do1"](dout.transpose(0, 2, 1, 3), l, out.transpose(0, 2, 1, 3), do1)
+    _require()["attention_do1"](dout.transpose(0, 2, 1, 3), l, out.transpose(0, 2, 1, 3), do1)
 
 
 def pairs(w, heads: int, inverse: bool = False):
@@ -373,14 +364,14 @@ def pairs(w, heads: int, inverse: bool = False):
     layers use it one way only: NumPy's copy back is the faster, 0.06 against 0.10 ms for
     256 x 256 float32, where the forward's is 0.29 against 0.10.)"""
     out = np.empty(w.shape, dtype=w.dtype)
-    _require_more()["pairs"](w, heads, out, inverse)
+    _require()["pairs"](w, heads, out, inverse)
     return out
 
 
 def mask_after(scores, tb: int, first: int) -> None:
     """The causal mask of a block of scores (A, B, rep*tb, S), in place: row r holds query
     r % tb at absolute position first + r % tb, and keys after it get -inf."""
-    _require_more()["mask_after"](scores, tb, first, scores.dtype.type(-np.inf))
+    _require()["mask_after"](scores, tb, first, scores.dtype.type(-np.inf))
 
 
 def relu_glu_forward(g, u, up_relu: bool):
@@ -392,7 +383,7 @@ def relu_glu_forward(g, u, up_relu: bool):
     ----------
     g, u : (N, F) gate and up pre-activations; host arrays, C-contiguous, one float dtype.
     """
-    k = _require_more()["relu_glu_forward"]
+    k = _require()["relu_glu_forward"]
     h = np.empty_like(g)
     k(g.reshape(-1), u.reshape(-1), h.reshape(-1), up_relu, g.dtype.type(0))
     return h
@@ -408,7 +399,7 @@ def relu_glu_backward(dh, g, u, up_relu: bool):
     dh : (N, F) gradient of h, overwritten; g, u : (N, F) pre-activations. Host arrays,
     C-contiguous, one float dtype.
     """
-    k = _require_more()["relu_glu_backward"]
+    k = _require()["relu_glu_backward"]
     dg = np.empty_like(dh)
     t = dh.dtype.type
     k(dh.reshape(-1), g.reshape(-1), u.reshape(-1), dg.reshape(-1), up_relu, t(1), t(0))

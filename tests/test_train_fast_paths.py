@@ -532,7 +532,7 @@ def test_without_numba_the_numpy_lines_run(monkeypatch):
     error, the same bits as with the switches off); the kernels asked directly name the
     install command."""
     monkeypatch.setitem(sys.modules, "numba", None)            # import numba -> ImportError
-    monkeypatch.setattr(_fused, "_MORE", None)
+    monkeypatch.setattr(_fused, "_KERNELS", None)
     _floors(monkeypatch, 0)
     assert _fused.more_kernels() is None
     model = ms.Transformer(ms.ModelConfig(activation="drelu", **CFG), seed=0, dtype=np.float32)
