@@ -11,10 +11,11 @@ masked-in rows of all three matrices are read.
 **One token given a mask** (``GIVEN1``, the default; :func:`_given1`): ``ffn_given1`` from
 the decode kernels, one launch: every block ranks the whole mask and takes an equal share
 of the active neurons (four warps per neuron for the gate/up rows), adds their down rows
-into a float32 accumulator, and the last block writes y. On the H200 (fp16, Mistral-7B
-layer, 90%, in a CUDA graph) 16.4 us, against 24.1 us for the two-launch rung kept as
-``GIVEN1_KERNEL = "two"`` (``ffn_gateup_mask`` + ``ffn_down_rows_out``) and 38 us for
-``ffn_fused``; with every neuron in the mask 96.9 us (torch's cuBLAS dense FFN: 99 us).
+into a float32 accumulator (on sm_90+ summed over thread-block clusters of two first), and
+the last block writes y. On the H200 (fp16, Mistral-7B layer, 90%, in a CUDA graph)
+15.5-15.6 us, against 22.4-23.8 us for the two-launch rung kept as ``GIVEN1_KERNEL = "two"``
+(``ffn_gateup_mask`` + ``ffn_down_rows_out``) and 38 us for ``ffn_fused``; with every
+neuron in the mask 98 us (torch's cuBLAS dense FFN: 101-103 us).
 
 The three-launch path (``ffn_gate`` / ``ffn_up`` / ``ffn_down``, :func:`_plan`,
 :func:`_launch`) stays selectable (``SPARSE_KERNEL = "split"``): it is the faster one
@@ -293,7 +294,6 @@ GIVEN1_CLUSTER = "auto"         # blocks per thread-block cluster: 1, 2 or 4 (sm
 GIVEN1_DRIVER_LAUNCH = True    # launch ffn_given1 through cuLaunchKernel on argument slots built once (host time)
 _GIVEN1_MAX_SLICES = 8
 _GIVEN1_WS: Dict[tuple, dict] = {}
-_GIVEN1_PTR_ARGS = (0, 1, 2, 3, 6, 13)   # ffn_given1's arguments that change per call: wg, wu, wd, x, mask, out
 
 
 def _given1_codes(xd, wg, act: Activation, skip: float):
@@ -364,7 +364,7 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
     if one["pv"] and mask.data.ptr % 16 == 0:
         raw = one.get("raw")
         if raw is None and GIVEN1_DRIVER_LAUNCH:
-            raw = one["raw"] = _given1_slots(one, ws, stream)
+            raw = one["raw"] = _given1_slots(one, ws)
         if raw and GIVEN1_DRIVER_LAUNCH:                  # the driver's launch on slots filled once
             slots = raw["slots"]
             with raw["lock"]:
@@ -396,10 +396,10 @@ def _given1(xd, wg, wu, wd, act: Activation, mask, out, codes=None) -> dict:
     return ws
 
 
-def _given1_slots(one: dict, ws: dict, stream: int):
+def _given1_slots(one: dict, ws: dict):
     """ffn_given1's 15 kernel arguments as 8-byte slots for ``cuLaunchKernel``, with the
     constants and the workspace pointers filled in once: a call then writes the six pointers
-    of :data:`_GIVEN1_PTR_ARGS` and launches (a CuPy ``RawKernel`` call converts all 15
+    that change (wg, wu, wd, x, mask, out: slots 0-3, 6, 13) and launches (a CuPy ``RawKernel`` call converts all 15
     arguments every time: ~10 us of Python on a slow host). False where the driver's launch
     is not exposed (the fake CuPy of the CPU tests)."""
     import threading
@@ -415,7 +415,7 @@ def _given1_slots(one: dict, ws: dict, stream: int):
     slots[11], slots[14] = ws["y32"].data.ptr, ws["cnt"].data.ptr
     params = np.array([slots.ctypes.data + 8 * i for i in range(15)], dtype=np.uint64)   # void *args[15]
     return dict(slots=slots, params=int(params.ctypes.data), keep=params, f=one["fn"].kernel.ptr,
-                stream=stream, lock=threading.Lock())
+                lock=threading.Lock())
 
 
 def _given1_grid(D: int, F: int, wbytes: int) -> dict:
@@ -441,20 +441,18 @@ def _given1_grid(D: int, F: int, wbytes: int) -> dict:
                          f"{decode_cuda.GIVEN1_CLUSTER_WARPS}), got {CL!r} with GIVEN1_WARPS = {GIVEN1_WARPS}")
     if CL > 1 and int(cp.cuda.Device().compute_capability) < 90:
         raise ValueError(f"GIVEN1_CLUSTER = {CL} needs thread-block clusters (compute capability 9.0+); set it to 1")
-    G = max(1, GIVEN1_BLOCKS_PER_SM * _sm_count())
-    G = max(CL, G // CL * CL)                              # whole clusters
+    def layout(cl):                                        # blocks (whole clusters), shared memory bytes
+        G = max(cl, max(1, GIVEN1_BLOCKS_PER_SM * _sm_count()) // cl * cl)
+        kmax = -(-F // G)                                  # the block's neuron ids, their h, 8 partial dots,
+        return G, (40 * kmax if cl == 1 else 4 * ((10 * kmax + 3) // 4 * 4 + D))   # [+ its partial y, aligned]
+    G, smem = layout(CL)
+    if auto and CL > 1 and smem > 46 * 1024:               # too wide for a cluster's exchange: no cluster
+        CL = 1
+        G, smem = layout(CL)
     NT = 32 * GIVEN1_WARPS
     nvec = D // (16 // wbytes)
     need = -(-nvec // NT)
     pv = next((p for p in decode_cuda.GIVEN1_PV if p >= need), 0)
-    kmax = -(-F // G)
-    smem = 40 * kmax                                       # the block's neuron ids, their h, 8 partial dots
-    if CL > 1:                                             # + its partial y (D floats, 16-byte aligned)
-        smem = 4 * ((10 * kmax + 3) // 4 * 4 + D)
-        if auto and smem > 46 * 1024:                      # too wide for a cluster's exchange: no cluster
-            CL, G = 1, max(1, GIVEN1_BLOCKS_PER_SM * _sm_count())
-            kmax = -(-F // G)
-            smem = 40 * kmax
     if smem > 46 * 1024:                                   # beyond the default shared memory: two launches
         pv = 0
     return dict(G=G, pv=pv, smem=smem, cl=CL)
@@ -541,7 +539,7 @@ def ffn_device(x, w_gate, w_up, w_down, act, *, active=None, out=None, threshold
     after the **first** call for given shapes, dtypes and buffer pointers (which validates
     the inputs, compiles the kernels and allocates the workspace), a call does **no host
     synchronisation and no device allocation**: one ``ffn_fused`` launch per 8 tokens on
-    the current stream (one token with ``active``: the two launches of :func:`_given1`),
+    the current stream (one token with ``active``: the one launch of :func:`_given1`),
     so it can be captured in a CUDA graph (make the first call before capturing). Values
     of every buffer may change between calls; pointers and shapes are
     the cache key.

@@ -108,6 +108,19 @@ for cl, nw in [(3, 32), (2, 16), (0, 32)]:                 # no such cluster siz
     except ValueError as e:
         assert "GIVEN1_CLUSTER" in str(e), e
 cupy_.GIVEN1_CLUSTER, cupy_.GIVEN1_WARPS = 1, 32
+# a D whose partial y does not fit a cluster's shared memory (with the neuron slots > 46 KB):
+# "auto" runs without clusters; clusters asked for explicitly fall back to the two launches
+pw = make_ffn(11776, 20, tokens=1, sparsity=0.5, activation="drelu", dtype=np.float32, seed=4)
+dw = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in pw.items()}
+outw, maskw = cp.empty((1, 11776), dtype=np.float32), cp.asarray(np.isin(np.arange(20), pw["active"]))
+for cl, want in [("auto", ["ffn_given1<float, float, 32, 4>"]), (2, ["ffn_gateup_mask", "ffn_down_rows_out"])]:
+    cupy_.GIVEN1_CLUSTER = cl
+    before = len(cp.CALLS)
+    cupy_.ffn_device(cp.asarray(pw["x"]), dw["w_gate"], dw["w_up"], dw["w_down"], "drelu", active=maskw, out=outw)
+    got = cp.CALLS[before:] if cl == "auto" else [c.split("<")[0] for c in cp.CALLS[before:]]
+    assert got == want, (cl, cp.CALLS[before:])
+    check(outw, pw["x"], pw["w_gate"], pw["w_up"], pw["w_down"], "drelu", np.float32, active=pw["active"], what=f"wide D, cluster {cl}")
+cupy_.GIVEN1_CLUSTER = 1
 # GIVEN1 switched off after a plan exists: ffn_device follows it at the next call (the fused kernel)
 p = make_ffn(264, 40, tokens=1, sparsity=0.8, activation="drelu", dtype=np.float32, seed=1)
 d = {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in p.items()}
