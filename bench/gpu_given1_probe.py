@@ -5,7 +5,10 @@ the neurons masked out (``make_ffn``'s exact construction). For each rung
 (``cupy_.GIVEN1_KERNEL`` "two" and "one"): the relative error against the dense reference,
 then ``ffn_device`` and ``sparse_ffn`` timed in a CUDA graph of 20 calls and eagerly (50
 plain Python calls), beside torch's cuBLAS dense FFN in a graph (``bench/ffn_sparse.py``'s
-``torch_graph_dense``). ``--host``: the Python time per call of the given path's pieces
+``torch_graph_dense``) and eagerly. The eager share is the issue's measure: the eager
+speed-up over eager cuBLAS as a fraction of the graph speed-up over cuBLAS in a graph.
+``sparse_ffn`` gets a (D,) vector made once, as a user's decode loop has it (round 7 sliced
+``x[0]`` inside the timed call: CuPy's indexing then cost ~4-6 us of Python per call). ``--host``: the Python time per call of the given path's pieces
 (the GPU work queues behind). Prints a line per rung and writes JSON.
 
     python bench/gpu_given1_probe.py [--host] [--rounds N] [--no-4sets] [--json given1_probe.json]
@@ -16,8 +19,8 @@ Each rung also runs with ``cupy_.GIVEN1_DRIVER_LAUNCH`` off (a CuPy RawKernel ca
 model's layers would be).
 
 (The round-6 logs ``bench/results/given1_probe_r6_*.log`` and ``given1_host_r6.log`` come from
-the same code run from a scratch folder during round 6; this file, gathered from it
-afterwards, has not itself run on a GPU yet.)
+the same code run from a scratch folder during round 6; round 7's ``given1_probe_r7_*`` from
+this file with ``x[0]`` sliced inside the timed ``sparse_ffn`` call and no eager torch row.)
 """
 import argparse
 import json
@@ -84,18 +87,51 @@ def eager_time(f, n_inner=50, repeats=15):
     return float(np.median(ts))
 
 
+def torch_eager_dense(p, wdt, n_inner=50, repeats=15):
+    """Dense drelu FFN with torch (cuBLAS), plain eager calls: seconds per call, or None."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    wg, wu, wd = (torch.from_numpy(p[k].astype(wdt)).to("cuda") for k in ("w_gate", "w_up", "w_down"))
+    x = torch.from_numpy(p["x"][0].astype(wdt)).to("cuda")
+
+    def f():
+        return (torch.relu(wg @ x) * torch.relu(wu @ x)) @ wd
+    for _ in range(5):
+        f()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n_inner):
+            f()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3 / n_inner)
+    del wg, wu, wd
+    torch.cuda.empty_cache()
+    return float(np.median(ts))
+
+
 def rungs(sets4=True):
     rows = []
     for wdt, sp in ((np.float16, 0.9), (np.float32, 0.9), (np.float16, 0.0), (np.float32, 0.0)):
         p = make_ffn(D, F, tokens=1, sparsity=sp, activation="drelu", dtype=wdt, seed=0)
         ref = dense_ffn(p["x"], p["w_gate"], p["w_up"], p["w_down"], "drelu")
         x = cp.asarray(p["x"].astype(wdt))                               # (1, D)
+        x1 = x[0]                                                        # (D,): a user's vector
         wg, wu, wd = (cp.asarray(p[k]) for k in ("w_gate", "w_up", "w_down"))
         mask = cp.asarray(np.isin(np.arange(F), p["active"]))
         out = cp.empty((1, D), dtype=x.dtype)
         tg = fs.torch_graph_dense(p, wdt, ref, 15)
-        row = dict(dtype=np.dtype(wdt).name, sparsity=sp, torch_graph_us=tg * 1e6, configs=[])
-        print(f"\n{np.dtype(wdt).name} sparsity {sp}: torch dense graph {tg * 1e6:.1f} us")
+        te = torch_eager_dense(p, wdt)
+        row = dict(dtype=np.dtype(wdt).name, sparsity=sp, torch_graph_us=tg * 1e6, torch_eager_us=te * 1e6,
+                   configs=[])
+        print(f"\n{np.dtype(wdt).name} sparsity {sp}: torch dense graph {tg * 1e6:.1f} us, eager {te * 1e6:.1f} us")
         copies = None
         if sets4 and sp > 0:                   # 4 copies of the weights, cycled: L2 cold, as a model's layers
             copies = [(wg, wu, wd)] + [tuple(a.copy() for a in (wg, wu, wd)) for _ in range(3)]
@@ -103,16 +139,17 @@ def rungs(sets4=True):
             cupy_.GIVEN1_KERNEL, cupy_.GIVEN1_WARPS, cupy_.GIVEN1_BLOCKS_PER_SM, cupy_.GIVEN1_SLICES = kern, nw, bps, sl
             cupy_.GIVEN1_DRIVER_LAUNCH, cupy_.GIVEN1_CLUSTER = drv, cl
             f = lambda: cupy_.ffn_device(x, wg, wu, wd, "drelu", active=mask, out=out)           # noqa: E731
-            g = lambda: ms.sparse_ffn(x[0], wg, wu, wd, "drelu", backend="cupy", active=mask)  # noqa: E731
+            g = lambda: ms.sparse_ffn(x1, wg, wu, wd, "drelu", backend="cupy", active=mask)    # noqa: E731
             err = float(np.abs(f().get().astype(np.float64) - ref).max() / np.abs(ref).max())
             t_g, t_e, t_s, t_sg = graph_time(f), eager_time(f), eager_time(g), graph_time(g)
             c = dict(kernel=kern, warps=nw, blocks_per_sm=bps, slices=sl, driver_launch=drv, cluster=cl, rel_err=err,
                      graph_us=t_g * 1e6, eager_us=t_e * 1e6, sparse_ffn_eager_us=t_s * 1e6,
-                     sparse_ffn_graph_us=t_sg * 1e6, x_torch_graph=tg / t_g)
+                     sparse_ffn_graph_us=t_sg * 1e6, x_torch_graph=tg / t_g,
+                     eager_share=(te / t_e) / (tg / t_g), sparse_ffn_eager_share=(te / t_s) / (tg / t_sg))
             line = (f"  {kern} NW={nw} slices={sl} bps={bps} cl={cl} {'driver' if drv else 'RawKernel'}: err {err:.1e}  "
                     f"graph {t_g * 1e6:6.1f} us ({tg / t_g:4.2f}x torch)  ffn_device eager {t_e * 1e6:6.1f} "
-                    f"({t_g / t_e * 100:3.0f}% of graph)  sparse_ffn eager {t_s * 1e6:6.1f} graph {t_sg * 1e6:6.1f} "
-                    f"({t_sg / t_s * 100:3.0f}%)")
+                    f"({te / t_e:4.2f}x eager torch: {c['eager_share'] * 100:3.0f}% of the graph's)  sparse_ffn eager "
+                    f"{t_s * 1e6:6.1f} ({te / t_s:4.2f}x: {c['sparse_ffn_eager_share'] * 100:3.0f}%) graph {t_sg * 1e6:6.1f}")
             if copies is not None:
                 it = iter(range(10 ** 9))
 
@@ -157,6 +194,7 @@ def host_breakdown():
         "  cupy_._given1 alone (out given), driver launch": lambda: cupy_._given1(x, wg, wu, wd, act, mask, out1,
                                                                                  codes),
         "cupy.empty(4096 fp16)": lambda: cp.empty((D,), cp.float16),
+        "x[0] of a (1, D) CuPy array (indexing)": lambda: x2[0],
         "Device().id + get_current_stream().ptr": lambda: (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr),
         "runtime.getDevice() + get_current_stream().ptr": lambda: (cp.cuda.runtime.getDevice(),
                                                                    cp.cuda.get_current_stream().ptr),
