@@ -38,7 +38,10 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(_import_module(_LAZY[name]), name)
+        module = _import_module(_LAZY[name])
+        # "train" is the submodule minisparse.train itself, made callable (it calls its train()):
+        # importing the submodule binds this name to it anyway, so it is one object in any order
+        value = module if name == "train" else getattr(module, name)
         globals()[name] = value        # later lookups skip this hook (ms.sparse_ffn in a decode loop)
         return value
     raise AttributeError(f"module 'minisparse' has no attribute {name!r}")

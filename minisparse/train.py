@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -845,3 +847,23 @@ def train(model: Transformer, corpus: Corpus, cfg: Optional[TrainConfig] = None,
     if out_dir is not None:
         plot_loss(past + history, out_dir / "loss.png")
     return TrainResult(model=model, history=history, final_val_loss=val_loss, optimizer=opt, checkpoint=ckpt)
+
+
+# ======================================================================================
+# minisparse.train is this module AND its train() function
+# ======================================================================================
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``minisparse.train(model, corpus, cfg)`` calls :func:`train`.
+
+    The package exports the function ``train`` and has this submodule of the same name.
+    Python binds ``minisparse.train`` to the submodule whenever the submodule is first
+    imported (``from minisparse.train import TrainConfig``), so ``ms.train`` would have been
+    the function or the module depending on what was imported first: ``ms.train(...)`` then
+    failed with "'module' object is not callable". Now it is always this module, and calling
+    it trains; ``import minisparse.train as T; T.TrainConfig`` works as before."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -298,3 +298,30 @@ def test_blas_threads_and_allocator_helpers():
     with pytest.raises(ValueError, match=">= 1"):
         set_blas_threads(0)
     assert isinstance(keep_freed_memory(), bool)
+
+
+@pytest.mark.parametrize("first", ["import minisparse.train", "from minisparse.train import TrainConfig",
+                                   "import minisparse.train as T", "ms.train", "ms.TrainConfig", ""])
+def test_ms_train_is_callable_whatever_was_imported_first(first):
+    """minisparse.train is a submodule and the package's train(): Python rebinds the name to
+    the submodule when the submodule is first imported, so before round 8 ``ms.train(...)``
+    raised "'module' object is not callable" after ``from minisparse.train import ...``.
+    In a fresh interpreter (import order is the point), every order gives a callable that
+    trains, and the module's names stay reachable through it."""
+    import subprocess
+    import sys
+    code = f"""
+import minisparse as ms
+{first}
+from minisparse.data import corpus_from_text
+import minisparse.train as T
+from minisparse import train as TR
+assert T is TR is ms.train, (T, TR, ms.train)
+cfg = ms.preset("nano", dim=16, n_layers=1, n_heads=2, ffn_dim=24, max_seq_len=16)
+res = ms.train(ms.Transformer(cfg, seed=0), corpus_from_text("abcdefgh" * 64, val_fraction=0.2),
+               T.TrainConfig(steps=2, batch_size=2, seq_len=8, eval_every=0, progress=False))
+assert len(res.history) == 2 and T.train is TR.train
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
