@@ -15,6 +15,7 @@ Dimension key: B batch, T time.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -867,3 +868,4 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(train)        # help and IDEs show train()'s arguments for ms.train

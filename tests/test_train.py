@@ -321,6 +321,8 @@ cfg = ms.preset("nano", dim=16, n_layers=1, n_heads=2, ffn_dim=24, max_seq_len=1
 res = ms.train(ms.Transformer(cfg, seed=0), corpus_from_text("abcdefgh" * 64, val_fraction=0.2),
                T.TrainConfig(steps=2, batch_size=2, seq_len=8, eval_every=0, progress=False))
 assert len(res.history) == 2 and T.train is TR.train
+import inspect
+assert inspect.signature(ms.train) == inspect.signature(T.train)
 print("ok")
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
