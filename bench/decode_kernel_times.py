@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -79,7 +80,10 @@ def parse(text: str):
         if r.get("Metric Name") != "gpu__time_duration.sum":
             continue
         unit, v = r["Metric Unit"], float(r["Metric Value"].replace(",", ""))
-        scale = {"nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e-3, "ms": 1e-3}[unit]
+        scales = {"nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e-3, "ms": 1e-3}
+        if unit not in scales:
+            raise RuntimeError(f"ncu reported gpu__time_duration in {unit!r}; expected one of {sorted(scales)}")
+        scale = scales[unit]
         rows.append((kernel_family(r["Kernel Name"]), v * scale))
     return rows
 
@@ -94,6 +98,9 @@ def main(argv=None):
     if args.child or args.check_only:
         child(args.child or args.check_only, profile=not args.check_only)
         return
+    if shutil.which(args.ncu) is None:
+        print(f"error: Nsight Compute's ncu was not found ({args.ncu!r}); install it or pass --ncu PATH")
+        return 2
     D, F, H, K, Dh, V = 4096, 14336, 32, 8, 128, 32000
     A = int(round(0.1 * F))
     weight_bytes = {  # float16 weight bytes each kernel family must read, per launch
@@ -127,7 +134,8 @@ def main(argv=None):
     with open(args.json, "w") as fh:
         json.dump(out, fh, indent=1)
     print("wrote", args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
