@@ -1316,83 +1316,6 @@ __device__ __forceinline__ float4 ld_cluster_f4(unsigned int a, unsigned int ran
     return v;
 }
 
-// Step 3 of ffn_given1: ys[:ld] += sum_{m < ks} hs[m] wd[kf[m], :] for one block.
-// Thread t owns the column vectors t + k NT (k < PV, NT = 32 NW) and accumulates the rows in
-// registers (eight rows' loads in flight); then
-//  CL = 1: one float4 atomicAdd per 4 columns into ys;
-//  CL > 1: the partial y goes to shared memory (red: ld floats, 16-byte aligned), block r of the
-//          cluster sums column slice r over the CL blocks through distributed shared memory and
-//          adds only that (each address takes G / CL additions instead of G). Ends with a
-//          cluster arrive: the caller must cluster_wait() before the block exits, so that no
-//          block leaves while a peer still reads its red.
-template <typename W, int NW, int PV, int CL>
-__device__ __forceinline__ void down_rows_add(const int* kf, const float* hs, int ks, const W* __restrict__ wd,
-                                              int ld, float* ys, float* red) {
-    const int NT = 32 * NW, V = VecOf<W>::N;
-    const int t = threadIdx.x, nvec = ld / V;
-    float acc[PV][V];
-#pragma unroll
-    for (int k = 0; k < PV; ++k)
-#pragma unroll
-        for (int e = 0; e < V; ++e) acc[k][e] = 0.f;
-    if (ks > 0) {
-#pragma unroll 8
-        for (int m = 0; m < ks; ++m) {
-            const W* row = wd + (size_t)kf[m] * ld;
-            const float hm = hs[m];
-            uint4 raw[PV];
-#pragma unroll
-            for (int k = 0; k < PV; ++k) {
-                const int p = t + k * NT;
-                raw[k] = p < nvec ? ld16raw(row + (size_t)p * V) : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int k = 0; k < PV; ++k) {
-                float w[V];
-                cvt16(raw[k], w, W());
-#pragma unroll
-                for (int e = 0; e < V; ++e) acc[k][e] = fmaf(hm, w[e], acc[k][e]);
-            }
-        }
-    }
-    TRACE(6);
-    if (CL == 1) {
-        if (ks > 0)
-#pragma unroll
-            for (int k = 0; k < PV; ++k) {
-                const int p = t + k * NT;
-                if (p < nvec)
-#pragma unroll
-                    for (int e = 0; e < V; e += 4) add_f4(ys + (size_t)p * V + e, acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
-            }
-    } else {                                                 // through the cluster's shared memory
-#pragma unroll
-        for (int k = 0; k < PV; ++k) {
-            const int p = t + k * NT;
-            if (p < nvec)
-#pragma unroll
-                for (int e = 0; e < V; e += 4)
-                    *reinterpret_cast<float4*>(red + (size_t)p * V + e) = make_float4(acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
-        }
-        cluster_arrive();                                    // every block of the cluster has written red
-        cluster_wait();
-        const unsigned int r = cluster_rank();
-        const int n4 = ld >> 2, lo = (int)(r * n4 / CL), hi = (int)((r + 1) * n4 / CL);
-        const unsigned int base = (unsigned int)__cvta_generic_to_shared(red);
-        for (int c = lo + t; c < hi; c += NT) {              // column slice r, summed over the cluster
-            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int q = 0; q < CL; ++q) {
-                const float4 v = ld_cluster_f4(base + 16u * (unsigned int)c, (unsigned int)q);
-                a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
-            }
-            if (a.x != 0.f || a.y != 0.f || a.z != 0.f || a.w != 0.f || a.x != a.x || a.y != a.y || a.z != a.z || a.w != a.w)
-                add_f4(ys + 4 * c, a.x, a.y, a.z, a.w);
-        }
-        cluster_arrive();                                    // done reading the others' red (caller waits)
-    }
-}
-
 // The body of ffn_given1 (CL = 1) and of ffn_given1_cl (CL blocks per cluster: step 3's partial
 // y goes to shared memory, block r of a cluster sums column slice r over the CL blocks through
 // distributed shared memory and adds only that: each address takes G / CL atomic additions).
@@ -1447,10 +1370,71 @@ __device__ __forceinline__ void given1_body(const W* __restrict__ wg, const W* _
     }
     __syncthreads();
     TRACE(2);
-    // 3. y32 += sum_m h[m] wd[kf[m], :] (CL > 1: the cluster's partials summed first)
-    down_rows_add<W, NW, PV, CL>(kf, hs, ks, wd, ld,
-                                 y32 + (size_t)((CL == 1 ? b : b / CL) % nslice) * ld,
-                                 reinterpret_cast<float*>(kf) + ((10 * kmax + 3) & ~3));   // [ld] (16-byte aligned)
+    // 3. y32 += sum_m h[m] wd[kf[m], :]: thread t owns the column vectors t + k NT, k < PV
+    float acc[PV][V];
+#pragma unroll
+    for (int k = 0; k < PV; ++k)
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[k][e] = 0.f;
+    if (ks > 0) {
+#pragma unroll 8
+        for (int m = 0; m < ks; ++m) {
+            const W* row = wd + (size_t)kf[m] * ld;
+            const float hm = hs[m];
+            uint4 raw[PV];
+#pragma unroll
+            for (int k = 0; k < PV; ++k) {
+                const int p = t + k * NT;
+                raw[k] = p < nvec ? ld16raw(row + (size_t)p * V) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int k = 0; k < PV; ++k) {
+                float w[V];
+                cvt16(raw[k], w, W());
+#pragma unroll
+                for (int e = 0; e < V; ++e) acc[k][e] = fmaf(hm, w[e], acc[k][e]);
+            }
+        }
+    }
+    TRACE(6);
+    if (CL == 1) {
+        float* ys = y32 + (size_t)(b % nslice) * ld;          // this block's slice of the accumulator
+        if (ks > 0)
+#pragma unroll
+            for (int k = 0; k < PV; ++k) {
+                const int p = t + k * NT;
+                if (p < nvec)
+#pragma unroll
+                    for (int e = 0; e < V; e += 4) add_f4(ys + (size_t)p * V + e, acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
+            }
+    } else {                                                 // through the cluster's shared memory
+        float* red = reinterpret_cast<float*>(kf) + ((10 * kmax + 3) & ~3);   // [ld] this block's partial y (16-byte aligned)
+#pragma unroll
+        for (int k = 0; k < PV; ++k) {
+            const int p = t + k * NT;
+            if (p < nvec)
+#pragma unroll
+                for (int e = 0; e < V; e += 4)
+                    *reinterpret_cast<float4*>(red + (size_t)p * V + e) = make_float4(acc[k][e], acc[k][e + 1], acc[k][e + 2], acc[k][e + 3]);
+        }
+        cluster_arrive();                                    // every block of the cluster has written red
+        cluster_wait();
+        const unsigned int r = cluster_rank();
+        const int n4 = ld >> 2, lo = (int)(r * n4 / CL), hi = (int)((r + 1) * n4 / CL);
+        float* ys = y32 + (size_t)((b / CL) % nslice) * ld;
+        const unsigned int base = (unsigned int)__cvta_generic_to_shared(red);
+        for (int c = lo + t; c < hi; c += NT) {              // column slice r, summed over the cluster
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int q = 0; q < CL; ++q) {
+                const float4 v = ld_cluster_f4(base + 16u * (unsigned int)c, (unsigned int)q);
+                a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
+            }
+            if (a.x != 0.f || a.y != 0.f || a.z != 0.f || a.w != 0.f || a.x != a.x || a.y != a.y || a.z != a.z || a.w != a.w)
+                add_f4(ys + 4 * c, a.x, a.y, a.z, a.w);
+        }
+        cluster_arrive();                                    // done reading the others' red (waited below)
+    }
     TRACE(3);
     // 4. the last block writes out and leaves y32 zero
     __threadfence();
@@ -1499,5 +1483,4 @@ ffn_given1_cl(const W* __restrict__ wg, const W* __restrict__ wu, const W* __res
     given1_body<W, X, NW, PV, CL>(wg, wu, wd, x, ld, F, mask, gate_kind, up_kind, thr, gated, y32, nslice, out, cnt);
 }
 #endif
-
 
