@@ -11,6 +11,9 @@ Exact resume: the model, the optimizer moments, the step and the state of the ba
 generator are checkpointed, so training k steps, saving, loading and training on to N
 gives the same losses, step for step, as training N steps in one go.
 
+The module is callable: ``minisparse.train(model, corpus, cfg)`` calls :func:`train`, whatever
+was imported first (``import minisparse.train as T; T.TrainConfig`` works too).
+
 Dimension key: B batch, T time.
 """
 from __future__ import annotations
