@@ -398,6 +398,8 @@ def bench_minisparse(args, cp, copy_GBs):
     out["rows"] = rows
     if args.pdl_sweep:
         out["pdl_sweep"] = pdl_sweep(args, cp, model, active, prompt)
+    if args.rung_sweep:
+        out["rung_sweep"] = rung_sweep(args, cp, model, active, prompt, args.rung_sweep)
     del model, p_dev
     cp.get_default_memory_pool().free_all_blocks()
     return out
@@ -447,6 +449,55 @@ def pdl_sweep(args, cp, model, active, prompt):
                                 gemv_u=8, error=f"{type(e).__name__}: {e}"))
                 line.append(f"{rung or ''}/{pdl}/{pf}{tag}: ERROR {type(e).__name__}: {str(e)[:120]}")
         print(f"    {mode:<6} " + "\n           ".join(", ".join(line[i:i + 3]) for i in range(0, len(line), 3)))
+        del dec
+        cp.get_default_memory_pool().free_all_blocks()
+    return res
+
+
+RUNGS = {   # GraphDecoder attributes of each rung of --rung-sweep; the first of a mode is its default
+    "dense": [dict(), dict(qkv_u=4)],
+    "skip": [dict(), dict(select_kernel="block8eb", down_kernel="interleaved", qkv_u=4),
+             dict(select_kernel="block8b", down_kernel="interleaved", qkv_u=4),
+             dict(select_kernel="wave", down_kernel="interleaved", qkv_u=4),
+             dict(select_kernel="wave", gate_rows_per_warp=4, down_kernel="interleaved", qkv_u=4),
+             dict(select_kernel="wave", gate_rows_per_warp=2, down_kernel="interleaved", qkv_u=4),
+             dict(select_kernel="wave", down_kernel="interleaved", down_blocks_per_sm=2, qkv_u=4)],
+    "given": [dict(), dict(down_kernel="interleaved", qkv_u=4),
+              dict(down_kernel="interleaved", down_blocks_per_sm=2, qkv_u=4)],
+}
+
+
+def rung_sweep(args, cp, model, active, prompt, rounds):
+    """ms/token of each rung in RUNGS, the rungs of a mode interleaved round by round (one
+    decoder per mode, re-captured per rung), median over ``rounds``; x dense: against the
+    median of dense's first rung in the same run. Tokens must equal the mode's first rung."""
+    from minisparse.kernels import decode_cuda as dc
+    res, dense_s = [], None
+    print(f"  rung sweep (ms/token, median of {rounds} interleaved rounds; x dense: against dense's default):")
+    for mode, rungs in RUNGS.items():
+        dec = dc.GraphDecoder(model, mode=mode, weight_dtype="float16", active=active if mode == "given" else None,
+                              max_len=args.prompt + args.new)
+        base = {name: getattr(dec, name) for rung in rungs for name in rung}
+        times, ids_of = [[] for _ in rungs], [None] * len(rungs)
+        for _ in range(rounds):
+            for i, rung in enumerate(rungs):
+                for name, value in {**base, **rung}.items():
+                    setattr(dec, name, value)
+                dec._graph = None
+                dec.generate(prompt, 4)                                # capture, warm
+                ids_of[i] = dec.generate(prompt, args.new)
+                times[i].append(dec.last_timing["decode_s"] / dec.last_timing["decode_steps"])
+        for i, rung in enumerate(rungs):
+            s = float(np.median(times[i]))
+            if mode == "dense" and i == 0:
+                dense_s = s
+            r = dict(mode=mode, rung=rung, s_per_token=s, runs=times[i], same_tokens=ids_of[i] == ids_of[0],
+                     x_dense=dense_s / s if dense_s else None)
+            res.append(r)
+            name = ", ".join(f"{k}={v}" for k, v in rung.items()) or "default"
+            print(f"    {mode:<6} {name:<62} {s * 1e3:7.3f} ms  {r['x_dense']:.3f}x dense  "
+                  f"[{min(times[i]) * 1e3:.3f}-{max(times[i]) * 1e3:.3f}]"
+                  + ("" if r["same_tokens"] else "  TOKENS DIFFER"))
         del dec
         cp.get_default_memory_pool().free_all_blocks()
     return res
@@ -511,6 +562,8 @@ def main(argv=None):
     ap.add_argument("--core", action="store_true", help="only the dense / skip / given rows of the own kernels")
     ap.add_argument("--pdl-sweep", action="store_true",
                     help="also time plain launches against programmatic dependent launch x L2 prefetch depth")
+    ap.add_argument("--rung-sweep", type=int, default=0, metavar="ROUNDS",
+                    help="also time the kernel rungs of RUNGS side by side, interleaved, median of ROUNDS")
     ap.add_argument("--json", default=None, help="default bench/results/decode_gpu[_quick].json")
     ap.add_argument("--hf-compile-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check-fp16", type=int, default=0, metavar="N",

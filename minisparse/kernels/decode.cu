@@ -851,6 +851,49 @@ __global__ void __launch_bounds__(NTHREADS) ffn_up_list4(const W* __restrict__ w
     }
 }
 
+// The up phase of ffn_gate_block<..., UB = true>: this warp's eighth (vectors v0 .. v0 +
+// len) of the up rows of the block's n kept neurons kf[0..n), up to 4 rows at a time with
+// every load of the 4 rows in flight at once (two 16-byte loads per lane and row per round),
+// so a block keeping 1-4 neurons waits for one round trip, not two per neuron as the loop
+// over warp_dots does; part[m][wid] = the eighth's dot product.
+template <typename W>
+__device__ __forceinline__ void up_eighths(const W* __restrict__ wu, const float* __restrict__ x, int ld,
+                                           int v0, int len, const int* kf, int n, int lane,
+                                           float (*part)[WARPS + 1], int wid) {
+    const int V = VecOf<W>::N;
+    for (int m0 = 0; m0 < n; m0 += 4) {                      // n: the same in every thread
+        const int nm = min(4, n - m0);
+        float u[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int v = lane; v < len; v += 64) {
+            uint4 raw[4][2];
+#pragma unroll
+            for (int mm = 0; mm < 4; ++mm)
+#pragma unroll
+                for (int t = 0; t < 2; ++t)
+                    raw[mm][t] = (mm < nm && v + 32 * t < len)
+                                     ? ld16raw(wu + (size_t)kf[m0 + mm] * ld + (size_t)(v0 + v + 32 * t) * V)
+                                     : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+                if (v + 32 * t >= len) break;
+                float xv[V], w[V];
+                ldx<V>(x + (size_t)(v0 + v + 32 * t) * V, xv);
+#pragma unroll
+                for (int mm = 0; mm < 4; ++mm) {
+                    cvt16(raw[mm][t], w, W());
+#pragma unroll
+                    for (int k = 0; k < V; ++k) u[mm] = fmaf(w[k], xv[k], u[mm]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mm = 0; mm < 4; ++mm) {
+            const float t = warp_sum(u[mm]);
+            if (mm < nm && lane == 0) part[m0 + mm][wid] = t;
+        }
+    }
+}
+
 //  ffn_gate_block    skip, fourth rung (two launches): as the pure gate pass, a warp per
 //                    neuron streams its gate row (U sixteen-byte loads in flight per lane);
 //                    the block's kept neurons (0..8, ~0.8 at 90% zeros) are collected in
@@ -859,7 +902,7 @@ __global__ void __launch_bounds__(NTHREADS) ffn_up_list4(const W* __restrict__ w
 //                    thread per kept neuron sums the eighths: hv[slot] = a(gate) * b(up).
 //                    No launch and no grid-wide wait for the up rows; a block whose neurons
 //                    are all zero leaves after its gate rows.
-template <typename W, int U>
+template <typename W, int U, bool EL = false, bool UB = false>
 __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__ wg, const W* __restrict__ wu,
                                                            const float* __restrict__ x, int F, int ld, int D,
                                                            float eps, int gate_kind, int up_kind, float thr,
@@ -872,13 +915,18 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
     const int V = VecOf<W>::N;
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const int f = blockIdx.x * WARPS + wid;
+    constexpr bool E = EL && EARLY;                          // first round of gate loads before the wait
     if (threadIdx.x == 0) nk = 0;
-    if (f < F) prefetch_row(wg + (size_t)f * ld, ld, lane);
-    pdl_wait();
+    if (!E) {
+        if (f < F) prefetch_row(wg + (size_t)f * ld, ld, lane);
+        pdl_wait();
+    } else if (f >= F) {
+        pdl_wait();                                          // (a live warp waits in warp_dots)
+    }
     __syncthreads();
     if (f < F) {
         float g, unused, ss;
-        warp_dots<W, 1, true, U>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
+        warp_dots<W, 1, true, U, E>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
         const float rs = rstd_of(ss, D, eps);
         const float a = act_fn<float>(g * rs, gate_kind, thr);
         if (lane == 0 && kept(a)) {                          // nonzero or NaN: keep f
@@ -890,7 +938,11 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
     const int n = nk;                                        // the same in every thread
     if (n == 0) return;
     if (threadIdx.x == 0) base = atomicAdd(cnt, n);          // one global atomic per block
-    if (gated) {
+    if (gated && UB) {
+        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
+        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
+        up_eighths<W>(wu, x, ld, v0, len, kf, n, lane, part, wid);
+    } else if (gated) {
         const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
         const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
         for (int m = 0; m < n; ++m) {
@@ -916,17 +968,96 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
     }
 }
 
+//  ffn_gate_wave     skip, fifth rung: ffn_gate_block (UB) laid out as one wave. Each warp
+//                    streams R <= 4 gate rows in turn (neurons blockIdx.x * WARPS + wid + t *
+//                    gridDim.x * WARPS, t < R), so R is chosen to fit the whole grid on the
+//                    device at once (Mistral's 14336 neurons: R = 4, 448 blocks, 4 fit an
+//                    H200 multiprocessor); then one up phase for the block's kept neurons
+//                    (up to 8 R, ~3 at 90% zeros), 4 rows per round trip, and one global atomic.
+template <typename W, int U>
+__global__ void __launch_bounds__(NTHREADS) ffn_gate_wave(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                          const float* __restrict__ x, int F, int ld, int D,
+                                                          float eps, int gate_kind, int up_kind, float thr,
+                                                          int gated, int* __restrict__ cnt, int* __restrict__ idx,
+                                                          float* __restrict__ hv, int R) {
+    __shared__ int nk, base;
+    __shared__ int kf[4 * WARPS];                            // the block's kept neurons
+    __shared__ float ka[4 * WARPS], krs[4 * WARPS];          // their a(gate) and rstd
+    __shared__ float part[4 * WARPS][WARPS + 1];             // [kept neuron][warp]: partial up dots
+    const int V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int f0 = blockIdx.x * WARPS + wid, step = gridDim.x * WARPS;
+    if (threadIdx.x == 0) nk = 0;
+    if (f0 < F) prefetch_row(wg + (size_t)f0 * ld, ld, lane);
+    pdl_wait();
+    __syncthreads();
+    for (int t = 0; t < R; ++t) {
+        const int f = f0 + t * step;
+        if (f >= F) break;
+        float g, unused, ss;
+        warp_dots<W, 1, true, U>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
+        const float rs = rstd_of(ss, D, eps);
+        const float a = act_fn<float>(g * rs, gate_kind, thr);
+        if (lane == 0 && kept(a)) {                          // nonzero or NaN: keep f
+            const int m = atomicAdd(&nk, 1);
+            kf[m] = f; ka[m] = a; krs[m] = rs;
+        }
+    }
+    __syncthreads();
+    const int n = nk;                                        // the same in every thread
+    if (n == 0) return;
+    if (threadIdx.x == 0) base = atomicAdd(cnt, n);          // one global atomic per block
+    if (gated) {
+        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
+        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
+        up_eighths<W>(wu, x, ld, v0, len, kf, n, lane, part, wid);
+    }
+    __syncthreads();
+    if (threadIdx.x < n) {
+        const int m = threadIdx.x;
+        float a = ka[m];
+        if (gated) {
+            float u = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) u += part[m][w];
+            a = a * act_fn<float>(u * krs[m], up_kind, thr);
+        }
+        idx[base + m] = kf[m];
+        hv[base + m] = a;
+    }
+}
+
 #define NV 2                                                 // 16-byte vectors per lane in ffn_down_rows
 // x[col0 : col0 + CW] += sum_{lo <= j < hi} hv[j] * wd[idx[j], col0 : col0 + CW], one block:
 // a warp accumulates its slots' columns in registers (4 rows' loads in flight), the block
 // reduces its warps in shared memory (red), then one atomicAdd per column.
+// x[col0 + i] += the block's sum over its warps of acc (lane's NV vectors of V columns,
+// at col0 + qv * 32 * V + lane * V): through shared memory, one atomicAdd per column
+template <typename W>
+__device__ __forceinline__ void cols_add(const float* acc, int col0, float* x, int ld,
+                                         float (*red)[32 * VecOf<W>::N * NV]) {
+    const int V = VecOf<W>::N;
+    const int CW = 32 * V * NV;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+    for (int qv = 0; qv < NV; ++qv)
+#pragma unroll
+        for (int k = 0; k < V; ++k) red[wid][qv * 32 * V + lane * V + k] = acc[qv * V + k];
+    __syncthreads();
+    for (int i = threadIdx.x; i < CW; i += blockDim.x) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) t += red[w][i];
+        if (col0 + i < ld && t != 0.f) atomicAdd(x + col0 + i, t);
+    }
+}
+
 template <typename W>
 __device__ __forceinline__ void down_rows_tile(int lo, int hi, int col0, const int* __restrict__ idx,
                                                const float* __restrict__ hv,
                                                const W* __restrict__ wd, float* x, int ld,
                                                float (*red)[32 * VecOf<W>::N * NV]) {
     const int V = VecOf<W>::N;
-    const int CW = 32 * V * NV;                              // columns of a block
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     float acc[NV * V];
 #pragma unroll
@@ -949,17 +1080,7 @@ __device__ __forceinline__ void down_rows_tile(int lo, int hi, int col0, const i
             for (int k = 0; k < V; ++k) acc[qv * V + k] = fmaf(hj, w[k], acc[qv * V + k]);
         }
     }
-#pragma unroll
-    for (int qv = 0; qv < NV; ++qv)
-#pragma unroll
-        for (int k = 0; k < V; ++k) red[wid][qv * 32 * V + lane * V + k] = acc[qv * V + k];
-    __syncthreads();
-    for (int i = threadIdx.x; i < CW; i += blockDim.x) {
-        float t = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) t += red[w][i];
-        if (col0 + i < ld && t != 0.f) atomicAdd(x + col0 + i, t);
-    }
+    cols_add<W>(acc, col0, x, ld, red);
 }
 
 template <typename W>
@@ -974,6 +1095,69 @@ __global__ void __launch_bounds__(NTHREADS) ffn_down_rows(const int* __restrict_
     const int lo = blockIdx.y * chunk, hi = min(n, lo + chunk);
     if (lo >= hi) return;                                    // whole block
     down_rows_tile<W>(lo, hi, blockIdx.x * 32 * VecOf<W>::N * NV, idx, hv, wd, x, ld, red);
+}
+
+// ffn_down_rows_il: as ffn_down_rows, with the kept rows dealt out in turn (row j to block
+// row j % G, warp (j / G) % WARPS) instead of in chunks, so a warp's first 4 slots are known
+// before the count is: their ids and h values are loaded together with cnt (slots < cap,
+// the list's length, are always in the buffers; those >= *cnt are dropped), which takes one
+// dependent round trip (count -> list) off the kernel's critical path.
+template <typename W>
+__global__ void __launch_bounds__(NTHREADS) ffn_down_rows_il(const int* __restrict__ cnt, const int* __restrict__ idx,
+                                                             const float* __restrict__ hv, const W* __restrict__ wd,
+                                                             float* __restrict__ x, int ld, int cap) {
+    __shared__ float red[WARPS][32 * VecOf<W>::N * NV];
+    const int V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int S = gridDim.y * WARPS;                         // slots per round of the whole grid
+    const int col0 = blockIdx.x * 32 * V * NV;
+    pdl_wait();                                              // cnt, idx, hv: from the kernel before
+    int jr[4];
+    float hr[4];
+    int jb = blockIdx.y + gridDim.y * wid;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {                            // not dependent on the count
+        const int j = jb + S * t;
+        jr[t] = j < cap ? __ldca(idx + j) : 0;
+        hr[t] = j < cap ? __ldca(hv + j) : 0.f;
+    }
+    const int n = __ldca(cnt);
+    float acc[NV * 8];
+#pragma unroll
+    for (int k = 0; k < NV * V; ++k) acc[k] = 0.f;
+    for (; jb < n; jb += 4 * S) {
+        uint4 raw[4][NV];
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+#pragma unroll
+            for (int qv = 0; qv < NV; ++qv) {
+                const int c = col0 + qv * 32 * V + lane * V;
+                raw[t][qv] = (jb + S * t < n && c < ld) ? ld16raw(wd + (size_t)jr[t] * ld + c)
+                                                        : make_uint4(0u, 0u, 0u, 0u);
+            }
+        float hn[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) hn[t] = jb + S * t < n ? hr[t] : 0.f;
+        if (jb + 4 * S < n) {                                // the next 4 slots (n > 4 S rows: rare)
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const int j = jb + 4 * S + S * t;
+                jr[t] = j < n ? __ldca(idx + j) : 0;
+                hr[t] = j < n ? __ldca(hv + j) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+#pragma unroll
+            for (int qv = 0; qv < NV; ++qv) {
+                float w[V];
+                cvt16(raw[t][qv], w, W());
+#pragma unroll
+                for (int k = 0; k < V; ++k) acc[qv * V + k] = fmaf(hn[t], w[k], acc[qv * V + k]);
+            }
+    }
+    if ((int)blockIdx.y >= n) return;                        // (block-uniform) no slot of this block
+    cols_add<W>(acc, col0, x, ld, red);
 }
 
 // ====================================================================================

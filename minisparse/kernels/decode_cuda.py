@@ -83,7 +83,7 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # every site in every mode (bench/decode_gpu.py --pdl-sweep, H200, with early loads: dense 3.761 ms/token
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
-SELECT_KERNELS = ("split3", "block", "block8", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
+SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "wave", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
 SELECT_KERNEL = "block8"        # with early loads and PDL everywhere: 2.383 ms/token against 2.461 for split3 (H200)
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
@@ -98,6 +98,11 @@ GIVEN1_PV = (1, 2, 4)           # 16-byte column vectors per thread in its down 
 GIVEN1_CLUSTERS = (2, 4)        # ffn_given1_cl: blocks per thread-block cluster (compiled for compute capability 9.0+)
 GIVEN1_CLUSTER_WARPS = 32       # ... and its warps per block
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
+DOWN_KERNELS = ("rows", "interleaved")   # the sparse down pass: ffn_down_rows | ffn_down_rows_il (GraphDecoder.down_kernel)
+DOWN_KERNEL = "rows"
+GATE_WAVE_BLOCKS_PER_SM = 5     # ffn_gate_wave: 48 registers a thread (ptxas, sm_90, float16): 5 blocks of 256
+DOWN_IL_BLOCKS_PER_SM = 3       # ffn_down_rows_il: 80 registers a thread, 3 blocks of 256 threads fit a multiprocessor
+                                # (both: used when the compiled kernel does not tell, see blocks_per_sm)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
 _MODULES: Dict[tuple, dict] = {}   # (weight dtype, prefetch bytes, early loads) -> kernels
@@ -116,6 +121,18 @@ def attn_splits(max_len: int) -> int:
 def attn_shared_bytes(max_len: int, head_dim: int) -> int:
     """Dynamic shared memory of attn_decode: scores, q, partial sums (floats)."""
     return 4 * (_pad(max_len, 4) + _pad(head_dim, 4) + 4 * ATTN_THREADS)
+
+
+def blocks_per_sm(fn, fallback: int) -> int:
+    """Blocks of ``WARPS`` warps of a compiled kernel that its registers let one multiprocessor
+    hold (64K 32-bit registers, given out per warp in units of 256; at most 64 warps), from
+    the kernel's ``num_regs``; ``fallback`` where the kernel does not say."""
+    try:
+        regs = int(fn.num_regs)
+    except Exception:
+        return fallback
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(1, min(65536 // (per_warp * WARPS), 64 // WARPS))
 
 
 def _cupy():
@@ -145,7 +162,9 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     (y += W x), ``gemv_vec16_norm`` (y = rstd(x) W x), ``embed``, ``rmsnorm``,
     ``qkv_rope``, ``attn_naive``, ``attn``, ``ffn_gateup``, ``ffn_gate_select``,
     ``ffn_gateup_list``, ``ffn_gate_select2``, ``ffn_gateup_list4``, ``ffn_up_list4``,
-    ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane), ``ffn_down_rows``,
+    ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane; ``..8e``: the
+    first round of gate loads before the wait, ``..8eb``: and the kept up rows' loads all in
+    flight at once), ``ffn_down_rows``, ``ffn_down_rows_il``,
     ``argmax``, ``attn_split``, ``head_argmax``; ``*_u8``: 8 loads in flight per lane;
     ``ffn_gateup_mask_xf32`` / ``_xf16`` and ``ffn_down_rows_out_xf32`` / ``_xf16``: the CuPy
     backend's one-token FFN given a mask (x float32 / float16).
@@ -169,7 +188,11 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
                      ffn_gate_select2=f"ffn_gate_select2<{W}>", ffn_gateup_list4=f"ffn_gateup_list4<{W}>",
                      ffn_up_list4=f"ffn_up_list4<{W}>", ffn_gate_block=f"ffn_gate_block<{W}, 4>",
                      ffn_gate_block8=f"ffn_gate_block<{W}, 8>",
-                     ffn_down_rows=f"ffn_down_rows<{W}>",
+                     ffn_gate_block8b=f"ffn_gate_block<{W}, 8, false, true>",
+                     ffn_gate_block8e=f"ffn_gate_block<{W}, 8, true, false>",
+                     ffn_gate_wave=f"ffn_gate_wave<{W}, 8>",
+                     ffn_gate_block8eb=f"ffn_gate_block<{W}, 8, true, true>",
+                     ffn_down_rows=f"ffn_down_rows<{W}>", ffn_down_rows_il=f"ffn_down_rows_il<{W}>",
                      rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
                      attn_split="attn_decode_split",
                      argmax="argmax_advance",
@@ -535,7 +558,12 @@ class GraphDecoder:
         The rung of skip mode's first half (``"split3"``: a pure gate pass, then
         ffn_up_list4 for the kept neurons' up rows; ``"block"`` / ``"block8"``:
         ffn_gate_block, the gate pass whose blocks then read their kept neurons' up rows
-        with all 8 warps, one launch, 4 / 8 loads in flight per lane; ``"split3pair"``: the same with the
+        with all 8 warps, one launch, 4 / 8 loads in flight per lane; ``"block8e"``: block8
+        issuing its first round of gate loads before the programmatic wait (with
+        ``early_loads``); ``"block8eb"``: and reading up to 4 kept up rows in one round
+        trip (``"block8b"``: that alone); ``"wave"``: ffn_gate_wave, block8b with each warp
+        streaming ``gate_rows_per_warp`` (None: as many as make the grid one wave, at most
+        4) gate rows before the block's one up phase; ``"split3pair"``: the same with the
         gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
         neurons per warp, up rows read by the same warp; ``"single"``: ffn_gate_select, one
         neuron per warp) and of given mode's first half
@@ -544,6 +572,12 @@ class GraphDecoder:
     gemv_u : int
         16-byte loads in flight per lane (4 or 8) in the warp-per-row GEMVs (q,k,v, the
         o-projection, the dense FFN, skip mode's gate pass and the LM head); same rule.
+        ``qkv_u`` (None: ``gemv_u``) sets it for the q,k,v kernel alone (at 4 it needs 70
+        registers a thread, so its 384 blocks of the Mistral shape fit the H200 in one wave).
+    down_kernel : str
+        The sparse down pass (skip and given): ``"rows"``: ffn_down_rows, each block a chunk
+        of the kept rows; ``"interleaved"``: ffn_down_rows_il, the rows dealt out in turn so
+        that a warp's first slots load with the count, not after it. Same rule.
     head_kernel : str
         ``"fused"``: the LM head and the greedy argmax in one launch (head_argmax: each
         block's best logit meets the others through one 64-bit atomicMax; the last block
@@ -595,11 +629,14 @@ class GraphDecoder:
         self.prefetch_bytes = int(prefetch_bytes) if self.pdl else 0
         self.select_kernel, self.list_kernel = SELECT_KERNEL, LIST_KERNEL
         self.gemv_u = GEMV_U
+        self.qkv_u = None                    # None: gemv_u
         self.head_kernel = HEAD_KERNEL
         self.early_loads = bool(early_loads) and self.pdl
         self.k = kernels(self.wdt, self.prefetch_bytes, self.early_loads)
         self.stream = cp.cuda.Stream(non_blocking=True)
-        self.down_blocks_per_sm = DOWN_BLOCKS_PER_SM
+        self.down_kernel = DOWN_KERNEL
+        self.gate_rows_per_warp = None       # select_kernel "wave": None = fit one wave
+        self.down_blocks_per_sm = None       # None: DOWN_BLOCKS_PER_SM / DOWN_IL_BLOCKS_PER_SM, per down_kernel
         self._sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
         with self.stream:
             self._copy_weights(model.params, active)
@@ -784,10 +821,12 @@ class GraphDecoder:
         if self.select_kernel not in SELECT_KERNELS or self.list_kernel not in LIST_KERNELS:
             raise ValueError(f"select_kernel must be one of {SELECT_KERNELS} and list_kernel one of "
                              f"{LIST_KERNELS}; got {self.select_kernel!r}, {self.list_kernel!r}")
-        if self.gemv_u not in GEMV_US:
-            raise ValueError(f"gemv_u must be one of {GEMV_US}, got {self.gemv_u!r}")
+        if self.gemv_u not in GEMV_US or self.qkv_u not in GEMV_US + (None,):
+            raise ValueError(f"gemv_u (and qkv_u, or None) must be one of {GEMV_US}, got {self.gemv_u!r}, {self.qkv_u!r}")
         if self.head_kernel not in HEAD_KERNELS:
             raise ValueError(f"head_kernel must be one of {HEAD_KERNELS}, got {self.head_kernel!r}")
+        if self.down_kernel not in DOWN_KERNELS:
+            raise ValueError(f"down_kernel must be one of {DOWN_KERNELS}, got {self.down_kernel!r}")
         u8 = "_u8" if self.gemv_u == 8 else ""
         c, k = self.config, self.k
         i32, f32 = np.int32, np.float32
@@ -820,12 +859,23 @@ class GraphDecoder:
         blk = (32 * WARPS,)
         V16 = 16 // self.wdt.itemsize
         ncol = (Dp + 32 * V16 * NV - 1) // (32 * V16 * NV)
-        G = max(1, min(-(-self.down_blocks_per_sm * self._sms // ncol), -(-F // WARPS)))
+        il = self.down_kernel == "interleaved"
+        # ffn_gate_wave: gate rows per warp, so that the grid fits the device in one wave
+        if self.gate_rows_per_warp not in (None, 1, 2, 3, 4):
+            raise ValueError(f"gate_rows_per_warp must be None or 1..4, got {self.gate_rows_per_warp!r}")
+        R = 1
+        if self.mode == "skip" and self.select_kernel == "wave":
+            R = self.gate_rows_per_warp or min(
+                4, -(-F // (WARPS * blocks_per_sm(k["ffn_gate_wave"], GATE_WAVE_BLOCKS_PER_SM) * self._sms)))
+        bps = self.down_blocks_per_sm or (blocks_per_sm(k["ffn_down_rows_il"], DOWN_IL_BLOCKS_PER_SM) if il
+                                          else DOWN_BLOCKS_PER_SM)
+        G = bps * self._sms / ncol                             # the down pass's block rows
+        G = max(1, min(int(G) if il else math.ceil(G), -(-F // WARPS)))   # il: at most one wave
         launch("embed", k["embed"], ((D + 255) // 256,), (256,),
                (self.emb, i32(Dp), self.tokens, self.pos, self.x, i32(D), f32(math.sqrt(D)), i32(c.embed_scale)))
         for i, lw in enumerate(self.layers):
             # attention: [norm +] q,k,v + rotary + KV write; attention; o-proj + residual
-            launch("qkv", k["qkv_rope" + u8], rows((H + 2 * K) * Dh // 2), blk,
+            launch("qkv", k["qkv_rope" + ("_u8" if (self.qkv_u or self.gemv_u) == 8 else "")], rows((H + 2 * K) * Dh // 2), blk,
                    (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
                     i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
             if self.attn_kernel == "split":
@@ -849,11 +899,15 @@ class GraphDecoder:
                     cnt_i, idx = self.cnt[i:i + 1], self.idx
                     pair = self.select_kernel in ("pair", "split3pair")
                     split3 = self.select_kernel.startswith("split3")
-                    first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8"}.get(
+                    first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8", "block8b": "ffn_gate_block8b",
+                             "block8e": "ffn_gate_block8e", "block8eb": "ffn_gate_block8eb"}.get(
                         self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select" + (u8 if split3 else ""))
-                    launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk,
-                           (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
-                            i32(0) if split3 else gated, cnt_i, idx, self.hv))
+                    args = (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
+                            i32(0) if split3 else gated, cnt_i, idx, self.hv)
+                    if self.select_kernel == "wave":
+                        launch("ffn_up", k["ffn_gate_wave"], (-(-F // (WARPS * R)),), blk, args + (i32(R),))
+                    else:
+                        launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk, args)
                     if split3 and self.act.gated:              # the kept neurons' up rows
                         launch("ffn_mid", k["ffn_up_list4"], (min((F + 1) // 2, 8 * self._sms),), blk,
                                (wu, self.x, i32(Dp), i32(D), eps, uk, thr, cnt_i, idx, self.hv))
@@ -864,7 +918,11 @@ class GraphDecoder:
                     launch("ffn_up", k["ffn_gateup_list4" if quarter else "ffn_gateup_list"],
                            ((A + 1) // 2,) if quarter else rows(A), blk,
                            (lw["wg"], wu, self.x, i32(Dp), i32(D), eps, gk, uk, thr, gated, cnt_i, idx, self.hv))
-                launch("ffn_down", k["ffn_down_rows"], (ncol, G), blk, (cnt_i, idx, self.hv, lw["wd"], self.x, i32(Dp)))
+                if il:
+                    launch("ffn_down", k["ffn_down_rows_il"], (ncol, G), blk,
+                           (cnt_i, idx, self.hv, lw["wd"], self.x, i32(Dp), i32(min(int(idx.size), int(self.hv.size)))))
+                else:
+                    launch("ffn_down", k["ffn_down_rows"], (ncol, G), blk, (cnt_i, idx, self.hv, lw["wd"], self.x, i32(Dp)))
             else:                                              # the CuPy backend: normed input, y, x += y
                 launch("norm", k["rmsnorm"], (1,), (1024,), (self.x, _NULL, self.ones, self.xn, i32(D), eps))
                 if self.sparse_kernel == "fused":              # y = FFN(xn), one launch, no sync

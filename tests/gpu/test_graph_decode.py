@@ -192,9 +192,12 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("skip", dict(select_kernel="single")), ("skip", dict(select_kernel="pair")),
              ("skip", dict(select_kernel="split3pair")), ("skip", dict(select_kernel="block")),
              ("skip", dict(select_kernel="block8")), ("skip", dict(select_kernel="split3")),
+             ("skip", dict(select_kernel="block8e")), ("skip", dict(select_kernel="block8eb")),
+             ("skip", dict(select_kernel="block8b")), ("skip", dict(select_kernel="wave")),
+             ("skip", dict(down_kernel="interleaved")), ("given", dict(down_kernel="interleaved")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
              ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
-             ("skip", dict(head_kernel="separate", gemv_u=4))]
+             ("skip", dict(head_kernel="separate", gemv_u=4)), ("dense", dict(qkv_u=4)), ("skip", dict(qkv_u=4))]
     for mode, rung in rungs:
         dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
                            pdl=pdl, prefetch_bytes=prefetch, early_loads=early)
@@ -254,6 +257,15 @@ def test_split_attention_has_no_max_len_limit(cp):
     dec.gemv_u, dec.head_kernel = 8, "fast"             # and an unknown head rung
     with pytest.raises(ValueError, match="head_kernel"):
         dec.generate(PROMPT, 3)
+    dec.head_kernel, dec.qkv_u = "fused", 2             # a q,k,v load depth without a kernel
+    with pytest.raises(ValueError, match="qkv_u"):
+        dec.generate(PROMPT, 3)
+    dec.qkv_u, dec.down_kernel = None, "interleave"     # a down pass that does not exist
+    with pytest.raises(ValueError, match="down_kernel"):
+        dec.generate(PROMPT, 3)
+    dec.down_kernel, dec.gate_rows_per_warp = "rows", 5  # more gate rows a warp than a block keeps
+    with pytest.raises(ValueError, match="gate_rows_per_warp"):
+        dec.generate(PROMPT, 3)
 
 
 @pytest.mark.gpu
@@ -281,6 +293,50 @@ def test_early_loads_on_rows_of_several_rounds(cp, wdt):
             logits[early] = lg
         if mode == "dense":                             # the same sums in the same order: bit for bit
             np.testing.assert_array_equal(logits[True], logits[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdt", ["float32", "float16"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
+    """The skip pass's gate-block rungs (block8; block8e: gate loads before the wait;
+    block8b: up to 4 kept up rows per round trip; block8eb: both; wave: 1-4 gate rows per
+    warp, up to 32 kept neurons a block, the last block part empty) and both down passes (rows;
+    interleaved, at its own grid and on one block row, where a warp's slots run past its
+    first 4 and the next ids load inside the loop) give the NumPy tokens, graph and eager,
+    with programmatic launch and early loads. dim 2304: rows of one round of loads and a
+    tail, an eighth of a row 36 half vectors (lanes 0-3 hold two). ``sparse=False``:
+    random drelu weights keep ~1/4 of the neurons, so blocks keep 5-8 of their 8 neurons
+    and the up phase takes its second group of 4; given mode gets every neuron."""
+    cfg_kw = dict(dim=2304, n_layers=3, n_heads=18, n_kv_heads=6, ffn_dim=1000, vocab_size=300,
+                  activation="drelu", tie_embeddings=False)
+    cfg, ref, dev, active = models(cfg_kw, seed=4, weights_f16=(wdt == "float16"), sparse=sparse)
+    if active is None:
+        active = [np.arange(cfg.ffn_dim)] * cfg.n_layers
+    want_ids, want_logits = reference(ref, PROMPT, NEW)
+    dmodel = to_device(cp, dev)
+    downs = [dict(down_kernel="rows"), dict(down_kernel="interleaved"),
+             dict(down_kernel="interleaved", down_blocks_per_sm=1e-3)]
+    firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb", "wave")]
+    firsts += [dict(select_kernel="wave", gate_rows_per_warp=r) for r in (2, 3)]   # a block: 16 / 24 neurons
+    rungs = [("skip", {**a, **b}) for a in firsts for b in downs] + [("given", b) for b in downs]
+    kept_max = 0
+    for mode, rung in rungs:
+        dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
+                           pdl=True, early_loads=True, count_active=(mode == "skip"))
+        for name, value in rung.items():
+            setattr(dec, name, value)
+        for graph in (False, True, True):
+            ids, lg = dec.generate(PROMPT, NEW, graph=graph, return_logits=True)
+            what = f"{mode} {rung} {wdt} graph={graph}"
+            assert ids == want_ids, f"{what}: {ids} != NumPy {want_ids}"
+            assert_logits_close(lg, want_logits, 1e-4, what)
+        if dec.counts is not None:
+            kept_max = max(kept_max, int(dec.counts.get().max()))
+    if not sparse:              # > 20% kept: a block of 8 keeps >= 5 with p > 1%, ~60 times in this run
+        assert kept_max > 0.2 * cfg.ffn_dim, kept_max
+    # one block row of the interleaved down pass: 8 slots a round, so > 32 kept rows reload
+    assert kept_max > 32
 
 
 @pytest.mark.gpu
