@@ -968,65 +968,6 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
     }
 }
 
-//  ffn_gate_wave     skip, fifth rung: ffn_gate_block (UB) laid out as one wave. Each warp
-//                    streams R <= 4 gate rows in turn (neurons blockIdx.x * WARPS + wid + t *
-//                    gridDim.x * WARPS, t < R), so R is chosen to fit the whole grid on the
-//                    device at once (Mistral's 14336 neurons: R = 4, 448 blocks, 4 fit an
-//                    H200 multiprocessor); then one up phase for the block's kept neurons
-//                    (up to 8 R, ~3 at 90% zeros), 4 rows per round trip, and one global atomic.
-template <typename W, int U>
-__global__ void __launch_bounds__(NTHREADS) ffn_gate_wave(const W* __restrict__ wg, const W* __restrict__ wu,
-                                                          const float* __restrict__ x, int F, int ld, int D,
-                                                          float eps, int gate_kind, int up_kind, float thr,
-                                                          int gated, int* __restrict__ cnt, int* __restrict__ idx,
-                                                          float* __restrict__ hv, int R) {
-    __shared__ int nk, base;
-    __shared__ int kf[4 * WARPS];                            // the block's kept neurons
-    __shared__ float ka[4 * WARPS], krs[4 * WARPS];          // their a(gate) and rstd
-    __shared__ float part[4 * WARPS][WARPS + 1];             // [kept neuron][warp]: partial up dots
-    const int V = VecOf<W>::N;
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const int f0 = blockIdx.x * WARPS + wid, step = gridDim.x * WARPS;
-    if (threadIdx.x == 0) nk = 0;
-    if (f0 < F) prefetch_row(wg + (size_t)f0 * ld, ld, lane);
-    pdl_wait();
-    __syncthreads();
-    for (int t = 0; t < R; ++t) {
-        const int f = f0 + t * step;
-        if (f >= F) break;
-        float g, unused, ss;
-        warp_dots<W, 1, true, U>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
-        const float rs = rstd_of(ss, D, eps);
-        const float a = act_fn<float>(g * rs, gate_kind, thr);
-        if (lane == 0 && kept(a)) {                          // nonzero or NaN: keep f
-            const int m = atomicAdd(&nk, 1);
-            kf[m] = f; ka[m] = a; krs[m] = rs;
-        }
-    }
-    __syncthreads();
-    const int n = nk;                                        // the same in every thread
-    if (n == 0) return;
-    if (threadIdx.x == 0) base = atomicAdd(cnt, n);          // one global atomic per block
-    if (gated) {
-        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
-        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
-        up_eighths<W>(wu, x, ld, v0, len, kf, n, lane, part, wid);
-    }
-    __syncthreads();
-    if (threadIdx.x < n) {
-        const int m = threadIdx.x;
-        float a = ka[m];
-        if (gated) {
-            float u = 0.f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) u += part[m][w];
-            a = a * act_fn<float>(u * krs[m], up_kind, thr);
-        }
-        idx[base + m] = kf[m];
-        hv[base + m] = a;
-    }
-}
-
 #define NV 2                                                 // 16-byte vectors per lane in ffn_down_rows
 // x[col0 : col0 + CW] += sum_{lo <= j < hi} hv[j] * wd[idx[j], col0 : col0 + CW], one block:
 // a warp accumulates its slots' columns in registers (4 rows' loads in flight), the block

@@ -83,7 +83,7 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # every site in every mode (bench/decode_gpu.py --pdl-sweep, H200, with early loads: dense 3.761 ms/token
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
-SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "wave", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
+SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
 SELECT_KERNEL = "block8"        # with early loads and PDL everywhere: 2.383 ms/token against 2.461 for split3 (H200)
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
@@ -100,9 +100,8 @@ GIVEN1_CLUSTER_WARPS = 32       # ... and its warps per block
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 DOWN_KERNELS = ("rows", "interleaved")   # the sparse down pass: ffn_down_rows | ffn_down_rows_il (GraphDecoder.down_kernel)
 DOWN_KERNEL = "rows"
-GATE_WAVE_BLOCKS_PER_SM = 5     # ffn_gate_wave: 48 registers a thread (ptxas, sm_90, float16): 5 blocks of 256
 DOWN_IL_BLOCKS_PER_SM = 3       # ffn_down_rows_il: 80 registers a thread, 3 blocks of 256 threads fit a multiprocessor
-                                # (both: used when the compiled kernel does not tell, see blocks_per_sm)
+                                # (used when the compiled kernel does not tell, see blocks_per_sm)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
 _CTYPE = {np.dtype(np.float16): "unsigned short", np.dtype(np.float32): "float"}
 _MODULES: Dict[tuple, dict] = {}   # (weight dtype, prefetch bytes, early loads) -> kernels
@@ -190,7 +189,6 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
                      ffn_gate_block8=f"ffn_gate_block<{W}, 8>",
                      ffn_gate_block8b=f"ffn_gate_block<{W}, 8, false, true>",
                      ffn_gate_block8e=f"ffn_gate_block<{W}, 8, true, false>",
-                     ffn_gate_wave=f"ffn_gate_wave<{W}, 8>",
                      ffn_gate_block8eb=f"ffn_gate_block<{W}, 8, true, true>",
                      ffn_down_rows=f"ffn_down_rows<{W}>", ffn_down_rows_il=f"ffn_down_rows_il<{W}>",
                      rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
@@ -561,9 +559,7 @@ class GraphDecoder:
         with all 8 warps, one launch, 4 / 8 loads in flight per lane; ``"block8e"``: block8
         issuing its first round of gate loads before the programmatic wait (with
         ``early_loads``); ``"block8eb"``: and reading up to 4 kept up rows in one round
-        trip (``"block8b"``: that alone); ``"wave"``: ffn_gate_wave, block8b with each warp
-        streaming ``gate_rows_per_warp`` (None: as many as make the grid one wave, at most
-        4) gate rows before the block's one up phase; ``"split3pair"``: the same with the
+        trip (``"block8b"``: that alone); ``"split3pair"``: the same with the
         gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
         neurons per warp, up rows read by the same warp; ``"single"``: ffn_gate_select, one
         neuron per warp) and of given mode's first half
@@ -635,7 +631,6 @@ class GraphDecoder:
         self.k = kernels(self.wdt, self.prefetch_bytes, self.early_loads)
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.down_kernel = DOWN_KERNEL
-        self.gate_rows_per_warp = None       # select_kernel "wave": None = fit one wave
         self.down_blocks_per_sm = None       # None: DOWN_BLOCKS_PER_SM / DOWN_IL_BLOCKS_PER_SM, per down_kernel
         self._sms = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
         with self.stream:
@@ -860,13 +855,6 @@ class GraphDecoder:
         V16 = 16 // self.wdt.itemsize
         ncol = (Dp + 32 * V16 * NV - 1) // (32 * V16 * NV)
         il = self.down_kernel == "interleaved"
-        # ffn_gate_wave: gate rows per warp, so that the grid fits the device in one wave
-        if self.gate_rows_per_warp not in (None, 1, 2, 3, 4):
-            raise ValueError(f"gate_rows_per_warp must be None or 1..4, got {self.gate_rows_per_warp!r}")
-        R = 1
-        if self.mode == "skip" and self.select_kernel == "wave":
-            R = self.gate_rows_per_warp or min(
-                4, -(-F // (WARPS * blocks_per_sm(k["ffn_gate_wave"], GATE_WAVE_BLOCKS_PER_SM) * self._sms)))
         bps = self.down_blocks_per_sm or (blocks_per_sm(k["ffn_down_rows_il"], DOWN_IL_BLOCKS_PER_SM) if il
                                           else DOWN_BLOCKS_PER_SM)
         G = bps * self._sms / ncol                             # the down pass's block rows
@@ -902,12 +890,9 @@ class GraphDecoder:
                     first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8", "block8b": "ffn_gate_block8b",
                              "block8e": "ffn_gate_block8e", "block8eb": "ffn_gate_block8eb"}.get(
                         self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select" + (u8 if split3 else ""))
-                    args = (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
-                            i32(0) if split3 else gated, cnt_i, idx, self.hv)
-                    if self.select_kernel == "wave":
-                        launch("ffn_up", k["ffn_gate_wave"], (-(-F // (WARPS * R)),), blk, args + (i32(R),))
-                    else:
-                        launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk, args)
+                    launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk,
+                           (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
+                            i32(0) if split3 else gated, cnt_i, idx, self.hv))
                     if split3 and self.act.gated:              # the kept neurons' up rows
                         launch("ffn_mid", k["ffn_up_list4"], (min((F + 1) // 2, 8 * self._sms),), blk,
                                (wu, self.x, i32(Dp), i32(D), eps, uk, thr, cnt_i, idx, self.hv))

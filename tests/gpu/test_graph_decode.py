@@ -193,7 +193,7 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("skip", dict(select_kernel="split3pair")), ("skip", dict(select_kernel="block")),
              ("skip", dict(select_kernel="block8")), ("skip", dict(select_kernel="split3")),
              ("skip", dict(select_kernel="block8e")), ("skip", dict(select_kernel="block8eb")),
-             ("skip", dict(select_kernel="block8b")), ("skip", dict(select_kernel="wave")),
+             ("skip", dict(select_kernel="block8b")),
              ("skip", dict(down_kernel="interleaved")), ("given", dict(down_kernel="interleaved")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
              ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
@@ -263,9 +263,6 @@ def test_split_attention_has_no_max_len_limit(cp):
     dec.qkv_u, dec.down_kernel = None, "interleave"     # a down pass that does not exist
     with pytest.raises(ValueError, match="down_kernel"):
         dec.generate(PROMPT, 3)
-    dec.down_kernel, dec.gate_rows_per_warp = "rows", 5  # more gate rows a warp than a block keeps
-    with pytest.raises(ValueError, match="gate_rows_per_warp"):
-        dec.generate(PROMPT, 3)
 
 
 @pytest.mark.gpu
@@ -300,8 +297,7 @@ def test_early_loads_on_rows_of_several_rounds(cp, wdt):
 @pytest.mark.parametrize("sparse", [True, False])
 def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
     """The skip pass's gate-block rungs (block8; block8e: gate loads before the wait;
-    block8b: up to 4 kept up rows per round trip; block8eb: both; wave: 1-4 gate rows per
-    warp, up to 32 kept neurons a block, the last block part empty) and both down passes (rows;
+    block8b: up to 4 kept up rows per round trip; block8eb: both) and both down passes (rows;
     interleaved, at its own grid and on one block row, where a warp's slots run past its
     first 4 and the next ids load inside the loop) give the NumPy tokens, graph and eager,
     with programmatic launch and early loads. dim 2304: rows of one round of loads and a
@@ -317,8 +313,7 @@ def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
     dmodel = to_device(cp, dev)
     downs = [dict(down_kernel="rows"), dict(down_kernel="interleaved"),
              dict(down_kernel="interleaved", down_blocks_per_sm=1e-3)]
-    firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb", "wave")]
-    firsts += [dict(select_kernel="wave", gate_rows_per_warp=r) for r in (2, 3)]   # a block: 16 / 24 neurons
+    firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb")]
     rungs = [("skip", {**a, **b}) for a in firsts for b in downs] + [("given", b) for b in downs]
     kept_max = 0
     for mode, rung in rungs:
