@@ -417,7 +417,7 @@ def pdl_sweep(args, cp, model, active, prompt):
         dec = dc.GraphDecoder(model, mode=mode, weight_dtype="float16", active=active if mode == "given" else None,
                               max_len=args.prompt + args.new)
         line, ref_ids = [], None
-        rungs = {"dense": [None], "skip": ["block8", "split3"], "given": ["quarter", "warp"]}[mode]
+        rungs = {"dense": [None], "skip": [dc.SELECT_KERNEL, "split3"], "given": ["quarter", "warp"]}[mode]
         variants = [(r, pdl, pf, early, "fused") for r in rungs
                     for pdl, pf, early in (("none", 0, False), ("all", 512, False), ("attn_side", 512, False),
                                            ("all", 512, True), ("attn_side", 512, True))]
@@ -455,15 +455,10 @@ def pdl_sweep(args, cp, model, active, prompt):
 
 
 RUNGS = {   # GraphDecoder attributes of each rung of --rung-sweep; the first of a mode is its default
-    "dense": [dict(), dict(qkv_u=4)],
-    "skip": [dict(), dict(select_kernel="block8eb", down_kernel="interleaved", qkv_u=4),
-             dict(select_kernel="block8b", down_kernel="interleaved", qkv_u=4),
-             dict(select_kernel="wave", down_kernel="interleaved", qkv_u=4),
-             dict(select_kernel="wave", gate_rows_per_warp=4, down_kernel="interleaved", qkv_u=4),
-             dict(select_kernel="wave", gate_rows_per_warp=2, down_kernel="interleaved", qkv_u=4),
-             dict(select_kernel="wave", down_kernel="interleaved", down_blocks_per_sm=2, qkv_u=4)],
-    "given": [dict(), dict(down_kernel="interleaved", qkv_u=4),
-              dict(down_kernel="interleaved", down_blocks_per_sm=2, qkv_u=4)],
+    "dense": [dict(), dict(qkv_u=8)],
+    "skip": [dict(), dict(select_kernel="block8b"), dict(down_kernel="rows"), dict(qkv_u=8),
+             dict(select_kernel="block8", down_kernel="rows", qkv_u=8)],
+    "given": [dict(), dict(down_kernel="rows"), dict(qkv_u=8), dict(down_kernel="rows", qkv_u=8)],
 }
 
 

@@ -84,11 +84,14 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
 SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
-SELECT_KERNEL = "block8"        # with early loads and PDL everywhere: 2.383 ms/token against 2.461 for split3 (H200)
+SELECT_KERNEL = "block8eb"      # H200, same runs: 2.339 / 2.301 ms/token against block8's 2.374 (block8 was 2.383
+                                # against split3's 2.461 in round 5); see bench/README.md, round 9
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
 GEMV_US = (4, 8)                # 16-byte loads in flight per lane in the warp-per-row GEMVs (GraphDecoder.gemv_u)
 GEMV_U = 8                      # bench/decode_gpu.py --pdl-sweep: faster in every mode (dense 4.08 -> 3.99 ms/token)
+QKV_U = 4                       # ... but q,k,v at 4: 70 registers, so Mistral's 384 blocks fit the H200 in one wave
+                                # (at 8: 96 registers, 2 blocks a multiprocessor, 1.45 waves); dense 3.719 -> 3.673
 HEAD_KERNELS = ("fused", "separate")   # head_argmax | gemv_vec16_norm + argmax_advance (GraphDecoder.head_kernel)
 HEAD_KERNEL = "fused"
 EARLY_LOADS = True              # GEMV kernels issue their first round of weight loads before the PDL wait (decode.cu
@@ -99,7 +102,7 @@ GIVEN1_CLUSTERS = (2, 4)        # ffn_given1_cl: blocks per thread-block cluster
 GIVEN1_CLUSTER_WARPS = 32       # ... and its warps per block
 DOWN_BLOCKS_PER_SM = 4          # ffn_down_rows grid ~ this many blocks per multiprocessor (swept on the H200: 1, 2, 4)
 DOWN_KERNELS = ("rows", "interleaved")   # the sparse down pass: ffn_down_rows | ffn_down_rows_il (GraphDecoder.down_kernel)
-DOWN_KERNEL = "rows"
+DOWN_KERNEL = "interleaved"     # H200, same run: skip 2.363 against 2.374 ms/token, given 1.485 against 1.492
 DOWN_IL_BLOCKS_PER_SM = 3       # ffn_down_rows_il: 80 registers a thread, 3 blocks of 256 threads fit a multiprocessor
                                 # (used when the compiled kernel does not tell, see blocks_per_sm)
 _SRC_PATH = os.path.join(os.path.dirname(__file__), "decode.cu")
@@ -568,8 +571,9 @@ class GraphDecoder:
     gemv_u : int
         16-byte loads in flight per lane (4 or 8) in the warp-per-row GEMVs (q,k,v, the
         o-projection, the dense FFN, skip mode's gate pass and the LM head); same rule.
-        ``qkv_u`` (None: ``gemv_u``) sets it for the q,k,v kernel alone (at 4 it needs 70
-        registers a thread, so its 384 blocks of the Mistral shape fit the H200 in one wave).
+        ``qkv_u`` (default 4; None: ``gemv_u``) sets it for the q,k,v kernel alone (at 4 it
+        needs 70 registers a thread, so its 384 blocks of the Mistral shape fit the H200 in
+        one wave; at 8, 96 registers and 1.45 waves).
     down_kernel : str
         The sparse down pass (skip and given): ``"rows"``: ffn_down_rows, each block a chunk
         of the kept rows; ``"interleaved"``: ffn_down_rows_il, the rows dealt out in turn so
@@ -625,7 +629,7 @@ class GraphDecoder:
         self.prefetch_bytes = int(prefetch_bytes) if self.pdl else 0
         self.select_kernel, self.list_kernel = SELECT_KERNEL, LIST_KERNEL
         self.gemv_u = GEMV_U
-        self.qkv_u = None                    # None: gemv_u
+        self.qkv_u = QKV_U                   # None: gemv_u
         self.head_kernel = HEAD_KERNEL
         self.early_loads = bool(early_loads) and self.pdl
         self.k = kernels(self.wdt, self.prefetch_bytes, self.early_loads)

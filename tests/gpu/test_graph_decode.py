@@ -194,10 +194,10 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("skip", dict(select_kernel="block8")), ("skip", dict(select_kernel="split3")),
              ("skip", dict(select_kernel="block8e")), ("skip", dict(select_kernel="block8eb")),
              ("skip", dict(select_kernel="block8b")),
-             ("skip", dict(down_kernel="interleaved")), ("given", dict(down_kernel="interleaved")),
+             ("skip", dict(down_kernel="rows")), ("given", dict(down_kernel="rows")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
              ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
-             ("skip", dict(head_kernel="separate", gemv_u=4)), ("dense", dict(qkv_u=4)), ("skip", dict(qkv_u=4))]
+             ("skip", dict(head_kernel="separate", gemv_u=4)), ("dense", dict(qkv_u=8)), ("skip", dict(qkv_u=None))]
     for mode, rung in rungs:
         dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
                            pdl=pdl, prefetch_bytes=prefetch, early_loads=early)
