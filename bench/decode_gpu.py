@@ -456,8 +456,8 @@ def pdl_sweep(args, cp, model, active, prompt):
 
 RUNGS = {   # GraphDecoder attributes of each rung of --rung-sweep; the first of a mode is its default
     "dense": [dict(), dict(qkv_u=8)],
-    "skip": [dict(), dict(select_kernel="block8b"), dict(down_kernel="rows"), dict(qkv_u=8),
-             dict(select_kernel="block8", down_kernel="rows", qkv_u=8)],
+    "skip": [dict(), dict(select_kernel="block16b"), dict(select_kernel="block16eb"), dict(select_kernel="block8b"),
+             dict(down_kernel="rows"), dict(qkv_u=8), dict(select_kernel="block8", down_kernel="rows", qkv_u=8)],
     "given": [dict(), dict(down_kernel="rows"), dict(qkv_u=8), dict(down_kernel="rows", qkv_u=8)],
 }
 
@@ -559,6 +559,8 @@ def main(argv=None):
                     help="also time plain launches against programmatic dependent launch x L2 prefetch depth")
     ap.add_argument("--rung-sweep", type=int, default=0, metavar="ROUNDS",
                     help="also time the kernel rungs of RUNGS side by side, interleaved, median of ROUNDS")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the rung sweep (default 3 rounds), no validation and no table")
     ap.add_argument("--json", default=None, help="default bench/results/decode_gpu[_quick].json")
     ap.add_argument("--hf-compile-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check-fp16", type=int, default=0, metavar="N",
@@ -610,6 +612,17 @@ def main(argv=None):
     if args.check_fp16:
         print(f"\nfloat16 decoder vs the eager reference, full model ({shapes(args)['n_layers']} layers)")
         RESULT["check_fp16"] = check_fp16_full(args, cp)
+        save(path)
+        return 0
+
+    if args.sweep_only:
+        from minisparse.kernels.decode_cuda import exactly_sparse_params
+        cfg = make_config(args)
+        print(f"\nrung sweep only ({cfg.n_layers} layers; tokens are compared with each mode's first rung, "
+              "not validated against NumPy: tests/gpu/test_graph_decode.py does that)")
+        p_dev, active = exactly_sparse_params(cfg, sparsity=0.9, seed=1, xp=cp, dtype=np.float32)
+        RESULT["rung_sweep"] = rung_sweep(args, cp, device_model(cfg, p_dev), active, prompt_ids(args, cfg),
+                                          args.rung_sweep or 3)
         save(path)
         return 0
 

@@ -106,6 +106,7 @@ def main(argv=None):
     weight_bytes = {  # float16 weight bytes each kernel family must read, per launch
         "qkv_rope": (H + 2 * K) * Dh * D * 2, "gemv_warp_vec16": H * Dh * D * 2, "ffn_gateup": 2 * F * D * 2,
         "ffn_gate_block": F * D * 2 + A * D * 2, "ffn_gateup_list4": 2 * A * D * 2, "ffn_down_rows": A * D * 2,
+        "ffn_down_rows_il": A * D * 2,
         "head_argmax": V * D * 2}
     out = {}
     for mode in ("dense", "skip", "given"):

@@ -83,7 +83,7 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # every site in every mode (bench/decode_gpu.py --pdl-sweep, H200, with early loads: dense 3.761 ms/token
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
-SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
+SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "block16b", "block16eb", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
 SELECT_KERNEL = "block8eb"      # H200, same runs: 2.339 / 2.301 ms/token against block8's 2.374 (block8 was 2.383
                                 # against split3's 2.461 in round 5); see bench/README.md, round 9
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
@@ -166,7 +166,8 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     ``ffn_gateup_list``, ``ffn_gate_select2``, ``ffn_gateup_list4``, ``ffn_up_list4``,
     ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane; ``..8e``: the
     first round of gate loads before the wait, ``..8eb``: and the kept up rows' loads all in
-    flight at once), ``ffn_down_rows``, ``ffn_down_rows_il``,
+    flight at once; ``..16b`` / ``..16eb``: 16 loads in flight per lane), ``ffn_down_rows``,
+    ``ffn_down_rows_il``,
     ``argmax``, ``attn_split``, ``head_argmax``; ``*_u8``: 8 loads in flight per lane;
     ``ffn_gateup_mask_xf32`` / ``_xf16`` and ``ffn_down_rows_out_xf32`` / ``_xf16``: the CuPy
     backend's one-token FFN given a mask (x float32 / float16).
@@ -193,6 +194,8 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
                      ffn_gate_block8b=f"ffn_gate_block<{W}, 8, false, true>",
                      ffn_gate_block8e=f"ffn_gate_block<{W}, 8, true, false>",
                      ffn_gate_block8eb=f"ffn_gate_block<{W}, 8, true, true>",
+                     ffn_gate_block16b=f"ffn_gate_block<{W}, 16, false, true>",
+                     ffn_gate_block16eb=f"ffn_gate_block<{W}, 16, true, true>",
                      ffn_down_rows=f"ffn_down_rows<{W}>", ffn_down_rows_il=f"ffn_down_rows_il<{W}>",
                      rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
                      attn_split="attn_decode_split",
@@ -562,7 +565,8 @@ class GraphDecoder:
         with all 8 warps, one launch, 4 / 8 loads in flight per lane; ``"block8e"``: block8
         issuing its first round of gate loads before the programmatic wait (with
         ``early_loads``); ``"block8eb"``: and reading up to 4 kept up rows in one round
-        trip (``"block8b"``: that alone); ``"split3pair"``: the same with the
+        trip (``"block8b"``: that alone; ``"block16b"`` / ``"block16eb"``: 16 loads in
+        flight per lane, a float16 row of 4096 in one round); ``"split3pair"``: the same with the
         gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
         neurons per warp, up rows read by the same warp; ``"single"``: ffn_gate_select, one
         neuron per warp) and of given mode's first half
@@ -892,7 +896,8 @@ class GraphDecoder:
                     pair = self.select_kernel in ("pair", "split3pair")
                     split3 = self.select_kernel.startswith("split3")
                     first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8", "block8b": "ffn_gate_block8b",
-                             "block8e": "ffn_gate_block8e", "block8eb": "ffn_gate_block8eb"}.get(
+                             "block8e": "ffn_gate_block8e", "block8eb": "ffn_gate_block8eb",
+                             "block16b": "ffn_gate_block16b", "block16eb": "ffn_gate_block16eb"}.get(
                         self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select" + (u8 if split3 else ""))
                     launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk,
                            (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,

@@ -193,7 +193,8 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("skip", dict(select_kernel="split3pair")), ("skip", dict(select_kernel="block")),
              ("skip", dict(select_kernel="block8")), ("skip", dict(select_kernel="split3")),
              ("skip", dict(select_kernel="block8e")), ("skip", dict(select_kernel="block8eb")),
-             ("skip", dict(select_kernel="block8b")),
+             ("skip", dict(select_kernel="block8b")), ("skip", dict(select_kernel="block16b")),
+             ("skip", dict(select_kernel="block16eb")),
              ("skip", dict(down_kernel="rows")), ("given", dict(down_kernel="rows")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
              ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
@@ -297,15 +298,18 @@ def test_early_loads_on_rows_of_several_rounds(cp, wdt):
 @pytest.mark.parametrize("sparse", [True, False])
 def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
     """The skip pass's gate-block rungs (block8; block8e: gate loads before the wait;
-    block8b: up to 4 kept up rows per round trip; block8eb: both) and both down passes (rows;
+    block8b: up to 4 kept up rows per round trip; block8eb: both; block16b/16eb: 16 loads
+    in flight per lane) and both down passes (rows;
     interleaved, at its own grid and on one block row, where a warp's slots run past its
     first 4 and the next ids load inside the loop) give the NumPy tokens, graph and eager,
-    with programmatic launch and early loads. dim 2304: rows of one round of loads and a
-    tail, an eighth of a row 36 half vectors (lanes 0-3 hold two). ``sparse=False``:
+    with programmatic launch and early loads. float32 at dim 2304 (576 vectors a row: two
+    rounds of 8 loads and a tail, one of 16 and a tail), float16 at dim 4160 (520: two
+    rounds of 8 and a tail, one of 16 and a tail; an eighth of a row is 65 vectors, so
+    lane 0 of the up phase takes a second turn). ``sparse=False``:
     random drelu weights keep ~1/4 of the neurons, so blocks keep 5-8 of their 8 neurons
     and the up phase takes its second group of 4; given mode gets every neuron."""
-    cfg_kw = dict(dim=2304, n_layers=3, n_heads=18, n_kv_heads=6, ffn_dim=1000, vocab_size=300,
-                  activation="drelu", tie_embeddings=False)
+    shape = dict(dim=2304, n_heads=18, n_kv_heads=6) if wdt == "float32" else dict(dim=4160, n_heads=26, n_kv_heads=13)
+    cfg_kw = dict(n_layers=3, ffn_dim=1000, vocab_size=300, activation="drelu", tie_embeddings=False, **shape)
     cfg, ref, dev, active = models(cfg_kw, seed=4, weights_f16=(wdt == "float16"), sparse=sparse)
     if active is None:
         active = [np.arange(cfg.ffn_dim)] * cfg.n_layers
@@ -313,7 +317,7 @@ def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
     dmodel = to_device(cp, dev)
     downs = [dict(down_kernel="rows"), dict(down_kernel="interleaved"),
              dict(down_kernel="interleaved", down_blocks_per_sm=1e-3)]
-    firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb")]
+    firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb", "block16b", "block16eb")]
     rungs = [("skip", {**a, **b}) for a in firsts for b in downs] + [("given", b) for b in downs]
     kept_max = 0
     for mode, rung in rungs:
