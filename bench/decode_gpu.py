@@ -456,7 +456,7 @@ def pdl_sweep(args, cp, model, active, prompt):
 
 RUNGS = {   # GraphDecoder attributes of each rung of --rung-sweep; the first of a mode is its default
     "dense": [dict(), dict(qkv_u=8)],
-    "skip": [dict(), dict(select_kernel="block16b"), dict(select_kernel="block16eb"), dict(select_kernel="block8b"),
+    "skip": [dict(), dict(select_kernel="block8eb"), dict(select_kernel="block16eb"), dict(select_kernel="block8b"),
              dict(down_kernel="rows"), dict(qkv_u=8), dict(select_kernel="block8", down_kernel="rows", qkv_u=8)],
     "given": [dict(), dict(down_kernel="rows"), dict(qkv_u=8), dict(down_kernel="rows", qkv_u=8)],
 }

@@ -84,8 +84,9 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
 SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "block16b", "block16eb", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
-SELECT_KERNEL = "block8eb"      # H200, same runs: 2.339 / 2.301 ms/token against block8's 2.374 (block8 was 2.383
-                                # against split3's 2.461 in round 5); see bench/README.md, round 9
+SELECT_KERNEL = "block16b"      # H200, one run: 2.285 ms/token against block8eb's 2.298 and block8's 2.382 (with the
+                                # old down pass and q,k,v); block8 was 2.383 against split3's 2.461 in round 5.
+                                # bench/README.md, round 9
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
 GEMV_US = (4, 8)                # 16-byte loads in flight per lane in the warp-per-row GEMVs (GraphDecoder.gemv_u)
