@@ -386,6 +386,19 @@ def test_head_argmax_ties_zeros_and_nan_as_argmax_advance(cp, early):
         assert run(vals, "fused") == want == run(vals, "separate")
 
 
+def test_blocks_per_sm_from_registers():
+    """What fits a multiprocessor by registers (64K, per warp in units of 256; 8-warp
+    blocks; at most 64 warps), as ptxas reported this round's kernels; the fallback where a
+    kernel object does not say."""
+    class Fn:
+        def __init__(self, regs):
+            self.num_regs = regs
+    want = {80: 3, 70: 3, 64: 4, 60: 4, 56: 4, 50: 4, 48: 5, 40: 6, 32: 8, 24: 8, 96: 2, 128: 2, 255: 1}
+    assert {r: dc.blocks_per_sm(Fn(r), 99) for r in want} == want
+    assert dc.blocks_per_sm(object(), 3) == 3
+    assert dc.blocks_per_sm(Fn("n/a"), 4) == 4
+
+
 def test_prefetch_bytes_are_checked():
     from minisparse.kernels import decode_cuda as dc
     from minisparse.kernels.decode_cuda import Launcher, kernels
