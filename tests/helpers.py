@@ -4,10 +4,22 @@ conftest.py is pytest's, not a module to import from: importing it by name picks
 conftest is first on ``sys.path``. This module sits next to it in ``tests/`` (on the path
 for every test, like ``backends/backend_helpers.py`` and ``interop/hf_helpers.py``).
 """
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name):
+    """bench/<name>.py as a module (the scripts are not a package), run afresh each call."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tol(dtype):

@@ -1,21 +1,14 @@
 """bench/decode_gpu.py without a GPU: the rungs its --rung-sweep times name real GraphDecoder
 settings (a typo would only show on the H200, after the model is built), and the script
 refuses cleanly without CuPy."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import load_bench
 
 from minisparse.kernels import decode_cuda as dc
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("decode_gpu", ROOT / "bench" / "decode_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("decode_gpu")
 
 
 VALID = {  # each GraphDecoder attribute a rung may set, and what _issue_step accepts for it

@@ -1,18 +1,11 @@
 """bench/decode_kernel_times.py without a GPU: its reading of ncu's CSV and its refusal
 without ncu (the timings themselves need an H200 and Nsight Compute)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_bench
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("decode_kernel_times", ROOT / "bench" / "decode_kernel_times.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("decode_kernel_times")
 
 
 HEAD = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
