@@ -969,9 +969,6 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
 }
 
 #define NV 2                                                 // 16-byte vectors per lane in ffn_down_rows
-// x[col0 : col0 + CW] += sum_{lo <= j < hi} hv[j] * wd[idx[j], col0 : col0 + CW], one block:
-// a warp accumulates its slots' columns in registers (4 rows' loads in flight), the block
-// reduces its warps in shared memory (red), then one atomicAdd per column.
 // x[col0 + i] += the block's sum over its warps of acc (lane's NV vectors of V columns,
 // at col0 + qv * 32 * V + lane * V): through shared memory, one atomicAdd per column
 template <typename W>
@@ -993,6 +990,9 @@ __device__ __forceinline__ void cols_add(const float* acc, int col0, float* x, i
     }
 }
 
+// x[col0 : col0 + CW] += sum_{lo <= j < hi} hv[j] * wd[idx[j], col0 : col0 + CW], one block:
+// a warp accumulates its slots' columns in registers (4 rows' loads in flight), the block
+// reduces its warps in shared memory (red), then one atomicAdd per column.
 template <typename W>
 __device__ __forceinline__ void down_rows_tile(int lo, int hi, int col0, const int* __restrict__ idx,
                                                const float* __restrict__ hv,

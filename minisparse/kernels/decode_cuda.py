@@ -83,7 +83,8 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # every site in every mode (bench/decode_gpu.py --pdl-sweep, H200, with early loads: dense 3.761 ms/token
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
-SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "block16b", "block16eb", "split3pair", "pair", "single")   # skip mode's first half, see GraphDecoder.select_kernel
+SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "block16b", "block16eb",   # skip mode's
+                  "split3pair", "pair", "single")                        # first half, see GraphDecoder.select_kernel
 SELECT_KERNEL = "block16b"      # H200, one run: 2.285 ms/token against block8eb's 2.298 and block8's 2.382 (with the
                                 # old down pass and q,k,v); block8 was 2.383 against split3's 2.461 in round 5.
                                 # bench/README.md, round 9
@@ -826,12 +827,14 @@ class GraphDecoder:
             raise ValueError(f"select_kernel must be one of {SELECT_KERNELS} and list_kernel one of "
                              f"{LIST_KERNELS}; got {self.select_kernel!r}, {self.list_kernel!r}")
         if self.gemv_u not in GEMV_US or self.qkv_u not in GEMV_US + (None,):
-            raise ValueError(f"gemv_u (and qkv_u, or None) must be one of {GEMV_US}, got {self.gemv_u!r}, {self.qkv_u!r}")
+            raise ValueError(f"gemv_u (and qkv_u, or None) must be one of {GEMV_US}, "
+                             f"got {self.gemv_u!r}, {self.qkv_u!r}")
         if self.head_kernel not in HEAD_KERNELS:
             raise ValueError(f"head_kernel must be one of {HEAD_KERNELS}, got {self.head_kernel!r}")
         if self.down_kernel not in DOWN_KERNELS:
             raise ValueError(f"down_kernel must be one of {DOWN_KERNELS}, got {self.down_kernel!r}")
         u8 = "_u8" if self.gemv_u == 8 else ""
+        qkv_u8 = "_u8" if (self.qkv_u or self.gemv_u) == 8 else ""
         c, k = self.config, self.k
         i32, f32 = np.int32, np.float32
         D, H, K, Dh, F, V, L_ = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.n_layers
@@ -872,7 +875,7 @@ class GraphDecoder:
                (self.emb, i32(Dp), self.tokens, self.pos, self.x, i32(D), f32(math.sqrt(D)), i32(c.embed_scale)))
         for i, lw in enumerate(self.layers):
             # attention: [norm +] q,k,v + rotary + KV write; attention; o-proj + residual
-            launch("qkv", k["qkv_rope" + ("_u8" if (self.qkv_u or self.gemv_u) == 8 else "")], rows((H + 2 * K) * Dh // 2), blk,
+            launch("qkv", k["qkv_rope" + qkv_u8], rows((H + 2 * K) * Dh // 2), blk,
                    (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
                     i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
             if self.attn_kernel == "split":
