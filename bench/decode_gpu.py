@@ -455,10 +455,10 @@ def pdl_sweep(args, cp, model, active, prompt):
 
 
 RUNGS = {   # GraphDecoder attributes of each rung of --rung-sweep; the first of a mode is its default
-    "dense": [dict(), dict(qkv_u=8)],
-    "skip": [dict(), dict(select_kernel="block8eb"), dict(select_kernel="block16eb"), dict(select_kernel="block8b"),
-             dict(down_kernel="rows"), dict(qkv_u=8), dict(select_kernel="block8", down_kernel="rows", qkv_u=8)],
-    "given": [dict(), dict(down_kernel="rows"), dict(qkv_u=8), dict(down_kernel="rows", qkv_u=8)],
+    "dense": [dict()],
+    "skip": [dict(), dict(select_kernel="pair8bf"), dict(select_kernel="pair8bf3"), dict(select_kernel="pair8eb2"),
+             dict(select_kernel="pair8ebf2"), dict(select_kernel="block16b")],
+    "given": [dict()],
 }
 
 

@@ -142,7 +142,15 @@ __device__ __forceinline__ void cvt16(uint4 v, float* o, unsigned short) {  // 8
 // so RMSNorm's statistic costs no extra memory traffic: the norm is fused into the GEMV).
 // WAIT: the caller has not waited yet (EARLY): pdl_wait() comes after the first round's
 // weight loads are issued and before x (written by the kernel before) is read.
-template <typename W, int NR, bool SQ, int U = 4, bool WAIT = false, typename X = float>
+// FENCE (1: membar.cta) after each round's loads: without
+// something ptxas may not move loads across, it sinks each load next to its first use and a
+// lane holds fewer than U loads in flight (bench/README.md, round 9: 64 registers for 16 loads).
+template <int FENCE>
+__device__ __forceinline__ void round_fence() {
+    if (FENCE == 1) asm volatile("membar.cta;" ::: "memory");
+}
+
+template <typename W, int NR, bool SQ, int U = 4, bool WAIT = false, typename X = float, int FENCE = 0>
 __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __restrict__ r1,
                                           const X* __restrict__ x, int ld, int lane,
                                           float* d0, float* d1, float* ss) {
@@ -158,7 +166,8 @@ __device__ __forceinline__ void warp_dots(const W* __restrict__ r0, const W* __r
             a[j] = ld16raw(r0 + (size_t)(v + 32 * j) * V);
             if (NR == 2) b[j] = ld16raw(r1 + (size_t)(v + 32 * j) * V);
         }
-        if (WAIT && !waited) { pdl_wait(); waited = true; }
+        if (WAIT && !waited) { pdl_wait(); waited = true; }  // (the wait holds the round's loads too)
+        else round_fence<FENCE>();
 #pragma unroll
         for (int j = 0; j < U; ++j) {
             float xv[V], w[V];
@@ -902,7 +911,7 @@ __device__ __forceinline__ void up_eighths(const W* __restrict__ wu, const float
 //                    thread per kept neuron sums the eighths: hv[slot] = a(gate) * b(up).
 //                    No launch and no grid-wide wait for the up rows; a block whose neurons
 //                    are all zero leaves after its gate rows.
-template <typename W, int U, bool EL = false, bool UB = false>
+template <typename W, int U, bool EL = false, bool UB = false, int FN = 0>
 __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__ wg, const W* __restrict__ wu,
                                                            const float* __restrict__ x, int F, int ld, int D,
                                                            float eps, int gate_kind, int up_kind, float thr,
@@ -926,7 +935,7 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
     __syncthreads();
     if (f < F) {
         float g, unused, ss;
-        warp_dots<W, 1, true, U, E>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
+        warp_dots<W, 1, true, U, E, float, FN>(wg + (size_t)f * ld, wg, x, ld, lane, &g, &unused, &ss);
         const float rs = rstd_of(ss, D, eps);
         const float a = act_fn<float>(g * rs, gate_kind, thr);
         if (lane == 0 && kept(a)) {                          // nonzero or NaN: keep f
@@ -956,6 +965,82 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
     __syncthreads();
     if (threadIdx.x < n) {
         const int m = threadIdx.x;
+        float a = ka[m];
+        if (gated) {
+            float u = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) u += part[m][w];
+            a = a * act_fn<float>(u * krs[m], up_kind, thr);
+        }
+        idx[base + m] = kf[m];
+        hv[base + m] = a;
+    }
+}
+
+//  ffn_gate_block2   skip, fifth rung (two launches; round 10): the dense first kernel's
+//                    shape for the gate pass. A warp streams TWO gate rows at once (neurons
+//                    f and f + 8 of a group of 16, warp_dots with NR = 2: 2 U loads in flight
+//                    per lane, FN: a fence after each round so that they stay in flight), P
+//                    groups in turn, then the batched up phase (up_eighths) for the block's
+//                    kept neurons (0..16 P, ~1.6 P at 90% zeros), one global atomic per block.
+//                    EL: the first round of gate loads before the wait.
+template <typename W, int U, int FN = 0, bool EL = false, int P = 1>
+__global__ void __launch_bounds__(NTHREADS) ffn_gate_block2(const W* __restrict__ wg, const W* __restrict__ wu,
+                                                            const float* __restrict__ x, int F, int ld, int D,
+                                                            float eps, int gate_kind, int up_kind, float thr,
+                                                            int gated, int* __restrict__ cnt, int* __restrict__ idx,
+                                                            float* __restrict__ hv) {
+    __shared__ int nk, base;
+    __shared__ int kf[2 * WARPS * P];                        // the block's kept neurons
+    __shared__ float ka[2 * WARPS * P], krs[2 * WARPS * P];  // their a(gate) and rstd
+    __shared__ float part[2 * WARPS * P][WARPS + 1];         // [kept neuron][warp]: partial up dots
+    const int V = VecOf<W>::N;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int fb = blockIdx.x * 2 * WARPS * P + wid;         // this warp's first neuron
+    constexpr bool E = EL && EARLY;                          // first round of gate loads before the wait
+    if (threadIdx.x == 0) nk = 0;
+    if (!E) {
+        if (fb < F) prefetch_row(wg + (size_t)fb * ld, ld, lane);
+        if (fb + WARPS < F) prefetch_row(wg + (size_t)(fb + WARPS) * ld, ld, lane);
+        pdl_wait();
+    } else if (fb >= F) {
+        pdl_wait();                                          // (a live warp waits in warp_dots)
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int p = 0; p < P; ++p) {
+        const int f0 = fb + 2 * WARPS * p, f1 = f0 + WARPS;
+        if (f0 >= F) break;
+        float g0, g1, ss;
+        if (p == 0)
+            warp_dots<W, 2, true, U, E, float, FN>(wg + (size_t)f0 * ld, wg + (size_t)(f1 < F ? f1 : f0) * ld, x, ld,
+                                                   lane, &g0, &g1, &ss);
+        else
+            warp_dots<W, 2, true, U, false, float, FN>(wg + (size_t)f0 * ld, wg + (size_t)(f1 < F ? f1 : f0) * ld, x,
+                                                       ld, lane, &g0, &g1, &ss);
+        const float rs = rstd_of(ss, D, eps);
+        const float a0 = act_fn<float>(g0 * rs, gate_kind, thr);
+        const float a1 = act_fn<float>(g1 * rs, gate_kind, thr);
+        if (lane == 0 && kept(a0)) {                         // nonzero or NaN: keep f0
+            const int m = atomicAdd(&nk, 1);
+            kf[m] = f0; ka[m] = a0; krs[m] = rs;
+        }
+        if (lane == 0 && f1 < F && kept(a1)) {
+            const int m = atomicAdd(&nk, 1);
+            kf[m] = f1; ka[m] = a1; krs[m] = rs;
+        }
+    }
+    __syncthreads();
+    const int n = nk;                                        // the same in every thread
+    if (n == 0) return;
+    if (threadIdx.x == 0) base = atomicAdd(cnt, n);          // one global atomic per block
+    if (gated) {
+        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
+        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
+        up_eighths<W>(wu, x, ld, v0, len, kf, n, lane, part, wid);
+    }
+    __syncthreads();
+    for (int m = threadIdx.x; m < n; m += blockDim.x) {
         float a = ka[m];
         if (gated) {
             float u = 0.f;

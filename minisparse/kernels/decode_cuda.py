@@ -84,10 +84,14 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
 SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "block16b", "block16eb",   # skip mode's
+                  "block8bf", "pair8bf", "pair8eb", "pair8bf2", "pair8bf3", "pair8bf4", "pair8eb2",
+                  "pair8ebf2",
                   "split3pair", "pair", "single")                        # first half, see GraphDecoder.select_kernel
-SELECT_KERNEL = "block16b"      # H200, one run: 2.285 ms/token against block8eb's 2.298 and block8's 2.382 (with the
-                                # old down pass and q,k,v); block8 was 2.383 against split3's 2.461 in round 5.
-                                # bench/README.md, round 9
+GATE_ROWS_PER_WARP = {"pair": 2, "split3pair": 2, "pair8bf": 2, "pair8eb": 2, "pair8bf2": 4, "pair8bf3": 6,
+                      "pair8bf4": 8, "pair8eb2": 4, "pair8ebf2": 4}
+SELECT_KERNEL = "pair8bf2"      # H200, round 10: 2.224 ms/token against pair8bf's 2.252 and block16b's 2.285 (one
+                                # run; pair8bf: 2.249 / 2.257 / 2.252 in three); block16b was 2.285 against block8eb's
+                                # 2.298 in round 9. bench/README.md
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
 GEMV_US = (4, 8)                # 16-byte loads in flight per lane in the warp-per-row GEMVs (GraphDecoder.gemv_u)
@@ -168,7 +172,9 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     ``ffn_gateup_list``, ``ffn_gate_select2``, ``ffn_gateup_list4``, ``ffn_up_list4``,
     ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane; ``..8e``: the
     first round of gate loads before the wait, ``..8eb``: and the kept up rows' loads all in
-    flight at once; ``..16b`` / ``..16eb``: 16 loads in flight per lane), ``ffn_down_rows``,
+    flight at once; ``..16b`` / ``..16eb``: 16 loads in flight per lane; ``..8bf``: fenced
+    rounds), ``ffn_gate_pair8bf`` / ``..8bf2`` / ``..8bf3`` / ``..8bf4`` / ``..8eb`` / ``..8eb2`` / ``..8ebf2`` (two gate rows per
+    warp, see ``GraphDecoder.select_kernel``), ``ffn_down_rows``,
     ``ffn_down_rows_il``,
     ``argmax``, ``attn_split``, ``head_argmax``; ``*_u8``: 8 loads in flight per lane;
     ``ffn_gateup_mask_xf32`` / ``_xf16`` and ``ffn_down_rows_out_xf32`` / ``_xf16``: the CuPy
@@ -198,6 +204,14 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
                      ffn_gate_block8eb=f"ffn_gate_block<{W}, 8, true, true>",
                      ffn_gate_block16b=f"ffn_gate_block<{W}, 16, false, true>",
                      ffn_gate_block16eb=f"ffn_gate_block<{W}, 16, true, true>",
+                     ffn_gate_block8bf=f"ffn_gate_block<{W}, 8, false, true, 1>",
+                     ffn_gate_pair8bf=f"ffn_gate_block2<{W}, 4, 1>",
+                     ffn_gate_pair8eb=f"ffn_gate_block2<{W}, 4, 0, true>",
+                     ffn_gate_pair8bf2=f"ffn_gate_block2<{W}, 4, 1, false, 2>",
+                     ffn_gate_pair8bf3=f"ffn_gate_block2<{W}, 4, 1, false, 3>",
+                     ffn_gate_pair8bf4=f"ffn_gate_block2<{W}, 4, 1, false, 4>",
+                     ffn_gate_pair8eb2=f"ffn_gate_block2<{W}, 4, 0, true, 2>",
+                     ffn_gate_pair8ebf2=f"ffn_gate_block2<{W}, 4, 1, true, 2>",
                      ffn_down_rows=f"ffn_down_rows<{W}>", ffn_down_rows_il=f"ffn_down_rows_il<{W}>",
                      rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
                      attn_split="attn_decode_split",
@@ -568,7 +582,14 @@ class GraphDecoder:
         issuing its first round of gate loads before the programmatic wait (with
         ``early_loads``); ``"block8eb"``: and reading up to 4 kept up rows in one round
         trip (``"block8b"``: that alone; ``"block16b"`` / ``"block16eb"``: 16 loads in
-        flight per lane, a float16 row of 4096 in one round); ``"split3pair"``: the same with the
+        flight per lane, a float16 row of 4096 in one round; ``"block8bf"``: block8b with a
+        ``membar.cta`` after each round of loads, so that ptxas keeps them in flight);
+        ``"pair8bf"``: ffn_gate_block2, each warp two gate rows at once, 4 loads in flight
+        per lane and row, fenced, then block8b's up phase for the block's 16 neurons
+        (``"pair8bf2"``, the default, / ``"pair8bf3"`` / ``"pair8bf4"``: 2 / 3 / 4 such pairs
+        per warp in turn, one up phase for 32 / 48 / 64 neurons; ``"pair8eb"`` /
+        ``"pair8eb2"``: unfenced, the first round before the wait; ``"pair8ebf2"``: fenced
+        and the first round before the wait); ``"split3pair"``: the same as split3 with the
         gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
         neurons per warp, up rows read by the same warp; ``"single"``: ffn_gate_select, one
         neuron per warp) and of given mode's first half
@@ -901,9 +922,14 @@ class GraphDecoder:
                     split3 = self.select_kernel.startswith("split3")
                     first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8", "block8b": "ffn_gate_block8b",
                              "block8e": "ffn_gate_block8e", "block8eb": "ffn_gate_block8eb",
-                             "block16b": "ffn_gate_block16b", "block16eb": "ffn_gate_block16eb"}.get(
+                             "block16b": "ffn_gate_block16b", "block16eb": "ffn_gate_block16eb",
+                             "block8bf": "ffn_gate_block8bf", "pair8bf": "ffn_gate_pair8bf",
+                             "pair8eb": "ffn_gate_pair8eb", "pair8bf2": "ffn_gate_pair8bf2",
+                             "pair8bf3": "ffn_gate_pair8bf3", "pair8bf4": "ffn_gate_pair8bf4",
+                             "pair8eb2": "ffn_gate_pair8eb2", "pair8ebf2": "ffn_gate_pair8ebf2"}.get(
                         self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select" + (u8 if split3 else ""))
-                    launch("ffn_up", k[first], rows((F + 1) // 2 if pair else F), blk,
+                    per_warp = GATE_ROWS_PER_WARP.get(self.select_kernel, 1)
+                    launch("ffn_up", k[first], rows(-(-F // per_warp)), blk,
                            (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,
                             i32(0) if split3 else gated, cnt_i, idx, self.hv))
                     if split3 and self.act.gated:              # the kept neurons' up rows

@@ -194,7 +194,10 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("skip", dict(select_kernel="block8")), ("skip", dict(select_kernel="split3")),
              ("skip", dict(select_kernel="block8e")), ("skip", dict(select_kernel="block8eb")),
              ("skip", dict(select_kernel="block8b")), ("skip", dict(select_kernel="block16b")),
-             ("skip", dict(select_kernel="block16eb")),
+             ("skip", dict(select_kernel="block16eb")), ("skip", dict(select_kernel="block8bf")),
+             ("skip", dict(select_kernel="pair8eb")), ("skip", dict(select_kernel="pair8bf")),
+             ("skip", dict(select_kernel="pair8bf3")), ("skip", dict(select_kernel="pair8eb2")),
+             ("skip", dict(select_kernel="pair8ebf2")),
              ("skip", dict(down_kernel="rows")), ("given", dict(down_kernel="rows")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
              ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
@@ -317,7 +320,9 @@ def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
     dmodel = to_device(cp, dev)
     downs = [dict(down_kernel="rows"), dict(down_kernel="interleaved"),
              dict(down_kernel="interleaved", down_blocks_per_sm=1e-3)]
-    firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb", "block16b", "block16eb")]
+    firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb", "block16b", "block16eb",
+                                                   "block8bf", "pair8bf", "pair8eb", "pair8bf2", "pair8bf3", "pair8bf4",
+                                                   "pair8eb2", "pair8ebf2")]
     rungs = [("skip", {**a, **b}) for a in firsts for b in downs] + [("given", b) for b in downs]
     kept_max = 0
     for mode, rung in rungs:
