@@ -84,14 +84,18 @@ PDL_ATTN_SIDE = ("embed", "qkv", "attn", "oproj", "head", "argmax")
 # against 3.807 with the attention side only; without early loads the attention side was better for dense)
 PDL_AUTO = {"dense": PDL_SITES, "skip": PDL_SITES, "given": PDL_SITES}
 SELECT_KERNELS = ("split3", "block", "block8", "block8b", "block8e", "block8eb", "block16b", "block16eb",   # skip mode's
-                  "block8bf", "pair8bf", "pair8eb", "pair8bf2", "pair8bf3", "pair8bf4", "pair8eb2",
-                  "pair8ebf2",
+                  "block8bf", "pair8bf", "pair8eb", "pair8bf2", "pair8eb2", "pair8ebf2",
                   "split3pair", "pair", "single")                        # first half, see GraphDecoder.select_kernel
-GATE_ROWS_PER_WARP = {"pair": 2, "split3pair": 2, "pair8bf": 2, "pair8eb": 2, "pair8bf2": 4, "pair8bf3": 6,
-                      "pair8bf4": 8, "pair8eb2": 4, "pair8ebf2": 4}
-SELECT_KERNEL = "pair8bf2"      # H200, round 10: 2.224 ms/token against pair8bf's 2.252 and block16b's 2.285 (one
-                                # run; pair8bf: 2.249 / 2.257 / 2.252 in three); block16b was 2.285 against block8eb's
-                                # 2.298 in round 9. bench/README.md
+SELECT_FIRST = {   # select_kernel -> the kernel (a key of kernels()) of skip mode's first launch
+    "block": "ffn_gate_block", "block8": "ffn_gate_block8", "block8b": "ffn_gate_block8b",
+    "block8e": "ffn_gate_block8e", "block8eb": "ffn_gate_block8eb", "block16b": "ffn_gate_block16b",
+    "block16eb": "ffn_gate_block16eb", "block8bf": "ffn_gate_block8bf", "pair8bf": "ffn_gate_pair8bf",
+    "pair8eb": "ffn_gate_pair8eb", "pair8bf2": "ffn_gate_pair8bf2", "pair8eb2": "ffn_gate_pair8eb2",
+    "pair8ebf2": "ffn_gate_pair8ebf2"}   # the others: ffn_gate_select(_u8) / ffn_gate_select2, see _issue_step
+GATE_ROWS_PER_WARP = {"pair": 2, "split3pair": 2, "pair8bf": 2, "pair8eb": 2, "pair8bf2": 4, "pair8eb2": 4,
+                      "pair8ebf2": 4}   # gate rows a warp of the first launch takes (default 1): its grid
+SELECT_KERNEL = "pair8bf2"      # H200, round 10: 2.205-2.234 ms/token in four runs, against pair8bf's 2.239-2.257,
+                                # block16b's 2.273-2.291 (round 9's default) in the same runs. bench/README.md
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
 GEMV_US = (4, 8)                # 16-byte loads in flight per lane in the warp-per-row GEMVs (GraphDecoder.gemv_u)
@@ -155,6 +159,55 @@ def cuda_source() -> str:
         return cuda_activation_source() + fh.read()
 
 
+def kernel_names(W: str, cc: int = 90) -> dict:
+    """The decode module's kernels: key (as :func:`kernels` returns them) -> C++ name
+    expression, for weights of C type ``W`` (``"float"`` / ``"unsigned short"``) on a GPU of
+    compute capability ``cc`` (thread-block clusters from 90). Needs no GPU."""
+    names = dict(gemv_naive=f"gemv_naive<{W}>", gemv_warp=f"gemv_warp<{W}>",
+                 gemv_vec16=f"gemv_warp_vec16<{W}, 0, 4>", gemv_vec16_add=f"gemv_warp_vec16<{W}, 1, 4>",
+                 gemv_vec16_norm=f"gemv_warp_vec16<{W}, 2, 4>",
+                 embed=f"embed<{W}>", qkv_rope=f"qkv_rope<{W}, 4>", ffn_gateup=f"ffn_gateup<{W}, 4>",
+                 ffn_gate_select=f"ffn_gate_select<{W}>", ffn_gateup_list=f"ffn_gateup_list<{W}>",
+                 ffn_gate_select2=f"ffn_gate_select2<{W}>", ffn_gateup_list4=f"ffn_gateup_list4<{W}>",
+                 ffn_up_list4=f"ffn_up_list4<{W}>", ffn_gate_block=f"ffn_gate_block<{W}, 4>",
+                 ffn_gate_block8=f"ffn_gate_block<{W}, 8>",
+                 ffn_gate_block8b=f"ffn_gate_block<{W}, 8, false, true>",
+                 ffn_gate_block8e=f"ffn_gate_block<{W}, 8, true, false>",
+                 ffn_gate_block8eb=f"ffn_gate_block<{W}, 8, true, true>",
+                 ffn_gate_block16b=f"ffn_gate_block<{W}, 16, false, true>",
+                 ffn_gate_block16eb=f"ffn_gate_block<{W}, 16, true, true>",
+                 ffn_gate_block8bf=f"ffn_gate_block<{W}, 8, false, true, 1>",
+                 ffn_gate_pair8bf=f"ffn_gate_block2<{W}, 4, 1>",
+                 ffn_gate_pair8eb=f"ffn_gate_block2<{W}, 4, 0, true>",
+                 ffn_gate_pair8bf2=f"ffn_gate_block2<{W}, 4, 1, false, 2>",
+                 ffn_gate_pair8eb2=f"ffn_gate_block2<{W}, 4, 0, true, 2>",
+                 ffn_gate_pair8ebf2=f"ffn_gate_block2<{W}, 4, 1, true, 2>",
+                 ffn_down_rows=f"ffn_down_rows<{W}>", ffn_down_rows_il=f"ffn_down_rows_il<{W}>",
+                 rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
+                 attn_split="attn_decode_split",
+                 argmax="argmax_advance",
+                 # U = 8 loads in flight per lane (GraphDecoder.gemv_u)
+                 gemv_vec16_add_u8=f"gemv_warp_vec16<{W}, 1, 8>", gemv_vec16_norm_u8=f"gemv_warp_vec16<{W}, 2, 8>",
+                 qkv_rope_u8=f"qkv_rope<{W}, 8>", ffn_gateup_u8=f"ffn_gateup<{W}, 8>",
+                 ffn_gate_select_u8=f"ffn_gate_select<{W}, 8>",
+                 head_argmax=f"head_argmax<{W}, 4>", head_argmax_u8=f"head_argmax<{W}, 8>",
+                 # the CuPy backend's one-token FFN given a mask (cupy_._given1), x float32 / float16
+                 ffn_gateup_mask_xf32=f"ffn_gateup_mask<{W}, float>",
+                 ffn_gateup_mask_xf16=f"ffn_gateup_mask<{W}, unsigned short>",
+                 ffn_down_rows_out_xf32=f"ffn_down_rows_out<{W}, float>",
+                 ffn_down_rows_out_xf16=f"ffn_down_rows_out<{W}, unsigned short>")
+    # ... and in one launch (cupy_._given1): ffn_given1_x{f32,f16}_w{NW}_p{PV}
+    for xs, X in (("xf32", "float"), ("xf16", "unsigned short")):
+        for nw in GIVEN1_WARPS:
+            for pv in GIVEN1_PV:
+                names[f"ffn_given1_{xs}_w{nw}_p{pv}"] = f"ffn_given1<{W}, {X}, {nw}, {pv}>"
+        for cl in GIVEN1_CLUSTERS if cc >= 90 else ():       # in thread-block clusters: ffn_given1_c{CL}_...
+            for pv in GIVEN1_PV:
+                names[f"ffn_given1_c{cl}_{xs}_w{GIVEN1_CLUSTER_WARPS}_p{pv}"] = \
+                    f"ffn_given1_cl<{W}, {X}, {GIVEN1_CLUSTER_WARPS}, {pv}, {cl}>"
+    return names
+
+
 def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     """Compiled decode kernels for one weight dtype (NVRTC via cupy.RawModule, cached).
 
@@ -173,7 +226,7 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane; ``..8e``: the
     first round of gate loads before the wait, ``..8eb``: and the kept up rows' loads all in
     flight at once; ``..16b`` / ``..16eb``: 16 loads in flight per lane; ``..8bf``: fenced
-    rounds), ``ffn_gate_pair8bf`` / ``..8bf2`` / ``..8bf3`` / ``..8bf4`` / ``..8eb`` / ``..8eb2`` / ``..8ebf2`` (two gate rows per
+    rounds), ``ffn_gate_pair8bf`` / ``..8bf2`` / ``..8eb`` / ``..8eb2`` / ``..8ebf2`` (two gate rows per
     warp, see ``GraphDecoder.select_kernel``), ``ffn_down_rows``,
     ``ffn_down_rows_il``,
     ``argmax``, ``attn_split``, ``head_argmax``; ``*_u8``: 8 loads in flight per lane;
@@ -190,51 +243,7 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     cc = int(cp.cuda.Device().compute_capability)
     key = (wdt, pf, bool(early), cc >= 90)
     if key not in _MODULES:
-        W = _CTYPE[wdt]
-        names = dict(gemv_naive=f"gemv_naive<{W}>", gemv_warp=f"gemv_warp<{W}>",
-                     gemv_vec16=f"gemv_warp_vec16<{W}, 0, 4>", gemv_vec16_add=f"gemv_warp_vec16<{W}, 1, 4>",
-                     gemv_vec16_norm=f"gemv_warp_vec16<{W}, 2, 4>",
-                     embed=f"embed<{W}>", qkv_rope=f"qkv_rope<{W}, 4>", ffn_gateup=f"ffn_gateup<{W}, 4>",
-                     ffn_gate_select=f"ffn_gate_select<{W}>", ffn_gateup_list=f"ffn_gateup_list<{W}>",
-                     ffn_gate_select2=f"ffn_gate_select2<{W}>", ffn_gateup_list4=f"ffn_gateup_list4<{W}>",
-                     ffn_up_list4=f"ffn_up_list4<{W}>", ffn_gate_block=f"ffn_gate_block<{W}, 4>",
-                     ffn_gate_block8=f"ffn_gate_block<{W}, 8>",
-                     ffn_gate_block8b=f"ffn_gate_block<{W}, 8, false, true>",
-                     ffn_gate_block8e=f"ffn_gate_block<{W}, 8, true, false>",
-                     ffn_gate_block8eb=f"ffn_gate_block<{W}, 8, true, true>",
-                     ffn_gate_block16b=f"ffn_gate_block<{W}, 16, false, true>",
-                     ffn_gate_block16eb=f"ffn_gate_block<{W}, 16, true, true>",
-                     ffn_gate_block8bf=f"ffn_gate_block<{W}, 8, false, true, 1>",
-                     ffn_gate_pair8bf=f"ffn_gate_block2<{W}, 4, 1>",
-                     ffn_gate_pair8eb=f"ffn_gate_block2<{W}, 4, 0, true>",
-                     ffn_gate_pair8bf2=f"ffn_gate_block2<{W}, 4, 1, false, 2>",
-                     ffn_gate_pair8bf3=f"ffn_gate_block2<{W}, 4, 1, false, 3>",
-                     ffn_gate_pair8bf4=f"ffn_gate_block2<{W}, 4, 1, false, 4>",
-                     ffn_gate_pair8eb2=f"ffn_gate_block2<{W}, 4, 0, true, 2>",
-                     ffn_gate_pair8ebf2=f"ffn_gate_block2<{W}, 4, 1, true, 2>",
-                     ffn_down_rows=f"ffn_down_rows<{W}>", ffn_down_rows_il=f"ffn_down_rows_il<{W}>",
-                     rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
-                     attn_split="attn_decode_split",
-                     argmax="argmax_advance",
-                     # U = 8 loads in flight per lane (GraphDecoder.gemv_u)
-                     gemv_vec16_add_u8=f"gemv_warp_vec16<{W}, 1, 8>", gemv_vec16_norm_u8=f"gemv_warp_vec16<{W}, 2, 8>",
-                     qkv_rope_u8=f"qkv_rope<{W}, 8>", ffn_gateup_u8=f"ffn_gateup<{W}, 8>",
-                     ffn_gate_select_u8=f"ffn_gate_select<{W}, 8>",
-                     head_argmax=f"head_argmax<{W}, 4>", head_argmax_u8=f"head_argmax<{W}, 8>",
-                     # the CuPy backend's one-token FFN given a mask (cupy_._given1), x float32 / float16
-                     ffn_gateup_mask_xf32=f"ffn_gateup_mask<{W}, float>",
-                     ffn_gateup_mask_xf16=f"ffn_gateup_mask<{W}, unsigned short>",
-                     ffn_down_rows_out_xf32=f"ffn_down_rows_out<{W}, float>",
-                     ffn_down_rows_out_xf16=f"ffn_down_rows_out<{W}, unsigned short>")
-        # ... and in one launch (cupy_._given1): ffn_given1_x{f32,f16}_w{NW}_p{PV}
-        for xs, X in (("xf32", "float"), ("xf16", "unsigned short")):
-            for nw in GIVEN1_WARPS:
-                for pv in GIVEN1_PV:
-                    names[f"ffn_given1_{xs}_w{nw}_p{pv}"] = f"ffn_given1<{W}, {X}, {nw}, {pv}>"
-            for cl in GIVEN1_CLUSTERS if cc >= 90 else ():       # in thread-block clusters: ffn_given1_c{CL}_...
-                for pv in GIVEN1_PV:
-                    names[f"ffn_given1_c{cl}_{xs}_w{GIVEN1_CLUSTER_WARPS}_p{pv}"] = \
-                        f"ffn_given1_cl<{W}, {X}, {GIVEN1_CLUSTER_WARPS}, {pv}, {cl}>"
+        names = kernel_names(_CTYPE[wdt], cc)
         # C++ names (mangled): every kernel, template or not, is found by its name expression
         mod = cp.RawModule(code=cuda_source(), options=("-std=c++17", f"-DPF_BYTES={pf}", f"-DEARLY={int(bool(early))}"),
                            name_expressions=list(names.values()))
@@ -586,8 +595,8 @@ class GraphDecoder:
         ``membar.cta`` after each round of loads, so that ptxas keeps them in flight);
         ``"pair8bf"``: ffn_gate_block2, each warp two gate rows at once, 4 loads in flight
         per lane and row, fenced, then block8b's up phase for the block's 16 neurons
-        (``"pair8bf2"``, the default, / ``"pair8bf3"`` / ``"pair8bf4"``: 2 / 3 / 4 such pairs
-        per warp in turn, one up phase for 32 / 48 / 64 neurons; ``"pair8eb"`` /
+        (``"pair8bf2"``, the default: 2 such pairs per warp in turn, one up phase for 32
+        neurons, so that the Mistral shape's 448 blocks fit the H200 in one wave; ``"pair8eb"`` /
         ``"pair8eb2"``: unfenced, the first round before the wait; ``"pair8ebf2"``: fenced
         and the first round before the wait); ``"split3pair"``: the same as split3 with the
         gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
@@ -920,14 +929,8 @@ class GraphDecoder:
                     cnt_i, idx = self.cnt[i:i + 1], self.idx
                     pair = self.select_kernel in ("pair", "split3pair")
                     split3 = self.select_kernel.startswith("split3")
-                    first = {"block": "ffn_gate_block", "block8": "ffn_gate_block8", "block8b": "ffn_gate_block8b",
-                             "block8e": "ffn_gate_block8e", "block8eb": "ffn_gate_block8eb",
-                             "block16b": "ffn_gate_block16b", "block16eb": "ffn_gate_block16eb",
-                             "block8bf": "ffn_gate_block8bf", "pair8bf": "ffn_gate_pair8bf",
-                             "pair8eb": "ffn_gate_pair8eb", "pair8bf2": "ffn_gate_pair8bf2",
-                             "pair8bf3": "ffn_gate_pair8bf3", "pair8bf4": "ffn_gate_pair8bf4",
-                             "pair8eb2": "ffn_gate_pair8eb2", "pair8ebf2": "ffn_gate_pair8ebf2"}.get(
-                        self.select_kernel, "ffn_gate_select2" if pair else "ffn_gate_select" + (u8 if split3 else ""))
+                    first = SELECT_FIRST.get(self.select_kernel,
+                                             "ffn_gate_select2" if pair else "ffn_gate_select" + (u8 if split3 else ""))
                     per_warp = GATE_ROWS_PER_WARP.get(self.select_kernel, 1)
                     launch("ffn_up", k[first], rows(-(-F // per_warp)), blk,
                            (lw["wg"], wu, self.x, i32(F), i32(Dp), i32(D), eps, gk, uk, thr,

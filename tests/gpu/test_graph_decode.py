@@ -196,7 +196,7 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("skip", dict(select_kernel="block8b")), ("skip", dict(select_kernel="block16b")),
              ("skip", dict(select_kernel="block16eb")), ("skip", dict(select_kernel="block8bf")),
              ("skip", dict(select_kernel="pair8eb")), ("skip", dict(select_kernel="pair8bf")),
-             ("skip", dict(select_kernel="pair8bf3")), ("skip", dict(select_kernel="pair8eb2")),
+             ("skip", dict(select_kernel="pair8eb2")),
              ("skip", dict(select_kernel="pair8ebf2")),
              ("skip", dict(down_kernel="rows")), ("given", dict(down_kernel="rows")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
@@ -321,8 +321,8 @@ def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
     downs = [dict(down_kernel="rows"), dict(down_kernel="interleaved"),
              dict(down_kernel="interleaved", down_blocks_per_sm=1e-3)]
     firsts = [dict(select_kernel=sel) for sel in ("block8", "block8b", "block8e", "block8eb", "block16b", "block16eb",
-                                                   "block8bf", "pair8bf", "pair8eb", "pair8bf2", "pair8bf3", "pair8bf4",
-                                                   "pair8eb2", "pair8ebf2")]
+                                                   "block8bf", "pair8bf", "pair8eb", "pair8bf2", "pair8eb2",
+                                                   "pair8ebf2")]
     rungs = [("skip", {**a, **b}) for a in firsts for b in downs] + [("given", b) for b in downs]
     kept_max = 0
     for mode, rung in rungs:
@@ -503,3 +503,36 @@ def test_exactly_sparse_params_refuses_non_relu():
     cfg = ms.preset("nano", activation="swiglu")
     with pytest.raises(ValueError, match="ReLU"):
         exactly_sparse_params(cfg)
+
+
+def _template_args(expr: str) -> list:
+    """'ffn_gate_block2<unsigned short, 4, 1, false, 2>' -> ['unsigned short', '4', '1', 'false', '2']"""
+    return [a.strip() for a in expr[expr.index("<") + 1:expr.rindex(">")].split(",")]
+
+
+@pytest.mark.parametrize("W", ["float", "unsigned short"])
+def test_every_select_rung_names_a_compiled_kernel_and_its_grid(W):
+    """Without a GPU: each skip-mode first-half rung maps to a kernel the module compiles
+    (a typo would only fail on the device, at the first step), and the first launch's grid
+    (GATE_ROWS_PER_WARP) matches the kernel's rows per warp: ffn_gate_block2<W, U, FN, EL,
+    P> takes 2 P gate rows a warp, ffn_gate_block one; a grid too small for the kernel
+    would leave neurons out without an error."""
+    names = dc.kernel_names(W, 90)
+    assert dc.SELECT_KERNEL in dc.SELECT_KERNELS
+    fallback = {"split3", "split3pair", "pair", "single"}      # ffn_gate_select(_u8) / ffn_gate_select2
+    assert set(dc.SELECT_FIRST) == set(dc.SELECT_KERNELS) - fallback
+    assert {"ffn_gate_select", "ffn_gate_select_u8", "ffn_gate_select2"} <= set(names)
+    for sel, key in dc.SELECT_FIRST.items():
+        assert key in names, f"{sel}: no kernel {key!r}"
+        expr = names[key]
+        args = _template_args(expr)
+        assert args[0] == W, expr
+        if expr.startswith("ffn_gate_block2<"):
+            P = int(args[4]) if len(args) > 4 else 1
+            assert dc.GATE_ROWS_PER_WARP[sel] == 2 * P, (sel, expr)
+        else:
+            assert expr.startswith("ffn_gate_block<") and dc.GATE_ROWS_PER_WARP.get(sel, 1) == 1, (sel, expr)
+    assert dc.GATE_ROWS_PER_WARP["pair"] == dc.GATE_ROWS_PER_WARP["split3pair"] == 2   # ffn_gate_select2
+    assert set(dc.GATE_ROWS_PER_WARP) <= set(dc.SELECT_KERNELS)
+    assert len(set(names.values())) == len(names), "one kernel compiled under two keys"
+    assert not any(k.startswith("ffn_given1_c") for k in dc.kernel_names(W, 80))   # clusters need sm_90
