@@ -536,3 +536,30 @@ def test_every_select_rung_names_a_compiled_kernel_and_its_grid(W):
     assert set(dc.GATE_ROWS_PER_WARP) <= set(dc.SELECT_KERNELS)
     assert len(set(names.values())) == len(names), "one kernel compiled under two keys"
     assert not any(k.startswith("ffn_given1_c") for k in dc.kernel_names(W, 80))   # clusters need sm_90
+
+
+@pytest.mark.parametrize("W", ["float", "unsigned short"])
+def test_every_kernel_the_decoder_launches_is_compiled(W):
+    """Without a GPU: every kernel key the decoder and the CuPy backend's one-token path
+    look up (``k["name"]``, ``k["name" + u8]``, ``k["name" + xs]`` in the source) is one the
+    module compiles, with each suffix it can take; a misspelt key would only fail on the
+    device, at the first step of the rung that uses it."""
+    import pathlib
+    import re
+    names = dc.kernel_names(W, 90)
+    pkg = pathlib.Path(dc.__file__).parent
+    suffixes = {"u8": ("", "_u8"), "qkv_u8": ("", "_u8"), "xs": ("_xf32", "_xf16")}
+    looked_up = 0
+    for path in (pkg / "decode_cuda.py", pkg / "cupy_.py"):
+        for expr in re.findall(r'\bk\[([^\]]+)\]', path.read_text()):
+            if '"' not in expr:                                 # k[first], k[("gate", tt)]...: not literal keys
+                continue
+            if path.name == "cupy_.py" and "(" in expr:        # cupy_'s own kernel table
+                continue
+            m = re.search(r'\+\s*(\w+)\s*$', expr)
+            ends = suffixes[m.group(1)] if m else ("",)
+            for lit in re.findall(r'"([a-z0-9_]+)"', expr):
+                for end in ends:
+                    assert lit + end in names, f"{path.name}: k[{expr}] looks up {lit + end!r}, not compiled"
+                    looked_up += 1
+    assert looked_up >= 20, looked_up                           # the scan found the decoder's lookups
