@@ -142,9 +142,11 @@ __device__ __forceinline__ void cvt16(uint4 v, float* o, unsigned short) {  // 8
 // so RMSNorm's statistic costs no extra memory traffic: the norm is fused into the GEMV).
 // WAIT: the caller has not waited yet (EARLY): pdl_wait() comes after the first round's
 // weight loads are issued and before x (written by the kernel before) is read.
-// FENCE (1: membar.cta) after each round's loads: without
-// something ptxas may not move loads across, it sinks each load next to its first use and a
-// lane holds fewer than U loads in flight (bench/README.md, round 9: 64 registers for 16 loads).
+// FENCE (1: membar.cta) after each round's loads (but the round that waits: the wait is
+// there). ptxas issues most of a round's loads one at a time between the multiply-adds, so a
+// lane holds fewer than U in flight; the fence moves a few more ahead of the first one (4 of
+// 8 in the gate pass; a fence does not order the non-coherent weight loads, so not all),
+// which measured faster there (bench/README.md, rounds 9 and 10).
 template <int FENCE>
 __device__ __forceinline__ void round_fence() {
     if (FENCE == 1) asm volatile("membar.cta;" ::: "memory");
@@ -980,7 +982,7 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
 //  ffn_gate_block2   skip, fifth rung (two launches; round 10): the dense first kernel's
 //                    shape for the gate pass. A warp streams TWO gate rows at once (neurons
 //                    f and f + 8 of a group of 16, warp_dots with NR = 2: 2 U loads in flight
-//                    per lane, FN: a fence after each round so that they stay in flight), P
+//                    per lane, FN: a fence after each round, see round_fence), P
 //                    groups in turn, then the batched up phase (up_eighths) for the block's
 //                    kept neurons (0..16 P, ~1.6 P at 90% zeros), one global atomic per block.
 //                    EL: the first round of gate loads before the wait.

@@ -226,8 +226,8 @@ def kernels(weight_dtype, prefetch_bytes: int = 0, early: bool = False) -> dict:
     ``ffn_gate_block`` / ``ffn_gate_block8`` (4 / 8 loads in flight per lane; ``..8e``: the
     first round of gate loads before the wait, ``..8eb``: and the kept up rows' loads all in
     flight at once; ``..16b`` / ``..16eb``: 16 loads in flight per lane; ``..8bf``: fenced
-    rounds), ``ffn_gate_pair8bf`` / ``..8bf2`` / ``..8eb`` / ``..8eb2`` / ``..8ebf2`` (two gate rows per
-    warp, see ``GraphDecoder.select_kernel``), ``ffn_down_rows``,
+    rounds), ``ffn_gate_pair8bf`` / ``..8bf2`` / ``..8eb`` / ``..8eb2`` / ``..8ebf2`` (two
+    gate rows per warp, see ``GraphDecoder.select_kernel``), ``ffn_down_rows``,
     ``ffn_down_rows_il``,
     ``argmax``, ``attn_split``, ``head_argmax``; ``*_u8``: 8 loads in flight per lane;
     ``ffn_gateup_mask_xf32`` / ``_xf16`` and ``ffn_down_rows_out_xf32`` / ``_xf16``: the CuPy
@@ -592,7 +592,7 @@ class GraphDecoder:
         ``early_loads``); ``"block8eb"``: and reading up to 4 kept up rows in one round
         trip (``"block8b"``: that alone; ``"block16b"`` / ``"block16eb"``: 16 loads in
         flight per lane, a float16 row of 4096 in one round; ``"block8bf"``: block8b with a
-        ``membar.cta`` after each round of loads, so that ptxas keeps them in flight);
+        ``membar.cta`` after each round of loads, which keeps more of them in flight);
         ``"pair8bf"``: ffn_gate_block2, each warp two gate rows at once, 4 loads in flight
         per lane and row, fenced, then block8b's up phase for the block's 16 neurons
         (``"pair8bf2"``, the default: 2 such pairs per warp in turn, one up phase for 32
