@@ -302,7 +302,9 @@ def test_early_loads_on_rows_of_several_rounds(cp, wdt):
 def test_sparse_rungs_on_long_rows_and_crowded_blocks(cp, wdt, sparse):
     """The skip pass's gate-block rungs (block8; block8e: gate loads before the wait;
     block8b: up to 4 kept up rows per round trip; block8eb: both; block16b/16eb: 16 loads
-    in flight per lane) and both down passes (rows;
+    in flight per lane; block8bf: fenced rounds; pair8*: two gate rows a warp, one or two
+    pairs in turn, so blocks of 16 or 32 neurons and a partial last block at ffn 1000) and
+    both down passes (rows;
     interleaved, at its own grid and on one block row, where a warp's slots run past its
     first 4 and the next ids load inside the loop) give the NumPy tokens, graph and eager,
     with programmatic launch and early loads. float32 at dim 2304 (576 vectors a row: two
