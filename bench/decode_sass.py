@@ -148,7 +148,11 @@ def main(argv=None) -> int:
               "(or `pip install nvidia-cuda-cuobjdump`) and binutils' c++filt", file=sys.stderr)
         return 2
     from minisparse.kernels import decode_cuda as dc
-    names = dc.kernel_names(CTYPE[args.dtype], 90 if args.arch >= "sm_90" else 80)
+    m = re.fullmatch(r"sm_(\d+)a?", args.arch)
+    if not m:
+        print(f"error: --arch must look like sm_90 or sm_90a, got {args.arch!r}", file=sys.stderr)
+        return 2
+    names = dc.kernel_names(CTYPE[args.dtype], int(m.group(1)))
     want = [w for w in args.kernels.split(",") if w]
     names = {k: v for k, v in names.items() if not want or any(w in k for w in want)}
     if not names:
@@ -168,7 +172,11 @@ def main(argv=None) -> int:
             print(f"error: nvcc failed: {cc.stderr.strip().splitlines()[-1] if cc.stderr.strip() else cc.returncode}",
                   file=sys.stderr)
             return 1
-        sass = subprocess.run([tools["cuobjdump"], "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        dis = subprocess.run([tools["cuobjdump"], "-sass", cubin], capture_output=True, text=True)
+        if dis.returncode:
+            print(f"error: cuobjdump failed ({dis.returncode}): {dis.stderr.strip()[-300:]}", file=sys.stderr)
+            return 1
+        sass = dis.stdout
     counts, regs = parse_sass(sass), parse_registers(cc.stderr)
     plain = demangle(sorted(counts), tools["c++filt"])
     rows = []

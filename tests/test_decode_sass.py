@@ -81,12 +81,14 @@ def test_refuses_without_the_tools_in_one_error_line(monkeypatch, capsys):
     assert err.startswith("error:") and "cuobjdump" in err and len(err.strip().splitlines()) == 1
 
 
-def test_unknown_kernel_filter_is_refused(monkeypatch, capsys):
+@pytest.mark.parametrize("argv, word", [(["--kernels", "no_such_kernel"], "no_such_kernel"),
+                                         (["--arch", "ampere"], "--arch")])
+def test_bad_arguments_are_refused(monkeypatch, capsys, argv, word):
     s = _script()
     monkeypatch.setattr(s, "find_tool", lambda name: "/bin/true")
-    assert s.main(["--kernels", "no_such_kernel"]) == 2
+    assert s.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "no_such_kernel" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error:") and word in err and len(err.strip().splitlines()) == 1
 
 
 def test_real_run_on_two_kernels(tmp_path):
