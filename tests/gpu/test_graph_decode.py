@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import load_bench
 
 import minisparse as ms
 from minisparse.activations import get_activation
@@ -507,11 +508,6 @@ def test_exactly_sparse_params_refuses_non_relu():
         exactly_sparse_params(cfg)
 
 
-def _template_args(expr: str) -> list:
-    """'ffn_gate_block2<unsigned short, 4, 1, false, 2>' -> ['unsigned short', '4', '1', 'false', '2']"""
-    return [a.strip() for a in expr[expr.index("<") + 1:expr.rindex(">")].split(",")]
-
-
 @pytest.mark.parametrize("W", ["float", "unsigned short"])
 def test_every_select_rung_names_a_compiled_kernel_and_its_grid(W):
     """Without a GPU: each skip-mode first-half rung maps to a kernel the module compiles
@@ -519,6 +515,7 @@ def test_every_select_rung_names_a_compiled_kernel_and_its_grid(W):
     (GATE_ROWS_PER_WARP) matches the kernel's rows per warp: ffn_gate_block2<W, U, FN, EL,
     P> takes 2 P gate rows a warp, ffn_gate_block one; a grid too small for the kernel
     would leave neurons out without an error."""
+    template_args = load_bench("decode_sass").template_args        # ('name', (args...)), tested there
     names = dc.kernel_names(W, 90)
     assert dc.SELECT_KERNEL in dc.SELECT_KERNELS
     fallback = {"split3", "split3pair", "pair", "single"}      # ffn_gate_select(_u8) / ffn_gate_select2
@@ -527,7 +524,7 @@ def test_every_select_rung_names_a_compiled_kernel_and_its_grid(W):
     for sel, key in dc.SELECT_FIRST.items():
         assert key in names, f"{sel}: no kernel {key!r}"
         expr = names[key]
-        args = _template_args(expr)
+        args = template_args(expr)[1]
         assert args[0] == W, expr
         if expr.startswith("ffn_gate_block2<"):
             P = int(args[4]) if len(args) > 4 else 1
