@@ -456,8 +456,7 @@ def pdl_sweep(args, cp, model, active, prompt):
 
 RUNGS = {   # GraphDecoder attributes of each rung of --rung-sweep; the first of a mode is its default
     "dense": [dict()],
-    "skip": [dict(), dict(select_kernel="pair8bf"), dict(select_kernel="pair8eb2"), dict(select_kernel="pair8ebf2"),
-             dict(select_kernel="block16b"), dict(select_kernel="block8eb")],
+    "skip": [dict(), dict(select_kernel="pair8bf2"), dict(select_kernel="pair8bf"), dict(select_kernel="block16b")],
     "given": [dict()],
 }
 
