@@ -94,8 +94,8 @@ SELECT_FIRST = {   # select_kernel -> the kernel (a key of kernels()) of skip mo
     "pair8ebf2": "ffn_gate_pair8ebf2"}   # the others: ffn_gate_select(_u8) / ffn_gate_select2, see _issue_step
 GATE_ROWS_PER_WARP = {"pair": 2, "split3pair": 2, "pair8bf": 2, "pair8eb": 2, "pair8bf2": 4, "pair8eb2": 4,
                       "pair8ebf2": 4}   # gate rows a warp of the first launch takes (default 1): its grid
-SELECT_KERNEL = "pair8eb2"      # H200, round 11: faster than pair8bf2 (round 10's default) in each of three runs,
-                                # 2.207 / 2.240 / 2.217 against 2.217 / 2.252 / 2.225 ms/token. bench/README.md
+SELECT_KERNEL = "pair8eb2"      # H200, rounds 10-11: faster than pair8bf2 (round 10's default) in each of four runs,
+                                # 2.207 / 2.240 / 2.217 / 2.224 against 2.217 / 2.252 / 2.225 / 2.230 ms/token.
 LIST_KERNELS = ("quarter", "warp")   # given mode's first half: ffn_gateup_list4 | ffn_gateup_list
 LIST_KERNEL = "quarter"
 GEMV_US = (4, 8)                # 16-byte loads in flight per lane in the warp-per-row GEMVs (GraphDecoder.gemv_u)
@@ -598,8 +598,8 @@ class GraphDecoder:
         (``"pair8bf2"``: 2 such pairs per warp in turn, one up phase for 32 neurons, so
         that the Mistral shape's 448 blocks fit the H200 in one wave; ``"pair8eb"`` /
         ``"pair8eb2"``, the default: unfenced, the first round before the wait;
-        ``"pair8ebf2"``: fenced and the first round before the wait); ``"split3pair"``: the same as split3 with the
-        gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
+        ``"pair8ebf2"``: fenced and the first round before the wait); ``"split3pair"``: the
+        same as split3 with the gate pass two rows per warp; ``"pair"``: ffn_gate_select2, two
         neurons per warp, up rows read by the same warp; ``"single"``: ffn_gate_select, one
         neuron per warp) and of given mode's first half
         (``"quarter"``: ffn_gateup_list4, four warps per neuron; ``"warp"``:
