@@ -862,6 +862,13 @@ __global__ void __launch_bounds__(NTHREADS) ffn_up_list4(const W* __restrict__ w
     }
 }
 
+// warp wid's eighth of a row of nvec 16-byte vectors: vectors [v0, v0 + len) (len may be 0)
+__device__ __forceinline__ void warp_eighth(int nvec, int wid, int* v0, int* len) {
+    const int ns = (nvec + WARPS - 1) / WARPS;
+    *v0 = min(nvec, wid * ns);
+    *len = min(ns, nvec - *v0);
+}
+
 // The up phase of ffn_gate_block<..., UB = true>: this warp's eighth (vectors v0 .. v0 +
 // len) of the up rows of the block's n kept neurons kf[0..n), up to 4 rows at a time with
 // every load of the 4 rows in flight at once (two 16-byte loads per lane and row per round),
@@ -949,19 +956,19 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block(const W* __restrict__
     const int n = nk;                                        // the same in every thread
     if (n == 0) return;
     if (threadIdx.x == 0) base = atomicAdd(cnt, n);          // one global atomic per block
-    if (gated && UB) {
-        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
-        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
-        up_eighths<W>(wu, x, ld, v0, len, kf, n, lane, part, wid);
-    } else if (gated) {
-        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
-        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
-        for (int m = 0; m < n; ++m) {
-            float u = 0.f, unused;
-            if (len > 0)
-                warp_dots<W, 1, false>(wu + (size_t)kf[m] * ld + (size_t)v0 * V, wu, x + (size_t)v0 * V, len * V,
-                                       lane, &u, &unused, &unused);
-            if (lane == 0) part[m][wid] = u;
+    if (gated) {
+        int v0, len;
+        warp_eighth(ld / V, wid, &v0, &len);
+        if (UB) {
+            up_eighths<W>(wu, x, ld, v0, len, kf, n, lane, part, wid);
+        } else {
+            for (int m = 0; m < n; ++m) {
+                float u = 0.f, unused;
+                if (len > 0)
+                    warp_dots<W, 1, false>(wu + (size_t)kf[m] * ld + (size_t)v0 * V, wu, x + (size_t)v0 * V, len * V,
+                                           lane, &u, &unused, &unused);
+                if (lane == 0) part[m][wid] = u;
+            }
         }
     }
     __syncthreads();
@@ -1037,8 +1044,8 @@ __global__ void __launch_bounds__(NTHREADS) ffn_gate_block2(const W* __restrict_
     if (n == 0) return;
     if (threadIdx.x == 0) base = atomicAdd(cnt, n);          // one global atomic per block
     if (gated) {
-        const int nvec = ld / V, ns = (nvec + WARPS - 1) / WARPS;
-        const int v0 = min(nvec, wid * ns), len = min(ns, nvec - v0);   // this warp's eighth (vectors)
+        int v0, len;
+        warp_eighth(ld / V, wid, &v0, &len);
         up_eighths<W>(wu, x, ld, v0, len, kf, n, lane, part, wid);
     }
     __syncthreads();
