@@ -18,6 +18,7 @@ VALID = {  # each GraphDecoder attribute a rung may set, and what _issue_step ac
     "qkv_u": lambda v: v is None or v in dc.GEMV_US,
     "gemv_u": lambda v: v in dc.GEMV_US,
     "head_kernel": lambda v: v in dc.HEAD_KERNELS,
+    "attn_kernel": lambda v: v in dc.ATTN_KERNELS,
     "down_blocks_per_sm": lambda v: v is None or v > 0,
 }
 
@@ -37,6 +38,7 @@ def test_rungs_name_real_settings_and_start_with_the_default():
 def test_defaults_are_valid_settings():
     assert VALID["select_kernel"](dc.SELECT_KERNEL) and VALID["down_kernel"](dc.DOWN_KERNEL)
     assert VALID["qkv_u"](dc.QKV_U) and VALID["gemv_u"](dc.GEMV_U)
+    assert VALID["attn_kernel"](dc.ATTN_KERNEL)
 
 
 def test_refuses_without_cupy(capsys):

@@ -522,7 +522,15 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
 // A fixed grid (H, ceil(max_len / ACH)) serves every step of the graph: chunks past the
 // current position only take their ticket. part: (H, NS, Dh + 2) floats; ticket: (H,) ints, 0.
 // ====================================================================================
+// PRE (round 12): before the wait, each thread loads its first 4 float4s of the chunk's keys
+// and values (Dh % 4 == 0) from the rows of the earlier positions, which no kernel of this
+// step writes: only q and the current position's key and value row (written by q,k,v) and
+// the partial sums wait for the kernel before; the current rows are then read from L2
+// (__ldcg), since a line loaded before the wait may hold their old bytes (rows shorter than
+// a line, or not aligned to one). The position comes from argmax_advance, which every kernel
+// since has waited for. The values' loads then no longer wait for the scores either.
 #define ACH 32                                               // keys per block
+template <bool PRE = false>
 __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict__ q, const float* __restrict__ kc,
                                                          const float* __restrict__ vc, float* __restrict__ o,
                                                          const int* __restrict__ pos_p, int H, int K, int Dh,
@@ -531,7 +539,7 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
     __shared__ float sc[ACH];
     __shared__ float accs[256 * 4];
     __shared__ int last;
-    pdl_wait();
+    if (!PRE) pdl_wait();
     const int h = blockIdx.x, c = blockIdx.y, NS = gridDim.y, t = threadIdx.x;
     const int kh = h / (H / K);
     const int S = *pos_p + 1;
@@ -539,6 +547,21 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
     const int P = Dh + 2;
     float* my = part + ((size_t)h * NS + c) * P;
     const bool v4 = (Dh & 3) == 0;
+    float4 kpre[4], vpre[4];                                 // PRE: loaded before the wait
+    if (PRE) {
+        const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+        const int key = t >> 3, l8 = t & 7;
+        const int C = v4 ? Dh / 4 : 1, G = 256 / C, col = t % C, g = t / C;
+        const float* kr = kc + ((size_t)kh * max_len + s0 + key) * Dh;
+        const float* vb = vc + ((size_t)kh * max_len + s0) * Dh;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int j = 4 * l8 + 32 * i, s = g + G * i;
+            kpre[i] = (v4 && key < n && s0 + key < S - 1 && j < Dh) ? __ldca(reinterpret_cast<const float4*>(kr + j)) : z;
+            vpre[i] = (v4 && g < G && s < n && s0 + s < S - 1) ? __ldca(reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col)) : z;
+        }
+        pdl_wait();
+    }
     if (n > 0) {
         const float* qh = q + (size_t)h * Dh;
         const float* kb = kc + ((size_t)kh * max_len + s0) * Dh;
@@ -548,7 +571,25 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
         float d = 0.f;
         if (key < n) {
             const float* kr = kb + (size_t)key * Dh;
-            if (v4) {
+            if (PRE && v4) {
+                const bool cur = s0 + key == S - 1;           // this step's key: loaded now, from L2 (a line
+                                                              // loaded before the wait may hold its old bytes)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int j = 4 * l8 + 32 * i;
+                    if (j < Dh) {
+                        const float4 a = cur ? __ldcg(reinterpret_cast<const float4*>(kr + j)) : kpre[i];
+                        const float4 b = __ldca(reinterpret_cast<const float4*>(qh + j));
+                        d = fmaf(a.x, b.x, d); d = fmaf(a.y, b.y, d); d = fmaf(a.z, b.z, d); d = fmaf(a.w, b.w, d);
+                    }
+                }
+                for (int j = 4 * l8 + 128; j < Dh; j += 32) {
+                    const float4 a = cur ? __ldcg(reinterpret_cast<const float4*>(kr + j))
+                                         : __ldca(reinterpret_cast<const float4*>(kr + j));
+                    const float4 b = __ldca(reinterpret_cast<const float4*>(qh + j));
+                    d = fmaf(a.x, b.x, d); d = fmaf(a.y, b.y, d); d = fmaf(a.z, b.z, d); d = fmaf(a.w, b.w, d);
+                }
+            } else if (v4) {
                 for (int j = 4 * l8; j < Dh; j += 32) {
                     const float4 a = __ldca(reinterpret_cast<const float4*>(kr + j));
                     const float4 b = __ldca(reinterpret_cast<const float4*>(qh + j));
@@ -580,7 +621,25 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
             const int C = Dh / 4, G = 256 / C;
             const int col = t % C, g = t / C;
             float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (g < G) {
+            if (PRE && g < G) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int s = g + G * i;
+                    if (s < n) {
+                        const float p = sc[s];
+                        const float4 v = s0 + s == S - 1                  // this step's value row: from L2
+                                             ? __ldcg(reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col))
+                                             : vpre[i];
+                        a.x = fmaf(p, v.x, a.x); a.y = fmaf(p, v.y, a.y); a.z = fmaf(p, v.z, a.z); a.w = fmaf(p, v.w, a.w);
+                    }
+                }
+                for (int s = g + 4 * G; s < n; s += G) {
+                    const float p = sc[s];
+                    const float4 v = s0 + s == S - 1 ? __ldcg(reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col))
+                                                     : __ldca(reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col));
+                    a.x = fmaf(p, v.x, a.x); a.y = fmaf(p, v.y, a.y); a.z = fmaf(p, v.z, a.z); a.w = fmaf(p, v.w, a.w);
+                }
+            } else if (g < G) {
                 for (int s = g; s < n; s += G) {
                     const float p = sc[s];
                     const float4 v = __ldca(reinterpret_cast<const float4*>(vb + (size_t)s * Dh + 4 * col));

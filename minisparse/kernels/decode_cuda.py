@@ -73,7 +73,8 @@ WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32}
 PAD = 8                         # rows and vectors padded to a multiple of this many elements
 ATTN_THREADS = 256              # threads of an attention block
 ATTN_CHUNK = 32                 # keys per block of attn_decode_split (ACH in decode.cu)
-ATTN_KERNELS = ("split", "block")   # attn_decode_split (default) | attn_decode
+ATTN_KERNELS = ("split_pre", "split", "block")   # attn_decode_split<PRE = true / false> | attn_decode
+ATTN_KERNEL = "split_pre"       # H200, round 12, same run: dense 3.716 -> 3.654, skip 2.217 -> 2.154, given 1.449 -> 1.386
 WARPS = 8                       # warps per block (WARPS in decode.cu)
 NV = 2                          # 16-byte vectors per lane in ffn_down_rows (NV in decode.cu)
 PREFETCH_BYTES = 512            # of each weight row, prefetched into L2 before a kernel waits (PDL on)
@@ -184,7 +185,7 @@ def kernel_names(W: str, cc: int = 90) -> dict:
                  ffn_gate_pair8ebf2=f"ffn_gate_block2<{W}, 4, 1, true, 2>",
                  ffn_down_rows=f"ffn_down_rows<{W}>", ffn_down_rows_il=f"ffn_down_rows_il<{W}>",
                  rmsnorm="rmsnorm", attn="attn_decode", attn_naive="attn_decode_naive",
-                 attn_split="attn_decode_split",
+                 attn_split="attn_decode_split<false>", attn_split_pre="attn_decode_split<true>",
                  argmax="argmax_advance",
                  # U = 8 loads in flight per lane (GraphDecoder.gemv_u)
                  gemv_vec16_add_u8=f"gemv_warp_vec16<{W}, 1, 8>", gemv_vec16_norm_u8=f"gemv_warp_vec16<{W}, 2, 8>",
@@ -565,10 +566,13 @@ class GraphDecoder:
         their weight rows into registers before they wait, instead of the L2 prefetch: the
         o-projection's loads overlap attention, q,k,v's the FFN's last kernel (see
         :func:`kernels`). Default ``EARLY_LOADS``.
-    attn_kernel : "split" (default) or "block"
+    attn_kernel : "split_pre" (default), "split" or "block"
         Decode attention: split over chunks of 32 keys, every chunk a block, merged by the
-        last block of each head (any ``max_len``), or one block per head (the previous rung;
-        its scores must fit in 48 KB of shared memory).
+        last block of each head (any ``max_len``); ``"split_pre"`` loads the keys and values
+        of the earlier positions before the programmatic wait (only q and the current row
+        wait for the q,k,v kernel); ``"block"``: one block per head (the first rung; its
+        scores must fit in 48 KB of shared memory). Also an attribute (same rule as
+        ``select_kernel``).
 
     Attributes
     ----------
@@ -636,7 +640,7 @@ class GraphDecoder:
     def __init__(self, model, *, mode: str = "dense", weight_dtype: str = "float16",
                  max_len: Optional[int] = None, active: Optional[Sequence] = None,
                  count_active: bool = False, sparse_kernel: str = "decode", pdl="auto",
-                 prefetch_bytes: int = PREFETCH_BYTES, attn_kernel: str = "split",
+                 prefetch_bytes: int = PREFETCH_BYTES, attn_kernel: str = ATTN_KERNEL,
                  early_loads: bool = EARLY_LOADS):
         c = model.config
         self.cp = cp = self._check_args(model, mode, weight_dtype, sparse_kernel, active, count_active)
@@ -651,7 +655,7 @@ class GraphDecoder:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         if attn_kernel not in ATTN_KERNELS:
             raise ValueError(f"attn_kernel must be one of {ATTN_KERNELS}, got {attn_kernel!r}")
-        if attn_kernel == "split" and Dh > 1024:
+        if attn_kernel.startswith("split") and Dh > 1024:
             attn_kernel = "block"                                   # a float4 column per thread
         self.attn_kernel = attn_kernel
         if attn_kernel == "block" and attn_shared_bytes(self.max_len, Dh) > 48 * 1024:
@@ -908,8 +912,9 @@ class GraphDecoder:
             launch("qkv", k["qkv_rope" + qkv_u8], rows((H + 2 * K) * Dh // 2), blk,
                    (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
                     i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
-            if self.attn_kernel == "split":
-                launch("attn", k["attn_split"], (H, attn_splits(S)), (256,),
+            if self.attn_kernel in ("split", "split_pre"):
+                attn = "attn_split_pre" if self.attn_kernel == "split_pre" else "attn_split"
+                launch("attn", k[attn], (H, attn_splits(S)), (256,),
                        (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
                         f32(1.0 / math.sqrt(Dh)), self.attn_part, self.attn_ticket))
             else:

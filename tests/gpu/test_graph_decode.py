@@ -202,7 +202,8 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("skip", dict(down_kernel="rows")), ("given", dict(down_kernel="rows")),
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
              ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
-             ("skip", dict(head_kernel="separate", gemv_u=4)), ("dense", dict(qkv_u=8)), ("skip", dict(qkv_u=None))]
+             ("skip", dict(head_kernel="separate", gemv_u=4)), ("dense", dict(qkv_u=8)), ("skip", dict(qkv_u=None)),
+             ("dense", dict(attn_kernel="split")), ("skip", dict(attn_kernel="split"))]
     for mode, rung in rungs:
         dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
                            pdl=pdl, prefetch_bytes=prefetch, early_loads=early)
@@ -223,7 +224,7 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attn", ["split", "block"])
+@pytest.mark.parametrize("attn", ["split", "split_pre", "block"])
 def test_attention_kernels_over_many_chunks(cp, attn):
     """Both attention kernels give the NumPy tokens past several 32-key chunks (the split
     kernel merges 3 chunks by then), from a prompt longer than one chunk, replayed twice."""
@@ -240,6 +241,32 @@ def test_attention_kernels_over_many_chunks(cp, attn):
         assert ids == want_ids, f"attn={attn} graph={graph}"
         assert_logits_close(lg, want_logits, 1e-4, f"attn={attn} graph={graph}")
     assert (dec.attn_ticket.get() == 0).all()            # every head's ticket reset for the next step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 256, 36])
+def test_attention_preload_at_real_head_widths(cp, head_dim):
+    """attn_kernel="split_pre" (each thread's first 4 key and value vectors of the earlier
+    positions loaded before the programmatic wait) at head widths of real models: 128 (a
+    thread's 4 vectors cover its share of a key), 256 (Gemma: 4 more after the wait), 36
+    (9 vectors a key); prompt past one 32-key chunk, so the current key sits in a chunk with
+    preloaded ones. NumPy tokens and logits, eager and graph replays (programmatic launch,
+    early loads), and the same tokens as the plain split kernel."""
+    cfg_kw = dict(dim=2 * head_dim, head_dim=head_dim, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=70,
+                  vocab_size=97, activation="drelu", tie_embeddings=False, max_seq_len=128)
+    cfg = ms.ModelConfig(**cfg_kw)
+    p = random_params(cfg, 13)
+    ref = ms.Transformer(cfg, params=p)
+    dev = ms.Transformer(cfg, params={k: v.astype(np.float32) for k, v in p.items()})
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 37)]
+    want_ids, want_logits = reference(ref, prompt, 40)
+    dmodel = to_device(cp, dev)
+    for attn in ("split_pre", "split"):
+        dec = GraphDecoder(dmodel, weight_dtype="float32", attn_kernel=attn, pdl=True, early_loads=True)
+        for graph in (False, True, True):
+            ids, lg = dec.generate(prompt, 40, graph=graph, return_logits=True)
+            assert ids == want_ids, f"attn={attn} head_dim={head_dim} graph={graph}"
+            assert_logits_close(lg, want_logits, 1e-4, f"attn={attn} head_dim={head_dim} graph={graph}")
 
 
 @pytest.mark.gpu
