@@ -226,8 +226,8 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
 @pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["split", "split_pre", "block"])
 def test_attention_kernels_over_many_chunks(cp, attn):
-    """Both attention kernels give the NumPy tokens past several 32-key chunks (the split
-    kernel merges 3 chunks by then), from a prompt longer than one chunk, replayed twice."""
+    """Each attention kernel gives the NumPy tokens past several 32-key chunks (the split
+    kernels merge 3 chunks by then), from a prompt longer than one chunk, replayed twice."""
     cfg_kw = dict(CONFIGS["d40-gqa5/1-drelu"], max_seq_len=128)
     cfg = ms.ModelConfig(**cfg_kw)
     p = random_params(cfg, 11)
