@@ -539,7 +539,7 @@ def print_table(rows, title):
             print(f"{r['row']:<50} error: {r['error'][:70]}")
             continue
         print(f"{r['row']:<50} {r['tokens_per_s']:8.1f} {r['s_per_token'] * 1e3:8.3f} {r['floor_frac'] * 100:7.1f}% "
-              f"{r.get('own_floor_frac', float('nan')) * 100:6.1f}% {r.get('x_dense', float('nan')):7.2f}x "
+              f"{r.get('own_floor_frac', float('nan')) * 100:6.1f}% {r.get('x_dense', float('nan')):7.3f}x "
               f"{r.get('x_hf_eager', float('nan')):9.1f}x")
 
 

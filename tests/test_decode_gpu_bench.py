@@ -41,6 +41,15 @@ def test_defaults_are_valid_settings():
     assert VALID["attn_kernel"](dc.ATTN_KERNEL)
 
 
+def test_table_gives_x_dense_to_three_decimals(capsys):
+    """The targets are ratios like 1.7x: a row at 1.6956x must not print as 1.70x."""
+    row = dict(row="minisparse skip [graph]", tokens_per_s=463.4, s_per_token=2.158e-3, floor_frac=1.562,
+               own_floor_frac=0.819, x_dense=3.659 / 2.158, x_hf_eager=float("nan"))
+    _script().print_table([row], "title")
+    out = capsys.readouterr().out
+    assert "1.696x" in out and "1.70x" not in out, out
+
+
 def test_refuses_without_cupy(capsys):
     try:
         import cupy  # noqa: F401
