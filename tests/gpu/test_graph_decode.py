@@ -95,8 +95,8 @@ def assert_logits_close(got, want, rtol, what):
     assert err <= rtol, f"{what}: max |logits - ref| / max |ref| = {err:.2e} > {rtol:.0e}"
 
 
-def models(cfg_kw, seed, weights_f16=False, sparse=False):
-    cfg = ms.ModelConfig(max_seq_len=64, **cfg_kw)
+def models(cfg_kw, seed, weights_f16=False, sparse=False, max_seq_len=64):
+    cfg = ms.ModelConfig(max_seq_len=max_seq_len, **cfg_kw)
     if sparse:
         p, active = exactly_sparse_params(cfg, sparsity=0.8, seed=seed, dtype=np.float64)
     else:
@@ -228,11 +228,7 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
 def test_attention_kernels_over_many_chunks(cp, attn):
     """Each attention kernel gives the NumPy tokens past several 32-key chunks (the split
     kernels merge 3 chunks by then), from a prompt longer than one chunk, replayed twice."""
-    cfg_kw = dict(CONFIGS["d40-gqa5/1-drelu"], max_seq_len=128)
-    cfg = ms.ModelConfig(**cfg_kw)
-    p = random_params(cfg, 11)
-    ref = ms.Transformer(cfg, params=p)
-    dev = ms.Transformer(cfg, params={k: v.astype(np.float32) for k, v in p.items()})
+    cfg, ref, dev, _ = models(CONFIGS["d40-gqa5/1-drelu"], seed=11, max_seq_len=128)
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, cfg.vocab_size, 40)]
     want_ids, want_logits = reference(ref, prompt, 45)
     dec = GraphDecoder(to_device(cp, dev), weight_dtype="float32", attn_kernel=attn)
@@ -253,11 +249,8 @@ def test_attention_preload_at_real_head_widths(cp, head_dim):
     preloaded ones. NumPy tokens and logits, eager and graph replays (programmatic launch,
     early loads), and the same tokens as the plain split kernel."""
     cfg_kw = dict(dim=2 * head_dim, head_dim=head_dim, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=70,
-                  vocab_size=97, activation="drelu", tie_embeddings=False, max_seq_len=128)
-    cfg = ms.ModelConfig(**cfg_kw)
-    p = random_params(cfg, 13)
-    ref = ms.Transformer(cfg, params=p)
-    dev = ms.Transformer(cfg, params={k: v.astype(np.float32) for k, v in p.items()})
+                  vocab_size=97, activation="drelu", tie_embeddings=False)
+    cfg, ref, dev, _ = models(cfg_kw, seed=13, max_seq_len=128)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 37)]
     want_ids, want_logits = reference(ref, prompt, 40)
     dmodel = to_device(cp, dev)
