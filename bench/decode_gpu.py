@@ -455,9 +455,9 @@ def pdl_sweep(args, cp, model, active, prompt):
 
 
 RUNGS = {   # GraphDecoder attributes of each rung of --rung-sweep; the first of a mode is its default
-    "dense": [dict(), dict(attn_kernel="split")],
-    "skip": [dict(), dict(attn_kernel="split"), dict(select_kernel="pair8bf2"), dict(down_blocks_per_sm=2)],
-    "given": [dict(), dict(attn_kernel="split")],
+    "dense": [dict(), dict(attn_kernel="split_pre_cl8w"), dict(attn_kernel="split_pre")],
+    "skip": [dict(), dict(attn_kernel="split_pre_cl8w"), dict(attn_kernel="split_pre")],
+    "given": [dict(), dict(attn_kernel="split_pre_cl8w"), dict(attn_kernel="split_pre")],
 }
 
 

@@ -522,6 +522,45 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
 // A fixed grid (H, ceil(max_len / ACH)) serves every step of the graph: chunks past the
 // current position only take their ticket. part: (H, NS, Dh + 2) floats; ticket: (H,) ints, 0.
 // ====================================================================================
+// thread-block clusters (sm_90): the blocks of a cluster read each other's shared memory
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ unsigned int cluster_rank() {
+    unsigned int r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+    return r;
+}
+// the float at shared-memory address `a` (of this block's window) in block `rank` of the cluster
+__device__ __forceinline__ float ld_cluster_f32(unsigned int a, unsigned int rank) {
+    float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int ra;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(ra) : "memory");
+#endif
+    return v;
+}
+// the float4 at shared-memory address `a` (of this block's window) in block `rank` of the cluster
+__device__ __forceinline__ float4 ld_cluster_f4(unsigned int a, unsigned int rank) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int ra;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(ra) : "memory");
+#endif
+    return v;
+}
+
 // PRE (round 12): before the wait, each thread loads its first 4 float4s of the chunk's keys
 // and values (Dh % 4 == 0) from the rows of the earlier positions, which no kernel of this
 // step writes: only q and the current position's key and value row (written by q,k,v) and
@@ -529,23 +568,30 @@ __global__ void attn_decode(const float* __restrict__ q, const float* __restrict
 // (__ldcg), since a line loaded before the wait may hold their old bytes (rows shorter than
 // a line, or not aligned to one). The position comes from argmax_advance, which every kernel
 // since has waited for. The values' loads then no longer wait for the scores either.
+// CL (attn_decode_split_cl, sm_90): the chunk blocks of a head form clusters of CL along y;
+// each writes its partial to shared memory and the cluster's first block merges them through
+// distributed shared memory: with one cluster a head (max_len <= 32 CL) it writes o, with no
+// fence, no ticket and no round trip through L2; with more, the clusters' partials go through
+// the ticket as the chunks' do with CL = 1.
 #define ACH 32                                               // keys per block
-template <bool PRE = false>
-__global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict__ q, const float* __restrict__ kc,
-                                                         const float* __restrict__ vc, float* __restrict__ o,
-                                                         const int* __restrict__ pos_p, int H, int K, int Dh,
-                                                         int max_len, float scale, float* __restrict__ part,
-                                                         int* __restrict__ ticket) {
+template <bool PRE, int CL, bool WM = false>
+__device__ __forceinline__ void attn_split_body(const float* __restrict__ q, const float* __restrict__ kc,
+                                                const float* __restrict__ vc, float* __restrict__ o,
+                                                const int* __restrict__ pos_p, int H, int K, int Dh,
+                                                int max_len, float scale, float* __restrict__ part,
+                                                int* __restrict__ ticket) {
     __shared__ float sc[ACH];
     __shared__ float accs[256 * 4];
     __shared__ int last;
+    __shared__ float pm[CL > 1 ? 1024 + 2 : 1];              // CL > 1: this block's partial (acc, m, l)
+    __shared__ float wr[WM ? CL + 2 : 1];                    // WM: the lead's chunk weights, M, Lsum
     if (!PRE) pdl_wait();
     const int h = blockIdx.x, c = blockIdx.y, NS = gridDim.y, t = threadIdx.x;
     const int kh = h / (H / K);
     const int S = *pos_p + 1;
     const int s0 = c * ACH, n = max(0, min(ACH, S - s0));    // this block's keys
     const int P = Dh + 2;
-    float* my = part + ((size_t)h * NS + c) * P;
+    float* my = CL > 1 ? pm : part + ((size_t)h * NS + c) * P;
     const bool v4 = (Dh & 3) == 0;
     float4 kpre[4], vpre[4];                                 // PRE: loaded before the wait
     if (PRE) {
@@ -661,15 +707,71 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
             }
         }
     }
-    // ticket: the last block of head h merges the chunks that had keys
+    int nc = (S + ACH - 1) / ACH;                           // chunks with keys
+    if (CL > 1) {
+        cluster_arrive();                                    // every block of the cluster has written pm
+        cluster_wait();
+        const bool lead = cluster_rank() == 0;               // (its chunk is the cluster's first)
+        float* gp = part + ((size_t)h * (NS / CL) + c / CL) * P;   // the cluster's partial, several clusters
+        if (WM && lead && n > 0) {
+            // WM: warp 0 reads the nq (m, l) pairs at once, a lane each, and leaves each chunk's
+            // weight in shared memory; then a thread's nq loads of acc are all in flight together
+            const int nq = min(CL, (S - s0 + ACH - 1) / ACH);    // the cluster's blocks that had keys
+            const unsigned int sb = (unsigned int)__cvta_generic_to_shared(pm);
+            if (t < 32) {
+                float m = NEG_INF, l = 0.f;
+                if (t < nq) { m = ld_cluster_f32(sb + 4u * Dh, t); l = ld_cluster_f32(sb + 4u * (Dh + 1), t); }
+                float M = m;
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+                const float e = t < nq ? expf(m - M) : 0.f;
+                const float Lsum = warp_sum(l * e);
+                if (t < CL) wr[t] = NS == CL ? e / Lsum : e;
+                if (t == 0) { wr[CL] = M; wr[CL + 1] = Lsum; }
+            }
+            __syncthreads();
+            for (int j = t; j < Dh; j += 256) {
+                float a[CL];
+#pragma unroll
+                for (int r = 0; r < CL; ++r) a[r] = r < nq ? ld_cluster_f32(sb + 4u * j, r) : 0.f;
+                float sum = 0.f;
+#pragma unroll
+                for (int r = 0; r < CL; ++r) sum = fmaf(a[r], wr[r], sum);
+                if (NS == CL) o[(size_t)h * Dh + j] = sum;
+                else gp[j] = sum;
+            }
+            if (NS != CL && t == 0) { gp[Dh] = wr[CL]; gp[Dh + 1] = wr[CL + 1]; }
+        } else if (lead && n > 0) {
+            const int nq = min(CL, (S - s0 + ACH - 1) / ACH);    // the cluster's blocks that had keys
+            const unsigned int sb = (unsigned int)__cvta_generic_to_shared(pm);
+            float M = NEG_INF;
+            for (int r = 0; r < nq; ++r) M = fmaxf(M, ld_cluster_f32(sb + 4u * Dh, r));
+            float Lsum = 0.f;
+            for (int r = 0; r < nq; ++r)
+                Lsum += ld_cluster_f32(sb + 4u * (Dh + 1), r) * expf(ld_cluster_f32(sb + 4u * Dh, r) - M);
+            const float inv = 1.0f / Lsum;
+            for (int j = t; j < Dh; j += 256) {
+                float sum = 0.f;
+                for (int r = 0; r < nq; ++r)
+                    sum += ld_cluster_f32(sb + 4u * j, r) * expf(ld_cluster_f32(sb + 4u * Dh, r) - M);
+                if (NS == CL) o[(size_t)h * Dh + j] = sum * inv;
+                else gp[j] = sum;
+            }
+            if (NS != CL && t == 0) { gp[Dh] = M; gp[Dh + 1] = Lsum; }
+        }
+        cluster_arrive();                                    // no block leaves while the lead reads its pm
+        cluster_wait();
+        if (NS == CL || !lead) return;                       // one cluster a head: o is written
+        nc = (nc + CL - 1) / CL;                             // the ticket merges the clusters' partials
+    }
+    // ticket: the last block of head h (with CL: of the clusters' leads) merges the chunks that had keys
     __threadfence();
     __syncthreads();
-    if (t == 0) last = atomicAdd(ticket + h, 1) == NS - 1;
+    if (t == 0) last = atomicAdd(ticket + h, 1) == NS / CL - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const int nc = (S + ACH - 1) / ACH;
-    const float* ph = part + (size_t)h * NS * P;
+    const float* ph = part + (size_t)h * (NS / CL) * P;
     float M = NEG_INF;
     for (int cc = 0; cc < nc; ++cc) M = fmaxf(M, __ldca(ph + (size_t)cc * P + Dh));
     float Lsum = 0.f;
@@ -682,6 +784,25 @@ __global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict
     }
     if (t == 0) ticket[h] = 0;
 }
+
+template <bool PRE = false>
+__global__ void __launch_bounds__(256) attn_decode_split(const float* __restrict__ q, const float* __restrict__ kc,
+                                                         const float* __restrict__ vc, float* __restrict__ o,
+                                                         const int* __restrict__ pos_p, int H, int K, int Dh,
+                                                         int max_len, float scale, float* __restrict__ part,
+                                                         int* __restrict__ ticket) {
+    attn_split_body<PRE, 1>(q, kc, vc, o, pos_p, H, K, Dh, max_len, scale, part, ticket);
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+template <bool PRE, int CL, bool WM = false>
+__global__ void __cluster_dims__(1, CL, 1) __launch_bounds__(256)
+attn_decode_split_cl(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
+                     float* __restrict__ o, const int* __restrict__ pos_p, int H, int K, int Dh, int max_len,
+                     float scale, float* __restrict__ part, int* __restrict__ ticket) {
+    attn_split_body<PRE, CL, WM>(q, kc, vc, o, pos_p, H, K, Dh, max_len, scale, part, ticket);
+}
+#endif
 
 // ====================================================================================
 // dense FFN, first half: one warp per neuron f, RMSNorm fused (x raw; the norm weight is
@@ -1564,35 +1685,6 @@ __device__ unsigned long long given1_gtrace[4096 * 8];     // %globaltimer (ns, 
 #else
 #define TRACE(k) do { } while (0)
 #endif
-
-// thread-block clusters (sm_90): the blocks of a cluster read each other's shared memory
-__device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ unsigned int cluster_rank() {
-    unsigned int r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
-    return r;
-}
-// the float4 at shared-memory address `a` (of this block's window) in block `rank` of the cluster
-__device__ __forceinline__ float4 ld_cluster_f4(unsigned int a, unsigned int rank) {
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned int ra;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(ra) : "memory");
-#endif
-    return v;
-}
 
 // The body of ffn_given1 (CL = 1) and of ffn_given1_cl (CL blocks per cluster: step 3's partial
 // y goes to shared memory, block r of a cluster sums column slice r over the CL blocks through

@@ -73,8 +73,15 @@ WEIGHT_DTYPES = {"float16": np.float16, "float32": np.float32}
 PAD = 8                         # rows and vectors padded to a multiple of this many elements
 ATTN_THREADS = 256              # threads of an attention block
 ATTN_CHUNK = 32                 # keys per block of attn_decode_split (ACH in decode.cu)
-ATTN_KERNELS = ("split_pre", "split", "block")   # attn_decode_split<PRE = true / false> | attn_decode
-ATTN_KERNEL = "split_pre"       # H200, round 12, same run: dense 3.716 -> 3.654, skip 2.217 -> 2.154, given 1.449 -> 1.386
+ATTN_KERNELS = ("split_pre", "split", "split_pre_cl8", "split_pre_cl8w", "split_pre_clw", "block")
+                                # attn_decode_split<PRE = true / false> (_cl8: attn_decode_split_cl, clusters
+                                # of 8 chunks, sm_90; _cl8w: its merge with the chunk weights computed once;
+                                # _clw: as _cl8w with clusters of as many chunks as max_len has, 2 to 8)
+                                # | attn_decode
+ATTN_CLUSTER = 8                # chunks per cluster of "split_pre_cl8" (at most 8: the portable cluster size)
+ATTN_CLUSTERS = range(2, ATTN_CLUSTER + 1)   # "split_pre_clw": a cluster of min(8, chunks) chunks
+ATTN_KERNEL = "split_pre_clw"   # H200, round 13, ms/token, split_pre -> split_pre_clw in one run (call 4): dense
+                                # 3.670 -> 3.638, skip 2.154 -> 2.109, given 1.387 -> 1.344 (bench/README.md)
 WARPS = 8                       # warps per block (WARPS in decode.cu)
 NV = 2                          # 16-byte vectors per lane in ffn_down_rows (NV in decode.cu)
 PREFETCH_BYTES = 512            # of each weight row, prefetched into L2 before a kernel waits (PDL on)
@@ -124,6 +131,22 @@ _NULL = np.uint64(0)            # a null pointer argument
 
 def _pad(n: int, m: int = PAD) -> int:
     return (n + m - 1) // m * m
+
+
+def attn_launch(attn_kernel: str, max_len: int) -> tuple:
+    """(kernel key, blocks along y) of a split attention kernel (``attn_kernel`` starting
+    with "split") for ``max_len`` positions: a block per 32-key chunk, in whole clusters for
+    the clustered kernels: of 8 chunks, or for ``"split_pre_clw"`` one cluster a head of as
+    many chunks as there are (2 to 8; past 8 chunks, clusters of 8)."""
+    ns = attn_splits(max_len)
+    if not attn_kernel.startswith("split_pre_cl"):
+        return "attn_" + attn_kernel, ns
+    if attn_kernel == "split_pre_clw":
+        cl = min(ATTN_CLUSTER, max(ATTN_CLUSTERS[0], ns))
+        key = f"attn_split_pre_cl{cl}w_" if cl < ATTN_CLUSTER else "attn_split_pre_cl8w"
+    else:
+        cl, key = ATTN_CLUSTER, "attn_" + attn_kernel
+    return key, -(-ns // cl) * cl
 
 
 def attn_splits(max_len: int) -> int:
@@ -197,6 +220,11 @@ def kernel_names(W: str, cc: int = 90) -> dict:
                  ffn_gateup_mask_xf16=f"ffn_gateup_mask<{W}, unsigned short>",
                  ffn_down_rows_out_xf32=f"ffn_down_rows_out<{W}, float>",
                  ffn_down_rows_out_xf16=f"ffn_down_rows_out<{W}, unsigned short>")
+    if cc >= 90:                                          # split attention merged in clusters
+        names["attn_split_pre_cl8"] = f"attn_decode_split_cl<true, {ATTN_CLUSTER}>"
+        names["attn_split_pre_cl8w"] = f"attn_decode_split_cl<true, {ATTN_CLUSTER}, true>"
+        for n in ATTN_CLUSTERS[:-1]:                      # (8: attn_split_pre_cl8w)
+            names[f"attn_split_pre_cl{n}w_"] = f"attn_decode_split_cl<true, {n}, true>"
     # ... and in one launch (cupy_._given1): ffn_given1_x{f32,f16}_w{NW}_p{PV}
     for xs, X in (("xf32", "float"), ("xf16", "unsigned short")):
         for nw in GIVEN1_WARPS:
@@ -566,13 +594,20 @@ class GraphDecoder:
         their weight rows into registers before they wait, instead of the L2 prefetch: the
         o-projection's loads overlap attention, q,k,v's the FFN's last kernel (see
         :func:`kernels`). Default ``EARLY_LOADS``.
-    attn_kernel : "split_pre" (default), "split" or "block"
-        Decode attention: split over chunks of 32 keys, every chunk a block, merged by the
-        last block of each head (any ``max_len``); ``"split_pre"`` loads the keys and values
-        of the earlier positions before the programmatic wait (only q and the current row
-        wait for the q,k,v kernel); ``"block"``: one block per head (the first rung; its
-        scores must fit in 48 KB of shared memory). Also an attribute (same rule as
-        ``select_kernel``).
+    attn_kernel : "split_pre_clw" (default), "split_pre_cl8w", "split_pre_cl8", "split_pre", "split" or "block"
+        Decode attention, the ladder from the bottom: ``"block"``, one block per head (the
+        first rung; its scores must fit in 48 KB of shared memory); ``"split"``, split over
+        chunks of 32 keys, every chunk a block, merged by the last block of each head (an
+        atomic ticket, any ``max_len``); ``"split_pre"``, which loads the keys and values of
+        the earlier positions before the programmatic wait (only q and the current row wait
+        for the q,k,v kernel); ``"split_pre_cl8"``, whose chunk blocks form thread-block
+        clusters of 8 and merge in distributed shared memory (no fence, ticket or round trip
+        through L2 while a head's chunks fit one cluster, ``max_len`` <= 256); ``"_cl8w"``,
+        that merge with the chunks' weights computed once by one warp; ``"split_pre_clw"``,
+        a cluster of as many chunks as a head has (2 to 8; past 8, clusters of 8), so no
+        block waits in a cluster without keys. The clustered kernels need compute
+        capability 9.0 (on older GPUs ``"split_pre"`` runs instead). Also an attribute (same
+        rule as ``select_kernel``).
 
     Attributes
     ----------
@@ -657,6 +692,8 @@ class GraphDecoder:
             raise ValueError(f"attn_kernel must be one of {ATTN_KERNELS}, got {attn_kernel!r}")
         if attn_kernel.startswith("split") and Dh > 1024:
             attn_kernel = "block"                                   # a float4 column per thread
+        if attn_kernel.startswith("split_pre_cl") and int(cp.cuda.Device().compute_capability) < 90:
+            attn_kernel = "split_pre"                               # clusters: sm_90+
         self.attn_kernel = attn_kernel
         if attn_kernel == "block" and attn_shared_bytes(self.max_len, Dh) > 48 * 1024:
             raise ValueError(f"max_len={self.max_len}: the attention kernel keeps max_len float scores in "
@@ -912,9 +949,9 @@ class GraphDecoder:
             launch("qkv", k["qkv_rope" + qkv_u8], rows((H + 2 * K) * Dh // 2), blk,
                    (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
                     i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
-            if self.attn_kernel in ("split", "split_pre"):
-                attn = "attn_split_pre" if self.attn_kernel == "split_pre" else "attn_split"
-                launch("attn", k[attn], (H, attn_splits(S)), (256,),
+            if self.attn_kernel.startswith("split"):
+                attn, ns = attn_launch(self.attn_kernel, S)
+                launch("attn", k[attn], (H, ns), (256,),
                        (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),
                         f32(1.0 / math.sqrt(Dh)), self.attn_part, self.attn_ticket))
             else:

@@ -203,7 +203,10 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
              ("given", dict(list_kernel="warp")), ("dense", dict(gemv_u=4)), ("skip", dict(gemv_u=4)),
              ("given", dict(gemv_u=4)), ("dense", dict(head_kernel="separate")),
              ("skip", dict(head_kernel="separate", gemv_u=4)), ("dense", dict(qkv_u=8)), ("skip", dict(qkv_u=None)),
-             ("dense", dict(attn_kernel="split")), ("skip", dict(attn_kernel="split"))]
+             ("dense", dict(attn_kernel="split")), ("skip", dict(attn_kernel="split")),
+             ("dense", dict(attn_kernel="split_pre")), ("skip", dict(attn_kernel="split_pre")),
+             ("given", dict(attn_kernel="split_pre_cl8")), ("dense", dict(attn_kernel="split_pre_cl8w")),
+             ("skip", dict(attn_kernel="split_pre_cl8w")), ("given", dict(attn_kernel="split_pre_cl8w"))]
     for mode, rung in rungs:
         dec = GraphDecoder(dmodel, mode=mode, weight_dtype=wdt, active=active if mode == "given" else None,
                            pdl=pdl, prefetch_bytes=prefetch, early_loads=early)
@@ -224,7 +227,7 @@ def test_programmatic_dependent_launch_keeps_every_mode_exact(cp, pdl, prefetch,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attn", ["split", "split_pre", "block"])
+@pytest.mark.parametrize("attn", ["split", "split_pre", "split_pre_cl8", "split_pre_cl8w", "split_pre_clw", "block"])
 def test_attention_kernels_over_many_chunks(cp, attn):
     """Each attention kernel gives the NumPy tokens past several 32-key chunks (the split
     kernels merge 3 chunks by then), from a prompt longer than one chunk, replayed twice."""
@@ -254,12 +257,32 @@ def test_attention_preload_at_real_head_widths(cp, head_dim):
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 37)]
     want_ids, want_logits = reference(ref, prompt, 40)
     dmodel = to_device(cp, dev)
-    for attn in ("split_pre", "split"):
+    for attn in ("split_pre", "split_pre_cl8", "split_pre_cl8w", "split_pre_clw", "split"):
         dec = GraphDecoder(dmodel, weight_dtype="float32", attn_kernel=attn, pdl=True, early_loads=True)
         for graph in (False, True, True):
             ids, lg = dec.generate(prompt, 40, graph=graph, return_logits=True)
             assert ids == want_ids, f"attn={attn} head_dim={head_dim} graph={graph}"
             assert_logits_close(lg, want_logits, 1e-4, f"attn={attn} head_dim={head_dim} graph={graph}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["split_pre_cl8", "split_pre_cl8w", "split_pre_clw", "split_pre"])
+def test_attention_over_several_clusters(cp, attn):
+    """Past 8 chunks of 32 keys (a 270-token prompt, 30 new: up to 300 keys, 10 chunks) the
+    clustered attention merges each cluster's chunks in distributed shared memory and the
+    two clusters' partials through the ticket: NumPy tokens and logits, eager and graph."""
+    cfg = ms.ModelConfig(**dict(CONFIGS["d40-gqa5/1-drelu"], max_seq_len=640))
+    p = random_params(cfg, 17)
+    ref = ms.Transformer(cfg, params=p)
+    dev = ms.Transformer(cfg, params={k: v.astype(np.float32) for k, v in p.items()})
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 270)]
+    want_ids, want_logits = reference(ref, prompt, 30)
+    dec = GraphDecoder(to_device(cp, dev), weight_dtype="float32", attn_kernel=attn, max_len=300)
+    for graph in (False, True, True):
+        ids, lg = dec.generate(prompt, 30, graph=graph, return_logits=True)
+        assert ids == want_ids, f"attn={attn} graph={graph}"
+        assert_logits_close(lg, want_logits, 1e-4, f"attn={attn} graph={graph}")
+    assert (dec.attn_ticket.get() == 0).all()
 
 
 @pytest.mark.gpu
@@ -529,6 +552,32 @@ def test_exactly_sparse_params_refuses_non_relu():
 
 
 @pytest.mark.parametrize("W", ["float", "unsigned short"])
+def test_every_attention_rung_names_a_compiled_kernel_and_whole_clusters(W):
+    """Without a GPU: each split attention rung, at 1 to 40 chunks of keys, maps to a kernel
+    the module compiles at sm_90, with a grid of whole clusters (the template's CL) that
+    covers every chunk; "split_pre_clw" puts a head's chunks in one cluster up to 8."""
+    template_args = load_bench("decode_sass").template_args
+    names = dc.kernel_names(W, 90)
+    for attn in dc.ATTN_KERNELS:
+        if not attn.startswith("split"):
+            continue
+        for chunks in range(1, 41):
+            max_len = dc.ATTN_CHUNK * chunks - (chunks % 3)          # not always a whole chunk
+            key, ny = dc.attn_launch(attn, max_len)
+            assert key in names, (attn, chunks, key)
+            assert ny >= dc.attn_splits(max_len) == chunks, (attn, chunks, ny)
+            name, args = template_args(names[key])
+            if name == "attn_decode_split_cl":
+                cl = int(args[1])
+                assert ny % cl == 0 and ny - chunks < cl, (attn, chunks, ny, cl)
+                if attn == "split_pre_clw":
+                    assert cl == min(8, max(2, chunks)), (chunks, cl)
+            else:
+                assert ny == chunks, (attn, chunks, ny)
+    assert not any("_cl" in k for k in dc.kernel_names(W, 80) if k.startswith("attn"))   # clusters: sm_90
+
+
+@pytest.mark.parametrize("W", ["unsigned short", "float"])
 def test_every_select_rung_names_a_compiled_kernel_and_its_grid(W):
     """Without a GPU: each skip-mode first-half rung maps to a kernel the module compiles
     (a typo would only fail on the device, at the first step), and the first launch's grid
