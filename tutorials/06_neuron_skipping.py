@@ -228,10 +228,10 @@ else:
 # | `model.to("cupy")`, eager | 199.4 |
 # | `GraphDecoder`, dense / skipping | 1153 / 1673 |
 #
-# and for a Mistral-7B-shaped model (32 layers, float16, `bench/decode_gpu.py`, round 12): dense
-# 273 tokens/s (92% of the bytes floor), skipping 463 (1.696x), given the true active set 723
-# (2.65x); transformers' eager `generate` ran at 38.6 tokens/s on the same kind of machine
-# (round 10, timed beside minisparse's rows of then). The "Run on a GPU" how-to shows the calls.
+# and for a Mistral-7B-shaped model (32 layers, float16, `bench/decode_gpu.py`, round 13): dense
+# 280 tokens/s (95% of the bytes floor), skipping 477 (1.701x), given the true active set 751
+# (2.68x); transformers' eager `generate` ran at 45.3 tokens/s in the same run. The "Run on a
+# GPU" how-to shows the calls.
 
 # %% [markdown]
 # ## A whole model, decoding through a backend
