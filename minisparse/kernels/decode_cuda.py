@@ -604,8 +604,8 @@ class GraphDecoder:
         clusters of 8 and merge in distributed shared memory (no fence, ticket or round trip
         through L2 while a head's chunks fit one cluster, ``max_len`` <= 256); ``"_cl8w"``,
         that merge with the chunks' weights computed once by one warp; ``"split_pre_clw"``,
-        a cluster of as many chunks as a head has (2 to 8; past 8, clusters of 8), so no
-        block waits in a cluster without keys. The clustered kernels need compute
+        a cluster of as many chunks as ``max_len`` has (2 to 8; past 8, clusters of 8), so the
+        grid has no block past ``max_len``. The clustered kernels need compute
         capability 9.0 (on older GPUs ``"split_pre"`` runs instead). Also an attribute (same
         rule as ``select_kernel``).
 
