@@ -137,7 +137,12 @@ def attn_launch(attn_kernel: str, max_len: int) -> tuple:
     """(kernel key, blocks along y) of a split attention kernel (``attn_kernel`` starting
     with "split") for ``max_len`` positions: a block per 32-key chunk, in whole clusters for
     the clustered kernels: of 8 chunks, or for ``"split_pre_clw"`` one cluster a head of as
-    many chunks as there are (2 to 8; past 8 chunks, clusters of 8)."""
+    many chunks as there are (2 to 8; past 8 chunks, clusters of 8). ValueError for a name
+    that is not a split rung of ``ATTN_KERNELS``."""
+    if attn_kernel not in ATTN_KERNELS or not attn_kernel.startswith("split"):
+        split = [a for a in ATTN_KERNELS if a.startswith("split")]
+        raise ValueError(f"attn_kernel must be one of {ATTN_KERNELS}; {attn_kernel!r} is not a split "
+                         f"attention rung ({split}); set GraphDecoder.attn_kernel to one of them or 'block'")
     ns = attn_splits(max_len)
     if not attn_kernel.startswith("split_pre_cl"):
         return "attn_" + attn_kernel, ns
@@ -949,7 +954,7 @@ class GraphDecoder:
             launch("qkv", k["qkv_rope" + qkv_u8], rows((H + 2 * K) * Dh // 2), blk,
                    (lw["wqkv"], lw["bqkv"] if lw["bqkv"] is not None else _NULL, self.x, i32(Dp), i32(D), eps,
                     i32(H), i32(K), i32(Dh), self.cos, self.sin, self.pos, self.q, self.kc[i], self.vc[i], i32(S)))
-            if self.attn_kernel.startswith("split"):
+            if self.attn_kernel != "block":                   # (an unknown name: ValueError)
                 attn, ns = attn_launch(self.attn_kernel, S)
                 launch("attn", k[attn], (H, ns), (256,),
                        (self.q, self.kc[i], self.vc[i], self.o, self.pos, i32(H), i32(K), i32(Dh), i32(S),

@@ -311,6 +311,9 @@ def test_split_attention_has_no_max_len_limit(cp):
     dec.qkv_u, dec.down_kernel = None, "interleave"     # a down pass that does not exist
     with pytest.raises(ValueError, match="down_kernel"):
         dec.generate(PROMPT, 3)
+    dec.down_kernel, dec.attn_kernel = "interleaved", "flash"   # and an attention rung that does not
+    with pytest.raises(ValueError, match="attn_kernel"):
+        dec.generate(PROMPT, 3)
 
 
 @pytest.mark.gpu
@@ -575,6 +578,9 @@ def test_every_attention_rung_names_a_compiled_kernel_and_whole_clusters(W):
             else:
                 assert ny == chunks, (attn, chunks, ny)
     assert not any("_cl" in k for k in dc.kernel_names(W, 80) if k.startswith("attn"))   # clusters: sm_90
+    for bad in ("flash", "block", "split_pre_cl4"):                # not a split rung: one clear error
+        with pytest.raises(ValueError, match="attn_kernel must be one of"):
+            dc.attn_launch(bad, 144)
 
 
 @pytest.mark.parametrize("W", ["unsigned short", "float"])
