@@ -271,10 +271,7 @@ def test_attention_over_several_clusters(cp, attn):
     """Past 8 chunks of 32 keys (a 270-token prompt, 30 new: up to 300 keys, 10 chunks) the
     clustered attention merges each cluster's chunks in distributed shared memory and the
     two clusters' partials through the ticket: NumPy tokens and logits, eager and graph."""
-    cfg = ms.ModelConfig(**dict(CONFIGS["d40-gqa5/1-drelu"], max_seq_len=640))
-    p = random_params(cfg, 17)
-    ref = ms.Transformer(cfg, params=p)
-    dev = ms.Transformer(cfg, params={k: v.astype(np.float32) for k, v in p.items()})
+    cfg, ref, dev, _ = models(CONFIGS["d40-gqa5/1-drelu"], seed=17, max_seq_len=640)
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 270)]
     want_ids, want_logits = reference(ref, prompt, 30)
     dec = GraphDecoder(to_device(cp, dev), weight_dtype="float32", attn_kernel=attn, max_len=300)
